@@ -1,0 +1,155 @@
+use std::collections::HashMap;
+
+use events::{Event, StreamId};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::wallet;
+
+/// The folded state of one stream, by domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "domain", content = "state", rename_all = "snake_case")]
+pub enum State {
+    /// A ledger account.
+    Wallet(wallet::Account),
+}
+
+impl State {
+    /// The state of a stream that has no events yet.
+    pub fn empty_for(stream: &StreamId) -> Option<State> {
+        match stream.domain() {
+            events::wallet::DOMAIN => Some(State::Wallet(wallet::Account::default())),
+            _ => None,
+        }
+    }
+
+    /// Fold one event in. An event of another domain is ignored (it cannot be
+    /// in this stream: stream ids carry their domain).
+    pub fn evolve(&mut self, event: &Event) {
+        match (self, event) {
+            (State::Wallet(s), Event::Wallet(e)) => s.evolve(e),
+        }
+    }
+}
+
+/// A stream's state and the version it reflects (0: no events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Loaded {
+    /// Version of the last event folded in.
+    pub version: i64,
+    /// The folded state.
+    pub state: State,
+}
+
+/// The states a decision may read, keyed by stream.
+#[derive(Debug, Default, Clone)]
+pub struct StateSet {
+    streams: HashMap<StreamId, Loaded>,
+}
+
+impl StateSet {
+    /// Put a loaded state in.
+    pub fn insert(&mut self, stream: StreamId, loaded: Loaded) {
+        self.streams.insert(stream, loaded);
+    }
+
+    /// The loaded state of `stream`, if present.
+    pub fn get(&self, stream: &StreamId) -> Option<&Loaded> {
+        self.streams.get(stream)
+    }
+
+    /// Whether `stream` is loaded.
+    pub fn contains(&self, stream: &StreamId) -> bool {
+        self.streams.contains_key(stream)
+    }
+
+    /// The wallet account in `stream`, or the empty account when absent.
+    pub fn wallet(&self, stream: &StreamId) -> wallet::Account {
+        match self.streams.get(stream) {
+            Some(Loaded { state: State::Wallet(a), .. }) => a.clone(),
+            None => wallet::Account::default(),
+        }
+    }
+
+    /// Apply decided events: bump versions, fold. Returns the version each event got.
+    pub fn apply(&mut self, events: &[(StreamId, Event)]) -> Vec<i64> {
+        events
+            .iter()
+            .map(|(stream, event)| {
+                let entry = self.streams.entry(stream.clone()).or_insert_with(|| Loaded {
+                    version: 0,
+                    state: State::empty_for(stream).unwrap_or(State::Wallet(wallet::Account::default())),
+                });
+                entry.version += 1;
+                entry.state.evolve(event);
+                entry.version
+            })
+            .collect()
+    }
+
+    /// Take the loaded states out.
+    pub fn into_inner(self) -> HashMap<StreamId, Loaded> {
+        self.streams
+    }
+}
+
+/// Who the command acts for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The authenticated user, none for the system itself (scheduler, webhooks).
+    pub user_id: Option<Uuid>,
+    /// Their role.
+    pub role: Role,
+}
+
+/// Roles, as SPEC §1 names them, plus the system's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// An ordinary user.
+    User,
+    /// An administrator.
+    Admin,
+    /// Mathia itself (scheduler, provider webhooks).
+    System,
+}
+
+/// An accepted command: events to append and the body of the answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The events, in order, with the stream each goes to.
+    pub events: Vec<(StreamId, Event)>,
+    /// HTTP status of the answer (200 or 201).
+    pub status: u16,
+    /// Answer body; the handler adds `position` and `version`.
+    pub answer: serde_json::Value,
+}
+
+/// A refused command: a stable machine-readable code, a status, a sentence,
+/// and optional details (e.g. what remains of a limit).
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+#[error("{code}: {message}")]
+pub struct Rejection {
+    /// Stable code, e.g. `insufficient_funds`.
+    pub code: String,
+    /// HTTP status: 403, 404, 409 or 422.
+    pub status: u16,
+    /// A sentence for a person.
+    pub message: String,
+    /// Machine-readable details.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+}
+
+impl Rejection {
+    /// A rejection without details.
+    pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
+        Rejection { code: code.to_owned(), status, message: message.into(), details: serde_json::Value::Null }
+    }
+
+    /// The same rejection, with details.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+}

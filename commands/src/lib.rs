@@ -1,0 +1,57 @@
+//! # commands — what a user asks for, and how the answer is decided
+//!
+//! Pure code, no I/O: commands, validated domain types (parse, don't validate),
+//! and each aggregate as `decide` (state + command → events or rejection) and
+//! `evolve` (state + event → state). The handlers crate is the I/O shell around it.
+//!
+//! Adding a domain is adding a variant to [`Command`] and [`State`] and a module
+//! like [`wallet`]; the handler loop, the store and the bus do not change.
+#![warn(missing_docs)]
+
+mod aggregate;
+pub mod money;
+pub mod wallet;
+
+pub use aggregate::{Actor, Decision, Loaded, Rejection, Role, State, StateSet};
+
+use events::StreamId;
+use serde::{Deserialize, Serialize};
+
+/// Every command Mathia's handlers accept, by domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "domain", content = "command", rename_all = "snake_case")]
+pub enum Command {
+    /// Ledger accounts and money movements.
+    Wallet(wallet::WalletCommand),
+}
+
+impl Command {
+    /// The command's name, for logs and metrics (`wallet.Transfer`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Wallet(c) => c.name(),
+        }
+    }
+
+    /// The aggregate the command is addressed to: its subject on `COMMANDS`.
+    pub fn target(&self) -> StreamId {
+        match self {
+            Command::Wallet(c) => c.target(),
+        }
+    }
+
+    /// Every stream whose state the decision reads or appends to.
+    pub fn streams(&self) -> Vec<StreamId> {
+        match self {
+            Command::Wallet(c) => c.streams(),
+        }
+    }
+
+    /// Decide: the events to append and the answer, or a rejection.
+    /// Reads only `states`; the caller appends and evolves.
+    pub fn decide(&self, actor: &Actor, states: &StateSet) -> Result<Decision, Rejection> {
+        match self {
+            Command::Wallet(c) => c.decide(actor, states),
+        }
+    }
+}

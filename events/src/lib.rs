@@ -1,0 +1,79 @@
+//! # events — what happened, as Mathia records it
+//!
+//! This crate is the innermost ring of the workspace (`events` ← `commands` ←
+//! `handlers`/`projections` ← `gateway`): it has no I/O and no async.
+//!
+//! - [`StreamId`]: the name of one aggregate's event stream, `<domain>.<aggregate>.<id>`.
+//! - [`Event`]: every event type of every domain, versioned, serialised with a
+//!   `type` tag; [`wallet::WalletEvent`] is the first domain.
+//! - [`EventEnvelope`]: an event with its metadata as stored and as published.
+//! - [`Subjects`]: the only place NATS subjects and stream names are built.
+#![warn(missing_docs)]
+
+mod envelope;
+mod stream_id;
+mod subjects;
+pub mod wallet;
+
+pub use envelope::{EventEnvelope, NewEvent};
+pub use stream_id::{StreamId, StreamIdError};
+pub use subjects::{Subjects, headers};
+
+use serde::{Deserialize, Serialize};
+
+/// Every event of every domain. The variant is the domain; the inner enum's
+/// `type` tag is the event type that appears in subjects and in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Event {
+    /// Ledger accounts and their entries.
+    Wallet(wallet::WalletEvent),
+}
+
+/// Errors turning stored bytes back into a typed event.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The stream's domain has no event catalogue in this build.
+    #[error("unknown domain `{0}`")]
+    UnknownDomain(String),
+    /// The payload does not match the event type's schema.
+    #[error("payload of {event_type} does not decode: {source}")]
+    Payload {
+        /// The event type named in the store.
+        event_type: String,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+}
+
+impl Event {
+    /// The event type name, e.g. `Credited`: the last token of the subject.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::Wallet(e) => e.event_type(),
+        }
+    }
+
+    /// The schema version of this event type's payload.
+    pub fn schema_version(&self) -> i32 {
+        1
+    }
+
+    /// The domain this event belongs to.
+    pub fn domain(&self) -> &'static str {
+        match self {
+            Event::Wallet(_) => wallet::DOMAIN,
+        }
+    }
+
+    /// Decode a stored payload of a stream in `domain`.
+    pub fn decode(domain: &str, event_type: &str, payload: &serde_json::Value) -> Result<Self, DecodeError> {
+        let payload_err = |source| DecodeError::Payload { event_type: event_type.to_owned(), source };
+        match domain {
+            wallet::DOMAIN => Ok(Event::Wallet(
+                wallet::WalletEvent::deserialize(payload).map_err(payload_err)?,
+            )),
+            other => Err(DecodeError::UnknownDomain(other.to_owned())),
+        }
+    }
+}
