@@ -1,0 +1,172 @@
+//! The bus: JetStream stream and consumer definitions, the command envelope, the outcome.
+//!
+//! The definitions are the JSON files in `deploy/nats/` (the same ones an operator
+//! feeds to `nats stream add --config`), embedded here and created or updated
+//! idempotently at start.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::pull, stream};
+use chrono::{DateTime, Utc};
+use commands::{Actor, Command};
+use events::{Subjects, headers};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+const COMMANDS_STREAM: &str = include_str!("../../deploy/nats/COMMANDS.stream.json");
+const EVENTS_STREAM: &str = include_str!("../../deploy/nats/EVENTS.stream.json");
+const HANDLERS_CONSUMER: &str = include_str!("../../deploy/nats/COMMANDS.handlers.consumer.json");
+const PROJECTOR_CONSUMER: &str = include_str!("../../deploy/nats/EVENTS.projector.consumer.json");
+
+/// The durable consumer every handlers instance pulls from.
+pub const HANDLERS: &str = "handlers";
+
+/// A command on its way to the handlers: the body of a `COMMANDS` message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommandEnvelope {
+    /// The command id: the `Idempotency-Key` made unique per principal and route,
+    /// the `Nats-Msg-Id`, and the ledger's primary key.
+    pub command_id: Uuid,
+    /// The request that started it.
+    pub correlation_id: Uuid,
+    /// Who it acts for.
+    pub actor: Actor,
+    /// When the gateway accepted it.
+    pub issued_at: DateTime<Utc>,
+    /// SHA-256 of the request (method, path, canonical body): a retry with the
+    /// same key and a different body is refused.
+    pub request_hash: String,
+    /// The command.
+    pub command: Command,
+}
+
+/// A decided command's answer, as stored in the ledger and sent to the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The command.
+    pub command_id: Uuid,
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// Answer body (the resource, or the rejection).
+    pub body: serde_json::Value,
+    /// Global position of the last event it appended; none for a rejection.
+    pub position: Option<i64>,
+    /// The request hash the command was decided with.
+    pub request_hash: String,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> anyhow::Result<T> {
+    serde_json::from_str(json).with_context(|| format!("the embedded definition of {what} does not parse"))
+}
+
+/// The `COMMANDS` stream's configuration under `subjects`' prefix.
+pub fn commands_stream_config(subjects: &Subjects) -> anyhow::Result<stream::Config> {
+    let mut config: stream::Config = parse(COMMANDS_STREAM, "COMMANDS")?;
+    config.name = subjects.commands_stream();
+    config.subjects = vec![subjects.all_commands()];
+    Ok(config)
+}
+
+/// The `EVENTS` stream's configuration under `subjects`' prefix.
+pub fn events_stream_config(subjects: &Subjects) -> anyhow::Result<stream::Config> {
+    let mut config: stream::Config = parse(EVENTS_STREAM, "EVENTS")?;
+    config.name = subjects.events_stream();
+    config.subjects = vec![subjects.all_events()];
+    Ok(config)
+}
+
+/// The handlers' durable consumer on `COMMANDS`.
+pub fn handlers_consumer_config(subjects: &Subjects) -> anyhow::Result<pull::Config> {
+    let mut config: pull::Config = parse(HANDLERS_CONSUMER, "the handlers consumer")?;
+    config.filter_subject = subjects.all_commands();
+    Ok(config)
+}
+
+/// Projector `name`'s durable consumer on `EVENTS`, filtered to its domains.
+pub fn projector_consumer_config(subjects: &Subjects, name: &str, domains: &[&str]) -> anyhow::Result<pull::Config> {
+    let mut config: pull::Config = parse(PROJECTOR_CONSUMER, "the projector consumer")?;
+    config.durable_name = Some(format!("proj-{name}"));
+    config.description = Some(format!("projector `{name}`: wakes it and tracks its progress"));
+    match domains {
+        [one] => config.filter_subject = subjects.domain_events(one),
+        many => {
+            config.filter_subject = String::new();
+            config.filter_subjects = many.iter().map(|d| subjects.domain_events(d)).collect();
+        }
+    }
+    Ok(config)
+}
+
+/// Create or update both streams. Safe to call from every instance at every start.
+pub async fn ensure_streams(js: &jetstream::Context, subjects: &Subjects) -> anyhow::Result<()> {
+    for config in [commands_stream_config(subjects)?, events_stream_config(subjects)?] {
+        let name = config.name.clone();
+        js.create_or_update_stream(config).await.with_context(|| format!("creating or updating stream {name}"))?;
+    }
+    Ok(())
+}
+
+/// Create (or update) a durable pull consumer and return it.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    config: pull::Config,
+) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    let stream = js.get_stream(stream_name).await.with_context(|| format!("looking up stream {stream_name}"))?;
+    match stream.create_consumer(config.clone()).await {
+        Ok(consumer) => Ok(consumer),
+        // An existing consumer whose config changed: update it in place.
+        Err(_) => stream
+            .update_consumer(config)
+            .await
+            .with_context(|| format!("creating or updating consumer {name} on {stream_name}")),
+    }
+}
+
+/// Publish a command to `COMMANDS` and wait for the stream's ack.
+/// Returns true if JetStream dropped it as a duplicate of the same command id.
+pub async fn publish_command(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    envelope: &CommandEnvelope,
+    reply_to: &str,
+) -> anyhow::Result<bool> {
+    let payload = serde_json::to_vec(envelope).context("encoding a command envelope")?;
+    let publish = jetstream::message::PublishMessage::build()
+        .message_id(envelope.command_id.to_string())
+        .header(headers::REPLY_TO, reply_to)
+        .header(headers::REQUEST_ID, envelope.correlation_id.to_string().as_str())
+        .payload(payload.into());
+    let ack = js
+        .send_publish(subjects.command(&envelope.command.target()), publish)
+        .await
+        .context("publishing a command")?;
+    let ack = tokio::time::timeout(Duration::from_secs(10), ack)
+        .await
+        .context("waiting for COMMANDS to store a command")?
+        .context("COMMANDS refused a command")?;
+    Ok(ack.duplicate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deploy_definitions_parse_and_follow_the_prefix() {
+        let s = Subjects::with_prefix("t9");
+        let c = commands_stream_config(&s).unwrap();
+        assert_eq!((c.name.as_str(), c.subjects[0].as_str()), ("T9_COMMANDS", "t9.cmd.>"));
+        assert_eq!(c.retention, stream::RetentionPolicy::WorkQueue);
+        assert_eq!(c.duplicate_window, Duration::from_secs(120));
+        let e = events_stream_config(&Subjects::default()).unwrap();
+        assert_eq!((e.name.as_str(), e.subjects[0].as_str()), ("EVENTS", "evt.>"));
+        let h = handlers_consumer_config(&s).unwrap();
+        assert_eq!(h.durable_name.as_deref(), Some(HANDLERS));
+        assert_eq!(h.ack_policy, jetstream::consumer::AckPolicy::Explicit);
+        let p = projector_consumer_config(&s, "wallet", &["wallet"]).unwrap();
+        assert_eq!((p.durable_name.as_deref(), p.filter_subject.as_str()), (Some("proj-wallet"), "t9.evt.wallet.>"));
+    }
+}
