@@ -1,1 +1,83 @@
-//! placeholder
+//! # gateway — the HTTP face of Mathia
+//!
+//! REST under `/v1`, the OpenAPI 3.1 document at `/openapi.json` (browsable at
+//! `/docs`), `/healthz`, `/readyz`, `/metrics`. It authenticates every request,
+//! validates input, turns a write into a command envelope on `COMMANDS` and
+//! waits (bounded) for the handlers' outcome; it serves reads from the read
+//! models. It never writes the event store.
+//!
+//! - [`state`]: [`AppState`], what every handler gets.
+//! - [`error`]: the one [`error::ApiError`], rendered as `application/problem+json`.
+//! - [`extract`]: JSON, principal and header extractors that fail as problems.
+//! - [`dispatch`]: the idempotent write path (Idempotency-Key, ledger, waiting).
+//! - [`consistency`]: read-your-writes (`after_position`).
+//! - [`ratelimit`]: per-principal and per-IP limits in Redis.
+//! - [`routes`]: one module per resource.
+
+pub mod auth;
+pub mod consistency;
+pub mod dispatch;
+pub mod error;
+pub mod extract;
+pub mod openapi;
+pub mod ratelimit;
+pub mod routes;
+pub mod state;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+pub use state::{AppState, Settings};
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// Largest request body accepted (bigger ones get 413).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    let (api, openapi) = openapi::router().split_for_parts();
+    let docs = utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", openapi);
+    let request_id = http::HeaderName::from_static("x-request-id");
+    Router::new()
+        .merge(api)
+        .merge(docs)
+        .fallback(routes::not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), ratelimit::middleware))
+        .layer(axum::middleware::from_fn(telemetry::record))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &http::Request<_>| {
+                let matched = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|m| m.as_str().to_owned())
+                    .unwrap_or_default();
+                let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                tracing::info_span!("http", method = %req.method(), matched_path = %matched, request_id = %request_id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Serve until `shutdown` resolves, then drain.
+pub async fn run(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let outcomes = state.clone().listen_for_outcomes().await?;
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    outcomes.abort();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}

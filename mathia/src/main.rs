@@ -1,1 +1,62 @@
-fn main() {}
+//! The `mathia` command. See the crate docs of `mathia` and the README.
+
+use clap::{Parser, Subcommand};
+use mathia::{Config, Roles};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "mathia", version, about = "Mathia backend: chat, wallet and itineraries, event-sourced")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every role in one process; migrates first.
+    Serve,
+    /// The HTTP gateway only.
+    Gateway,
+    /// The command handlers only.
+    Handlers,
+    /// The outbox relay only.
+    Relay,
+    /// The projectors only.
+    Projections,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    mathia::telemetry::init();
+    let cli = Cli::parse();
+    let none = Roles { gateway: false, handlers: false, relay: false, projections: false };
+    let roles = match cli.command {
+        Cmd::Migrate => {
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            handlers::infra::migrate(&pool).await?;
+            println!("migrations applied");
+            return Ok(());
+        }
+        Cmd::Serve => Roles::ALL,
+        Cmd::Gateway => Roles { gateway: true, ..none },
+        Cmd::Handlers => Roles { handlers: true, ..none },
+        Cmd::Relay => Roles { relay: true, ..none },
+        Cmd::Projections => Roles { projections: true, ..none },
+    };
+    let listener = match roles.gateway {
+        true => Some(tokio::net::TcpListener::bind(&cli.config.listen).await?),
+        false => None,
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    mathia::run(cli.config, roles, listener, shutdown).await
+}

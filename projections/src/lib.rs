@@ -1,1 +1,42 @@
-//! placeholder
+//! # projections — read models built from events
+//!
+//! Each read model is a named [`Projector`]. The [`runner`] gives it a durable
+//! consumer `proj-<name>` on `EVENTS` and a row in `proj_checkpoints`, and applies
+//! events in position order inside one transaction that also moves the checkpoint.
+//!
+//! The stream tells the projector *that* there is something new and *up to
+//! where*; the event store tells it *what*. Because positions are commit-ordered
+//! and gapless, reading `(checkpoint, up_to]` from Postgres can never skip an
+//! event, whatever the stream lost, reordered or redelivered; and applying an
+//! event twice is impossible because its position is ≤ the checkpoint the second
+//! time. A tick also catches up to the head of the log when the bus is silent.
+//!
+//! Read models: [`wallet`] (balances and history).
+#![warn(missing_docs)]
+
+pub mod runner;
+pub mod wallet;
+
+use std::future::Future;
+
+use events::EventEnvelope;
+use sqlx::PgConnection;
+
+/// A read model: a name, the domains it reads, and how it applies a batch.
+pub trait Projector: Send + Sync + 'static {
+    /// Unique name: the checkpoint row and the consumer `proj-<name>`.
+    fn name(&self) -> &'static str;
+    /// The event domains it reads.
+    fn domains(&self) -> &'static [&'static str];
+    /// Apply `events` (in position order, none seen before) inside `tx`.
+    fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> impl Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// The position projector `model` has applied (0 if it never ran).
+pub async fn checkpoint(pool: &sqlx::PgPool, model: &str) -> Result<i64, sqlx::Error> {
+    Ok(sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = $1")
+        .bind(model)
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or(0))
+}

@@ -1,0 +1,71 @@
+//! Read your writes: a read may ask to wait until a read model has applied a position.
+
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The position a read wants reflected: `?after_position=N`, or the header
+/// `Mathia-Consistency: after_position=N`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AfterPosition(pub Option<i64>);
+
+impl<S: Send + Sync> FromRequestParts<S> for AfterPosition {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let bad = || ApiError::Malformed("after_position must be a whole number ≥ 0".into());
+        let from_query = parts.uri.query().and_then(|q| {
+            q.split('&').find_map(|kv| kv.strip_prefix("after_position=").map(|v| v.to_owned()))
+        });
+        let from_header = parts
+            .headers
+            .get("mathia-consistency")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().strip_prefix("after_position=").map(|v| v.to_owned()));
+        match from_query.or(from_header) {
+            None => Ok(AfterPosition(None)),
+            Some(v) => v.parse::<i64>().ok().filter(|p| *p >= 0).map(|p| AfterPosition(Some(p))).ok_or_else(bad),
+        }
+    }
+}
+
+/// Wait (bounded by the read-wait setting) until `model` has applied `after`.
+/// Returns the checkpoint the read reflects.
+pub async fn wait_for(state: &AppState, model: &str, after: AfterPosition) -> Result<i64, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.settings.read_wait;
+    let mut delay = Duration::from_millis(2);
+    loop {
+        let checkpoint = projections::checkpoint(&state.pool, model).await?;
+        match after.0 {
+            Some(want) if checkpoint < want => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ApiError::Coded {
+                        status: http::StatusCode::SERVICE_UNAVAILABLE,
+                        code: "read_model_behind".into(),
+                        message: format!("the {model} read model has not reached position {want} yet; retry"),
+                        extra: [("position".to_owned(), checkpoint.into()), ("after_position".to_owned(), want.into())]
+                            .into_iter()
+                            .collect(),
+                    });
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(25));
+            }
+            _ => return Ok(checkpoint),
+        }
+    }
+}
+
+/// Add `Mathia-Position` to a read's headers.
+pub fn position_header(position: i64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&position.to_string()) {
+        h.insert("mathia-position", v);
+    }
+    h
+}

@@ -1,0 +1,214 @@
+//! The write path: a command in, its answer out, idempotently.
+//!
+//! 1. The command id is the `Idempotency-Key` made unique per principal and
+//!    route (UUIDv5 of the three), or a fresh UUIDv7 without a key.
+//! 2. A decided command is in the ledger: same request hash → the stored answer
+//!    again with `Idempotent-Replayed: true`; another hash → 422.
+//! 3. Requests for one command id on this instance share one publish and one
+//!    outcome; a twin with another body → 422.
+//! 4. The envelope goes to `COMMANDS` with `Nats-Msg-Id` = command id; the
+//!    handlers answer on this instance's inbox. No answer within the command
+//!    timeout (or `Prefer: respond-async`) → 202 with `Location: /v1/commands/{id}`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use commands::Command;
+use handlers::{CommandEnvelope, Outcome, bus, ledger};
+use http::{HeaderValue, StatusCode};
+use redis::AsyncCommands;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult, problem_response};
+use crate::extract::WriteOptions;
+use crate::state::{AppState, Registration};
+
+const COMMAND_NS: Uuid = Uuid::from_u128(0x6d61_7468_6961_5f63_6d64_5f6e_7300_0001);
+
+/// How long the "sent but not decided yet" marker lives in Redis.
+const PENDING_TTL_SECS: u64 = 24 * 3600;
+
+/// The route a write was made on, for the idempotency scope: `POST /v1/transfers`.
+pub struct Route<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Concrete path.
+    pub path: &'a str,
+}
+
+/// Send `command` and answer with its outcome.
+pub async fn dispatch<B: Serialize>(
+    state: &AppState,
+    principal: &Principal,
+    route: Route<'_>,
+    options: &WriteOptions,
+    correlation_id: Uuid,
+    body: &B,
+    command: impl FnOnce(Uuid) -> ApiResult<Command>,
+) -> ApiResult<Response> {
+    let command_id = match &options.idempotency_key {
+        Some(key) => Uuid::new_v5(&COMMAND_NS, format!("{}|{} {}|{key}", principal.user_id, route.method, route.path).as_bytes()),
+        None => Uuid::now_v7(),
+    };
+    let request_hash = request_hash(&route, body)?;
+    let command = command(command_id)?;
+
+    if options.idempotency_key.is_some()
+        && let Some(prior) = ledger::find(&state.pool, &[command_id]).await?.remove(&command_id)
+    {
+        return replay(prior, &request_hash);
+    }
+
+    let receiver = match state.register(command_id, &request_hash) {
+        Registration::Mismatch => return Err(key_reused()),
+        Registration::Joined(rx) => return wait(state, rx, command_id, &request_hash, true).await,
+        Registration::First(rx) => rx,
+    };
+
+    let envelope = CommandEnvelope {
+        command_id,
+        correlation_id,
+        actor: principal.actor(),
+        issued_at: Utc::now(),
+        request_hash: request_hash.clone(),
+        command,
+    };
+    let duplicate = match bus::publish_command(&state.js, &state.subjects, &envelope, &state.reply_subject(command_id)).await {
+        Ok(d) => d,
+        Err(e) => {
+            state.forget(command_id);
+            return Err(ApiError::Unavailable(format!("the command bus is unavailable: {e}")));
+        }
+    };
+    mark_pending(state, command_id, principal.user_id).await;
+    if options.respond_async {
+        return Ok(accepted(command_id));
+    }
+    // A duplicate publish means another instance sent it: its answer goes there, so poll the ledger.
+    wait(state, receiver, command_id, &request_hash, duplicate).await
+}
+
+async fn wait(
+    state: &AppState,
+    mut rx: watch::Receiver<Option<Outcome>>,
+    command_id: Uuid,
+    request_hash: &str,
+    replayed: bool,
+) -> ApiResult<Response> {
+    let deadline = tokio::time::Instant::now() + state.settings.command_timeout;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_ok()
+                    && let Some(outcome) = rx.borrow_and_update().clone()
+                {
+                    return if replayed { replay(outcome, request_hash) } else { Ok(answer(outcome, false)) };
+                }
+            }
+            _ = poll.tick(), if replayed => {
+                if let Some(prior) = ledger::find(&state.pool, &[command_id]).await?.remove(&command_id) {
+                    return replay(prior, request_hash);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                state.forget(command_id);
+                return Ok(accepted(command_id));
+            }
+        }
+    }
+}
+
+fn key_reused() -> ApiError {
+    ApiError::Coded {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        code: "idempotency_key_reused".into(),
+        message: "this Idempotency-Key was used with a different request body".into(),
+        extra: Default::default(),
+    }
+}
+
+fn replay(outcome: Outcome, request_hash: &str) -> ApiResult<Response> {
+    if outcome.request_hash != request_hash {
+        return Err(key_reused());
+    }
+    Ok(answer(outcome, true))
+}
+
+/// Render a decided command: the resource, or the rejection as a problem.
+pub fn answer(outcome: Outcome, replayed: bool) -> Response {
+    let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut res = if status.is_success() {
+        (status, Json(outcome.body)).into_response()
+    } else {
+        let rejection: commands::Rejection = serde_json::from_value(outcome.body).unwrap_or_else(|_| {
+            commands::Rejection::new(outcome.status, "rejected", "the command was rejected")
+        });
+        let mut extra = serde_json::Map::new();
+        if let serde_json::Value::Object(details) = rejection.details {
+            extra = details;
+        }
+        let err = ApiError::Coded { status, code: rejection.code, message: rejection.message, extra };
+        problem_response(&err.problem())
+    };
+    let headers = res.headers_mut();
+    if let Some(p) = outcome.position
+        && let Ok(v) = HeaderValue::from_str(&p.to_string())
+    {
+        headers.insert("mathia-position", v);
+    }
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    res
+}
+
+fn accepted(command_id: Uuid) -> Response {
+    let location = format!("/v1/commands/{command_id}");
+    let mut res = (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "command_id": command_id, "status": "pending", "location": location })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        res.headers_mut().insert(http::header::LOCATION, v);
+    }
+    res
+}
+
+/// Remember that `command_id` was sent for `principal`, so polling it says
+/// "pending" rather than "not found" before it is decided.
+async fn mark_pending(state: &AppState, command_id: Uuid, principal: Uuid) {
+    let mut redis = state.redis.clone();
+    let key = state.redis_key(&format!("cmd:pending:{command_id}"));
+    let r: Result<(), _> = redis.set_ex(key, principal.to_string(), PENDING_TTL_SECS).await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not mark a command pending in Redis");
+    }
+}
+
+/// Whether `command_id` was sent by `principal` and is not decided yet.
+pub async fn is_pending(state: &AppState, command_id: Uuid, principal: Uuid) -> ApiResult<bool> {
+    let mut redis = state.redis.clone();
+    let owner: Option<String> = redis.get(state.redis_key(&format!("cmd:pending:{command_id}"))).await?;
+    Ok(owner.as_deref() == Some(principal.to_string().as_str()))
+}
+
+fn request_hash<B: Serialize>(route: &Route<'_>, body: &B) -> ApiResult<String> {
+    // serde_json maps keep keys sorted, so the hash ignores key order and white space.
+    let canonical = serde_json::to_value(body).map_err(anyhow::Error::from)?;
+    let mut h = Sha256::new();
+    h.update(route.method.as_bytes());
+    h.update(b" ");
+    h.update(route.path.as_bytes());
+    h.update(b"\n");
+    h.update(canonical.to_string().as_bytes());
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,29 @@
+//! Polling a command that was answered 202.
+
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::StatusCode;
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::dispatch::{answer, is_pending};
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::state::AppState;
+
+/// The command's answer once decided (the same status and body the write
+/// would have returned); 202 while it is still on its way.
+#[utoipa::path(get, path = "/v1/commands/{command_id}", tag = "commands", security(("bearer" = [])),
+    params(("command_id" = Uuid, Path)),
+    responses((status = 200, description = "decided: the original answer (status 200/201 or a problem)"),
+        (status = 202, description = "not decided yet"), (status = 401, body = Problem),
+        (status = 404, description = "unknown, or not yours", body = Problem)))]
+pub async fn get_command(State(state): State<AppState>, principal: Principal, Path(command_id): Path<Uuid>) -> ApiResult<Response> {
+    if let Some(outcome) = handlers::ledger::find_for(&state.pool, command_id, principal.user_id).await? {
+        return Ok(answer(outcome, false));
+    }
+    if is_pending(&state, command_id, principal.user_id).await? {
+        return Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "command_id": command_id, "status": "pending" }))).into_response());
+    }
+    Err(ApiError::NotFound("no such command".into()))
+}

@@ -1,0 +1,174 @@
+//! What every handler gets: connections, settings, keys and the table of
+//! requests waiting for an outcome.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use events::Subjects;
+use futures::StreamExt;
+use handlers::Outcome;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::auth::Keys;
+
+/// The gateway's settings (the `mathia` binary fills them from its config).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Emails that get the admin role when they register.
+    pub admin_emails: Vec<String>,
+    /// Requests per minute per authenticated principal.
+    pub rate_limit_api_per_min: u32,
+    /// Requests per minute per IP without authentication.
+    pub rate_limit_anon_per_min: u32,
+    /// How long a write waits for its outcome before answering 202.
+    pub command_timeout: Duration,
+    /// How long a read waits for `after_position`.
+    pub read_wait: Duration,
+    /// Access token lifetime.
+    pub access_ttl: Duration,
+    /// Refresh token lifetime.
+    pub refresh_ttl: Duration,
+    /// Failed logins before lockout.
+    pub lockout_after: i32,
+    /// Lockout duration.
+    pub lockout_for: Duration,
+    /// Argon2 memory cost in KiB (19 MiB by default, per OWASP).
+    pub argon2_memory_kib: u32,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            admin_emails: vec![],
+            rate_limit_api_per_min: 60,
+            rate_limit_anon_per_min: 10,
+            command_timeout: Duration::from_secs(5),
+            read_wait: Duration::from_secs(2),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            lockout_after: 5,
+            lockout_for: Duration::from_secs(15 * 60),
+            argon2_memory_kib: 19 * 1024,
+            redis_prefix: String::new(),
+        }
+    }
+}
+
+/// One in-flight command: the hash it was sent with and where its outcome lands.
+struct Waiter {
+    request_hash: String,
+    outcome: watch::Sender<Option<Outcome>>,
+}
+
+/// Cheap to clone; shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    /// Event store (ledger reads) and read models.
+    pub pool: PgPool,
+    /// Core NATS.
+    pub nats: async_nats::Client,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// Redis (rate limits, pending-command markers).
+    pub redis: redis::aio::ConnectionManager,
+    /// Subject and stream names.
+    pub subjects: Subjects,
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// JWT keys.
+    pub keys: Arc<Keys>,
+    /// This instance's id: handlers answer on `_outcome.<id>.<command_id>`.
+    pub instance: Uuid,
+    waiters: Arc<Mutex<HashMap<Uuid, Waiter>>>,
+}
+
+/// A request registering interest in a command's outcome.
+pub enum Registration {
+    /// This request is the first: it must publish the command.
+    First(watch::Receiver<Option<Outcome>>),
+    /// Another request of this instance already sent it; wait on its outcome.
+    Joined(watch::Receiver<Option<Outcome>>),
+    /// Another request with the same key but a different body is in flight.
+    Mismatch,
+}
+
+impl AppState {
+    /// Assemble the state.
+    pub fn new(
+        pool: PgPool,
+        nats: async_nats::Client,
+        redis: redis::aio::ConnectionManager,
+        subjects: Subjects,
+        settings: Settings,
+        keys: Keys,
+    ) -> Self {
+        AppState {
+            pool,
+            js: jetstream::new(nats.clone()),
+            nats,
+            redis,
+            subjects,
+            settings: Arc::new(settings),
+            keys: Arc::new(keys),
+            instance: Uuid::new_v4(),
+            waiters: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The subject the handlers answer `command_id` on.
+    pub fn reply_subject(&self, command_id: Uuid) -> String {
+        format!("{}.{command_id}", self.subjects.outcome_inbox(&self.instance.simple().to_string()))
+    }
+
+    /// A Redis key under the configured prefix.
+    pub fn redis_key(&self, key: &str) -> String {
+        format!("{}{key}", self.settings.redis_prefix)
+    }
+
+    /// Register interest in `command_id`'s outcome.
+    pub fn register(&self, command_id: Uuid, request_hash: &str) -> Registration {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = waiters.get(&command_id) {
+            if w.request_hash != request_hash {
+                return Registration::Mismatch;
+            }
+            return Registration::Joined(w.outcome.subscribe());
+        }
+        let (tx, rx) = watch::channel(None);
+        waiters.insert(command_id, Waiter { request_hash: request_hash.to_owned(), outcome: tx });
+        Registration::First(rx)
+    }
+
+    /// Forget `command_id` (its outcome arrived, or every waiter gave up).
+    pub fn deliver(&self, outcome: Outcome) {
+        let waiter = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&outcome.command_id);
+        if let Some(w) = waiter {
+            let _ = w.outcome.send(Some(outcome));
+        }
+    }
+
+    /// Drop a registration whose request gave up waiting.
+    pub fn forget(&self, command_id: Uuid) {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&command_id);
+    }
+
+    /// Subscribe to this instance's outcome inbox and deliver outcomes to waiters.
+    pub async fn listen_for_outcomes(self) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let subject = format!("{}.*", self.subjects.outcome_inbox(&self.instance.simple().to_string()));
+        let mut sub = self.nats.subscribe(subject).await?;
+        Ok(tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                match serde_json::from_slice::<Outcome>(&msg.payload) {
+                    Ok(outcome) => self.deliver(outcome),
+                    Err(e) => tracing::warn!(error = %e, "undecodable outcome"),
+                }
+            }
+        }))
+    }
+}

@@ -1,0 +1,213 @@
+//! # mathia — one binary, every role
+//!
+//! `mathia serve` runs the gateway, handlers, relay and projections in one
+//! process (the embedded default); `mathia gateway|handlers|relay|projections`
+//! runs one role, so each scales out on its own; `mathia migrate` applies the
+//! migrations. [`Config`] is read from flags and `MATHIA_*` environment variables.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use events::Subjects;
+use handlers::handler::{HandlerConfig, Handlers};
+use handlers::infra;
+use handlers::relay::Relay;
+use projections::runner::Runner;
+use projections::wallet::WalletProjector;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Configuration of every role. Each flag also reads its `MATHIA_*` variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Postgres connection string (event store and read models).
+    #[arg(long, env = "MATHIA_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/mathia")]
+    pub database_url: String,
+    /// NATS server with JetStream, version 2.10 or later.
+    #[arg(long, env = "MATHIA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Redis (rate limits, pending markers).
+    #[arg(long, env = "MATHIA_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Where the gateway listens.
+    #[arg(long, env = "MATHIA_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// HS256 secret for access tokens, base64, at least 32 bytes. Required
+    /// for `gateway`; `serve` makes a random one (tokens die with the process) when unset.
+    #[arg(long, env = "MATHIA_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Emails that get the admin role when they register (comma separated).
+    #[arg(long, env = "MATHIA_ADMIN_EMAILS", value_delimiter = ',')]
+    pub admin_emails: Vec<String>,
+    /// Prefix of every subject and stream name (empty in a deployment).
+    #[arg(long, env = "MATHIA_NATS_PREFIX", default_value = "")]
+    pub nats_prefix: String,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "MATHIA_REDIS_PREFIX", default_value = "")]
+    pub redis_prefix: String,
+    /// Requests per minute per principal (0: no limit).
+    #[arg(long, env = "MATHIA_RATE_LIMIT_API_PER_MIN", default_value_t = 60)]
+    pub rate_limit_api_per_min: u32,
+    /// Requests per minute per IP without a token (0: no limit).
+    #[arg(long, env = "MATHIA_RATE_LIMIT_ANON_PER_MIN", default_value_t = 10)]
+    pub rate_limit_anon_per_min: u32,
+    /// How long a write waits for its decision before answering 202.
+    #[arg(long, env = "MATHIA_COMMAND_TIMEOUT_MS", default_value_t = 5000)]
+    pub command_timeout_ms: u64,
+    /// How long a read waits for `after_position`.
+    #[arg(long, env = "MATHIA_READ_WAIT_MS", default_value_t = 2000)]
+    pub read_wait_ms: u64,
+    /// Postgres connections per process.
+    #[arg(long, env = "MATHIA_DATABASE_POOL", default_value_t = 32)]
+    pub database_pool: u32,
+    /// Most commands decided in one transaction.
+    #[arg(long, env = "MATHIA_HANDLER_BATCH", default_value_t = 512)]
+    pub handler_batch: usize,
+    /// Argon2 memory cost in KiB.
+    #[arg(long, env = "MATHIA_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
+    pub argon2_memory_kib: u32,
+}
+
+/// Which roles a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// HTTP gateway.
+    pub gateway: bool,
+    /// Command handlers.
+    pub handlers: bool,
+    /// Outbox relay.
+    pub relay: bool,
+    /// Projectors.
+    pub projections: bool,
+}
+
+impl Roles {
+    /// Everything (`serve`).
+    pub const ALL: Roles = Roles { gateway: true, handlers: true, relay: true, projections: true };
+}
+
+/// The shared connections.
+pub struct Infra {
+    /// Postgres.
+    pub pool: sqlx::PgPool,
+    /// NATS.
+    pub nats: async_nats::Client,
+    /// Names.
+    pub subjects: Subjects,
+}
+
+/// Connect to Postgres and NATS and make sure the streams exist.
+pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Infra> {
+    let pool = infra::connect_pg(&config.database_url, config.database_pool).await?;
+    let nats = infra::connect_nats(&config.nats_url, name).await?;
+    let subjects = Subjects::with_prefix(&config.nats_prefix);
+    let js = async_nats::jetstream::new(nats.clone());
+    handlers::bus::ensure_streams(&js, &subjects).await?;
+    Ok(Infra { pool, nats, subjects })
+}
+
+fn jwt_secret(config: &Config, roles: Roles) -> anyhow::Result<Vec<u8>> {
+    match &config.jwt_secret {
+        Some(s) => base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .context("MATHIA_JWT_SECRET is not valid base64"),
+        None if roles == Roles::ALL => {
+            tracing::warn!("MATHIA_JWT_SECRET is unset: using a random secret; tokens will not survive a restart");
+            Ok(rand::random::<[u8; 32]>().to_vec())
+        }
+        None => anyhow::bail!("MATHIA_JWT_SECRET is required when the gateway runs alone (all instances must share it)"),
+    }
+}
+
+/// Run `roles` until `shutdown` is cancelled. `listener` is required when the gateway runs.
+pub async fn run(config: Config, roles: Roles, listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let infra = connect(&config, "mathia").await?;
+    if roles == Roles::ALL {
+        infra::migrate(&infra.pool).await?;
+    }
+    let js = async_nats::jetstream::new(infra.nats.clone());
+    let tasks = TaskTracker::new();
+    let failed = CancellationToken::new();
+    let spawn = |name: &'static str, fut: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>| {
+        let failed = failed.clone();
+        tasks.spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::error!(role = name, error = format!("{e:#}"), "role stopped with an error");
+                failed.cancel();
+            }
+        });
+    };
+    if roles.handlers {
+        let h = Handlers {
+            pool: infra.pool.clone(),
+            client: infra.nats.clone(),
+            js: js.clone(),
+            subjects: infra.subjects.clone(),
+            config: HandlerConfig { batch_max: config.handler_batch, ..Default::default() },
+        };
+        spawn("handlers", Box::pin(h.run(shutdown.clone())));
+    }
+    if roles.relay {
+        let r = Relay {
+            pool: infra.pool.clone(),
+            database_url: config.database_url.clone(),
+            js: js.clone(),
+            subjects: infra.subjects.clone(),
+            name: infra.subjects.events_stream(),
+        };
+        spawn("relay", Box::pin(r.run(shutdown.clone())));
+    }
+    if roles.projections {
+        let runner = Runner { pool: infra.pool.clone(), js: js.clone(), subjects: infra.subjects.clone() };
+        spawn("proj-wallet", Box::pin(runner.run(Arc::new(WalletProjector), shutdown.clone())));
+    }
+    if roles.gateway {
+        let listener = listener.context("the gateway needs a listener")?;
+        let redis_client = redis::Client::open(config.redis_url.as_str()).context("MATHIA_REDIS_URL is not a Redis URL")?;
+        let redis = redis::aio::ConnectionManager::new(redis_client).await.context("connecting to Redis")?;
+        let keys = gateway::auth::Keys::new(&jwt_secret(&config, roles)?)?;
+        let settings = gateway::Settings {
+            admin_emails: config.admin_emails.iter().map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty()).collect(),
+            rate_limit_api_per_min: config.rate_limit_api_per_min,
+            rate_limit_anon_per_min: config.rate_limit_anon_per_min,
+            command_timeout: Duration::from_millis(config.command_timeout_ms),
+            read_wait: Duration::from_millis(config.read_wait_ms),
+            argon2_memory_kib: config.argon2_memory_kib,
+            redis_prefix: config.redis_prefix.clone(),
+            ..Default::default()
+        };
+        let state = gateway::AppState::new(infra.pool.clone(), infra.nats.clone(), redis, infra.subjects.clone(), settings, keys);
+        let stop = shutdown.clone();
+        spawn("gateway", Box::pin(gateway::run(state, listener, async move { stop.cancelled().await })));
+    }
+    tasks.close();
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = failed.cancelled() => { shutdown.cancel(); }
+    }
+    tasks.wait().await;
+    if failed.is_cancelled() && !shutdown.is_cancelled() {
+        anyhow::bail!("a role failed");
+    }
+    Ok(())
+}
+
+/// Logging setup.
+pub mod telemetry {
+    use tracing_subscriber::EnvFilter;
+
+    /// Structured logs to stderr: `RUST_LOG` filters, `LOG_FORMAT=json` for JSON lines.
+    pub fn init() {
+        let filter = EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,mathia=debug,gateway=debug,handlers=info,projections=info,tower_http=info"));
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+            let _ = builder.json().try_init();
+        } else {
+            let _ = builder.try_init();
+        }
+    }
+}

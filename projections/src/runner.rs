@@ -1,0 +1,154 @@
+//! Runs one projector: consumer wake-ups, catch-up from the store, checkpoint in the same transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use events::{Subjects, headers};
+use futures::StreamExt;
+use handlers::{bus, store};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::Projector;
+
+/// Most events applied in one transaction.
+const BATCH: i64 = 2000;
+/// How often a silent projector checks the head of the log.
+const TICK: Duration = Duration::from_millis(250);
+
+/// What a projector needs to run.
+#[derive(Clone)]
+pub struct Runner {
+    /// The event store and read models.
+    pub pool: PgPool,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// Subject and stream names.
+    pub subjects: Subjects,
+}
+
+impl Runner {
+    /// Run `projector` until `shutdown`.
+    pub async fn run<P: Projector>(self, projector: Arc<P>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let name = projector.name();
+        sqlx::query("INSERT INTO proj_checkpoints (model, position) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        // Catch up with the store first: the stream may no longer hold what we missed.
+        let head = store::head_position(&self.pool).await?;
+        self.catch_up(&*projector, head).await?;
+        let consumer = bus::ensure_consumer(
+            &self.js,
+            &self.subjects.events_stream(),
+            bus::projector_consumer_config(&self.subjects, name, projector.domains())?,
+        )
+        .await?;
+        tracing::info!(projector = name, "projector started");
+        while !shutdown.is_cancelled() {
+            let messages = match consumer
+                .stream()
+                .max_messages_per_batch(BATCH as usize)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(projector = name, error = %e, "cannot pull from EVENTS; catching up from the store");
+                    self.tick(&*projector).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut chunks = messages.ready_chunks(BATCH as usize);
+            let mut ticker = tokio::time::interval(TICK);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = ticker.tick() => self.tick(&*projector).await,
+                    chunk = chunks.next() => {
+                        let Some(chunk) = chunk else { break };
+                        let mut up_to = 0i64;
+                        let mut msgs = Vec::with_capacity(chunk.len());
+                        let mut broken = false;
+                        for m in chunk {
+                            match m {
+                                Ok(m) => {
+                                    let pos = m.headers.as_ref()
+                                        .and_then(|h| h.get(headers::POSITION))
+                                        .and_then(|v| v.as_str().parse::<i64>().ok())
+                                        .unwrap_or(0);
+                                    up_to = up_to.max(pos);
+                                    msgs.push(m);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(projector = name, error = %e, "EVENTS pull stream failed; reopening");
+                                    broken = true;
+                                }
+                            }
+                        }
+                        match self.catch_up(&*projector, up_to).await {
+                            Ok(()) => {
+                                for m in msgs {
+                                    let _ = m.ack().await;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::error!(projector = name, error = format!("{e:#}"), "projection failed; will retry");
+                                for m in msgs {
+                                    let _ = m.ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                                }
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                        if broken { break; }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn tick<P: Projector>(&self, projector: &P) {
+        let result = async {
+            let head = store::head_position(&self.pool).await?;
+            self.catch_up(projector, head).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(projector = projector.name(), error = format!("{e:#}"), "catch-up failed; will retry");
+        }
+    }
+
+    /// Apply everything of the projector's domains up to `up_to`, in batches,
+    /// each in one transaction with the checkpoint.
+    pub async fn catch_up<P: Projector>(&self, projector: &P, up_to: i64) -> anyhow::Result<()> {
+        loop {
+            let mut tx = self.pool.begin().await?;
+            // The row lock serialises instances of the same projector.
+            let checkpoint: i64 = sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = $1 FOR UPDATE")
+                .bind(projector.name())
+                .fetch_one(&mut *tx)
+                .await?;
+            if checkpoint >= up_to {
+                return Ok(());
+            }
+            let until = up_to.min(checkpoint + BATCH);
+            let events = store::read_range(&mut tx, checkpoint, until, BATCH, Some(projector.domains())).await?;
+            if !events.is_empty() {
+                projector.apply(&mut tx, &events).await?;
+            }
+            sqlx::query("UPDATE proj_checkpoints SET position = $2, updated_at = now() WHERE model = $1")
+                .bind(projector.name())
+                .bind(until)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            metrics::counter!("mathia_projected_events_total", "projector" => projector.name()).increment(events.len() as u64);
+            metrics::gauge!("mathia_projector_position", "projector" => projector.name()).set(until as f64);
+        }
+    }
+}
