@@ -75,6 +75,10 @@ done
 unset _v
 
 OWN_NATS_PORT="${MATHIA_OWN_NATS_PORT:-4333}"
+if ! [[ "$OWN_NATS_PORT" =~ ^[0-9]+$ ]] || ((OWN_NATS_PORT < 1 || OWN_NATS_PORT > 61535)); then
+    echo "services.sh: ERROR: MATHIA_OWN_NATS_PORT must be a port number below 61536, not '$OWN_NATS_PORT'" >&2
+    exit 1
+fi
 # Monitoring port of our own server: 8333 for the default 4333, so that a second
 # checkout with another MATHIA_OWN_NATS_PORT does not collide on it.
 OWN_NATS_MONITOR_PORT=$((OWN_NATS_PORT + 4000))
@@ -111,12 +115,30 @@ apt_install() {
         || { tail -n 20 "$INSTALL_LOG" >&2; die "apt-get install $* failed"; }
 }
 
+# Exec "$@" (meant for a subshell) with every file descriptor above 2 closed. A
+# daemon that inherited the write end of some caller's pipe (CI's `| tee`, a
+# job runner's) would keep that caller waiting for EOF forever.
+exec_without_extra_fds() {
+    local fd
+    for fd in /proc/self/fd/*; do
+        fd="${fd##*/}"
+        if [[ "$fd" =~ ^[0-9]+$ ]] && ((fd > 2)); then
+            eval "exec ${fd}>&-" 2>/dev/null || true
+        fi
+    done
+    if declare -F "$1" >/dev/null; then   # a function of ours, e.g. as_root
+        "$@"
+        exit
+    fi
+    exec "$@"
+}
+
 # Run a command that may start a daemon, with its output in a temp file (shown
 # only on failure), so the daemon inherits no terminal or pipe of ours.
 run_quiet() {
     local out rc=0
     out="$(mktemp)"
-    "$@" </dev/null >"$out" 2>&1 || rc=$?
+    (exec_without_extra_fds "$@") </dev/null >"$out" 2>&1 || rc=$?
     if [[ $rc -ne 0 ]]; then
         cat "$out" >&2
     fi
@@ -126,6 +148,7 @@ run_quiet() {
 
 # Succeeds if something accepts TCP connections on 127.0.0.1:$1.
 port_open() {
+    # shellcheck disable=SC2016  # $1 expands in the child bash
     timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null
 }
 
@@ -272,6 +295,7 @@ ensure_redis() {
 
 # Print the INFO line that a NATS server sends on connect to 127.0.0.1:$1.
 nats_info() {
+    # shellcheck disable=SC2016  # $1 and $line expand in the child bash
     timeout 5 bash -c '
         exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
         IFS= read -r -t 2 line <&3 || exit 1
@@ -366,12 +390,13 @@ ensure_nats() {
         ensure_nats_binary
         mkdir -p "$DATA_DIR/nats"
         log "starting our own nats-server on 127.0.0.1:$port (JetStream in $DATA_DIR/nats)"
-        # setsid + nohup: the server outlives this script and its session. No
-        # inherited stdio or lock fd: it must not keep a caller's pipe open.
-        setsid nohup "$VENV/bin/nats-server" \
+        # setsid + nohup: the server outlives this script and its session. It
+        # inherits no stdio, lock fd or other fd of ours, so it cannot keep a
+        # caller's pipe open.
+        (exec_without_extra_fds setsid nohup "$VENV/bin/nats-server" \
             -a 127.0.0.1 -p "$port" -js -sd "$DATA_DIR/nats" \
             -m "$OWN_NATS_MONITOR_PORT" -l "$DATA_DIR/nats.log" -P "$DATA_DIR/nats.pid" \
-            </dev/null >>"$DATA_DIR/nats.out" 2>&1 9>&- &
+        ) </dev/null >>"$DATA_DIR/nats.out" 2>&1 &
         local i
         for ((i = 0; i < 40; i++)); do
             info="$(nats_info "$port" || true)"
@@ -406,6 +431,7 @@ done
 emit_env() {
     local v
     for v in MATHIA_DATABASE_URL MATHIA_TEST_DATABASE_URL MATHIA_REDIS_URL MATHIA_NATS_URL; do
+        # shellcheck disable=SC2016  # ${VAR:-} is for the shell that sources this
         printf 'if [ -z "${%s:-}" ]; then %s=%q; fi; export %s\n' "$v" "$v" "${!v}" "$v"
     done
 }

@@ -66,7 +66,10 @@ impl StateSet {
     /// The wallet account in `stream`, or the empty account when absent.
     pub fn wallet(&self, stream: &StreamId) -> wallet::Account {
         match self.streams.get(stream) {
-            Some(Loaded { state: State::Wallet(a), .. }) => a.clone(),
+            Some(Loaded {
+                state: State::Wallet(a),
+                ..
+            }) => a.clone(),
             None => wallet::Account::default(),
         }
     }
@@ -76,10 +79,14 @@ impl StateSet {
         events
             .iter()
             .map(|(stream, event)| {
-                let entry = self.streams.entry(stream.clone()).or_insert_with(|| Loaded {
-                    version: 0,
-                    state: State::empty_for(stream).unwrap_or(State::Wallet(wallet::Account::default())),
-                });
+                let entry = self
+                    .streams
+                    .entry(stream.clone())
+                    .or_insert_with(|| Loaded {
+                        version: 0,
+                        state: State::empty_for(stream)
+                            .unwrap_or(State::Wallet(wallet::Account::default())),
+                    });
                 entry.version += 1;
                 entry.state.evolve(event);
                 entry.version
@@ -144,7 +151,12 @@ pub struct Rejection {
 impl Rejection {
     /// A rejection without details.
     pub fn new(status: u16, code: &str, message: impl Into<String>) -> Self {
-        Rejection { code: code.to_owned(), status, message: message.into(), details: serde_json::Value::Null }
+        Rejection {
+            code: code.to_owned(),
+            status,
+            message: message.into(),
+            details: serde_json::Value::Null,
+        }
     }
 
     /// The same rejection, with details.

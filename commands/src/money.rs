@@ -107,7 +107,11 @@ pub struct InvalidAmount(pub i64);
 impl Amount {
     /// Validate an amount.
     pub fn new(minor_units: i64) -> Result<Self, InvalidAmount> {
-        if (1..=MAX_AMOUNT).contains(&minor_units) { Ok(Amount(minor_units)) } else { Err(InvalidAmount(minor_units)) }
+        if (1..=MAX_AMOUNT).contains(&minor_units) {
+            Ok(Amount(minor_units))
+        } else {
+            Err(InvalidAmount(minor_units))
+        }
     }
 
     /// The amount in minor units.

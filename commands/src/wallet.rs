@@ -37,7 +37,8 @@ pub fn float_account_id(currency: Currency, transfer_id: Uuid) -> Uuid {
 
 /// The stream of ledger account `account_id`.
 pub fn account_stream(account_id: Uuid) -> StreamId {
-    StreamId::new(DOMAIN, ACCOUNT, &account_id.to_string()).expect("a uuid is a valid subject token")
+    StreamId::new(DOMAIN, ACCOUNT, &account_id.to_string())
+        .expect("a uuid is a valid subject token")
 }
 
 /// The state of one ledger account.
@@ -63,7 +64,13 @@ impl Account {
     /// Fold one event in.
     pub fn evolve(&mut self, event: &WalletEvent) {
         match event {
-            WalletEvent::AccountOpened { account_id, owner_id, currency, kind, floor } => {
+            WalletEvent::AccountOpened {
+                account_id,
+                owner_id,
+                currency,
+                kind,
+                floor,
+            } => {
                 self.opened = true;
                 self.account_id = *account_id;
                 self.owner_id = *owner_id;
@@ -71,7 +78,9 @@ impl Account {
                 self.kind = Some(*kind);
                 self.floor = *floor;
             }
-            WalletEvent::Debited(leg) | WalletEvent::Credited(leg) => self.posted = leg.balance_after,
+            WalletEvent::Debited(leg) | WalletEvent::Credited(leg) => {
+                self.posted = leg.balance_after
+            }
         }
     }
 
@@ -164,10 +173,11 @@ impl WalletCommand {
     /// The account the command is addressed to.
     pub fn target(&self) -> StreamId {
         match self {
-            WalletCommand::OpenWallet { owner_id, currency } => account_stream(user_wallet_id(*owner_id, *currency)),
-            WalletCommand::Deposit { wallet_id, .. } | WalletCommand::Withdraw { wallet_id, .. } => {
-                account_stream(*wallet_id)
+            WalletCommand::OpenWallet { owner_id, currency } => {
+                account_stream(user_wallet_id(*owner_id, *currency))
             }
+            WalletCommand::Deposit { wallet_id, .. }
+            | WalletCommand::Withdraw { wallet_id, .. } => account_stream(*wallet_id),
             WalletCommand::Transfer { from, .. } => account_stream(*from),
         }
     }
@@ -176,11 +186,26 @@ impl WalletCommand {
     pub fn streams(&self) -> Vec<StreamId> {
         match self {
             WalletCommand::OpenWallet { .. } => vec![self.target()],
-            WalletCommand::Deposit { transfer_id, wallet_id, currency, .. }
-            | WalletCommand::Withdraw { transfer_id, wallet_id, currency, .. } => {
-                vec![account_stream(*wallet_id), account_stream(float_account_id(*currency, *transfer_id))]
+            WalletCommand::Deposit {
+                transfer_id,
+                wallet_id,
+                currency,
+                ..
             }
-            WalletCommand::Transfer { from, to, .. } => vec![account_stream(*from), account_stream(*to)],
+            | WalletCommand::Withdraw {
+                transfer_id,
+                wallet_id,
+                currency,
+                ..
+            } => {
+                vec![
+                    account_stream(*wallet_id),
+                    account_stream(float_account_id(*currency, *transfer_id)),
+                ]
+            }
+            WalletCommand::Transfer { from, to, .. } => {
+                vec![account_stream(*from), account_stream(*to)]
+            }
         }
     }
 
@@ -189,13 +214,21 @@ impl WalletCommand {
         match self {
             WalletCommand::OpenWallet { owner_id, currency } => {
                 if actor.user_id != Some(*owner_id) && actor.role != Role::Admin {
-                    return Err(Rejection::new(403, "forbidden", "a wallet can only be opened for yourself"));
+                    return Err(Rejection::new(
+                        403,
+                        "forbidden",
+                        "a wallet can only be opened for yourself",
+                    ));
                 }
                 let id = user_wallet_id(*owner_id, *currency);
                 let stream = account_stream(id);
                 if states.wallet(&stream).opened {
-                    return Err(Rejection::new(409, "wallet_exists", format!("you already have a {currency} wallet"))
-                        .with_details(json!({ "wallet_id": id })));
+                    return Err(Rejection::new(
+                        409,
+                        "wallet_exists",
+                        format!("you already have a {currency} wallet"),
+                    )
+                    .with_details(json!({ "wallet_id": id })));
                 }
                 let opened = WalletEvent::AccountOpened {
                     account_id: id,
@@ -217,9 +250,19 @@ impl WalletCommand {
                     }),
                 })
             }
-            WalletCommand::Deposit { transfer_id, wallet_id, currency, amount, reference } => {
+            WalletCommand::Deposit {
+                transfer_id,
+                wallet_id,
+                currency,
+                amount,
+                reference,
+            } => {
                 if actor.role == Role::User {
-                    return Err(Rejection::new(403, "forbidden", "deposits are credited by an admin or a payment provider"));
+                    return Err(Rejection::new(
+                        403,
+                        "forbidden",
+                        "deposits are credited by an admin or a payment provider",
+                    ));
                 }
                 let wallet = states.wallet(&account_stream(*wallet_id));
                 if !wallet.opened {
@@ -228,40 +271,111 @@ impl WalletCommand {
                 check_currency(&wallet, *currency)?;
                 let float_id = float_account_id(*currency, *transfer_id);
                 let (mut events, float) = float_account(states, float_id, *currency);
-                let (debit, credit) = legs(*transfer_id, &float, &wallet, *amount, EntryKind::Deposit, reference)?;
+                let (debit, credit) = legs(
+                    *transfer_id,
+                    &float,
+                    &wallet,
+                    *amount,
+                    EntryKind::Deposit,
+                    reference,
+                )?;
                 events.push(debit);
                 events.push(credit);
-                Ok(transfer_decision(events, *transfer_id, EntryKind::Deposit, *amount, &wallet, float_id, *wallet_id, reference))
+                Ok(transfer_decision(
+                    events,
+                    *transfer_id,
+                    EntryKind::Deposit,
+                    *amount,
+                    &wallet,
+                    float_id,
+                    *wallet_id,
+                    reference,
+                ))
             }
-            WalletCommand::Transfer { transfer_id, from, to, amount, reference } => {
+            WalletCommand::Transfer {
+                transfer_id,
+                from,
+                to,
+                amount,
+                reference,
+            } => {
                 let source = owned_wallet(actor, states, *from)?;
                 if from == to {
-                    return Err(Rejection::new(422, "same_wallet", "cannot transfer from a wallet to itself"));
+                    return Err(Rejection::new(
+                        422,
+                        "same_wallet",
+                        "cannot transfer from a wallet to itself",
+                    ));
                 }
                 let target = states.wallet(&account_stream(*to));
                 if !target.opened {
-                    return Err(Rejection::new(404, "recipient_not_found", "no such recipient wallet"));
+                    return Err(Rejection::new(
+                        404,
+                        "recipient_not_found",
+                        "no such recipient wallet",
+                    ));
                 }
                 if source.currency != target.currency {
                     return Err(Rejection::new(
                         422,
                         "currency_mismatch",
-                        format!("cannot move {} into a {} wallet; convert first", source.currency, target.currency),
+                        format!(
+                            "cannot move {} into a {} wallet; convert first",
+                            source.currency, target.currency
+                        ),
                     ));
                 }
-                let (debit, credit) = legs(*transfer_id, &source, &target, *amount, EntryKind::Transfer, reference)?;
-                Ok(transfer_decision(vec![debit, credit], *transfer_id, EntryKind::Transfer, *amount, &source, *from, *to, reference))
+                let (debit, credit) = legs(
+                    *transfer_id,
+                    &source,
+                    &target,
+                    *amount,
+                    EntryKind::Transfer,
+                    reference,
+                )?;
+                Ok(transfer_decision(
+                    vec![debit, credit],
+                    *transfer_id,
+                    EntryKind::Transfer,
+                    *amount,
+                    &source,
+                    *from,
+                    *to,
+                    reference,
+                ))
             }
-            WalletCommand::Withdraw { transfer_id, wallet_id, currency, amount, destination } => {
+            WalletCommand::Withdraw {
+                transfer_id,
+                wallet_id,
+                currency,
+                amount,
+                destination,
+            } => {
                 let source = owned_wallet(actor, states, *wallet_id)?;
                 check_currency(&source, *currency)?;
                 let float_id = float_account_id(*currency, *transfer_id);
                 let (mut events, float) = float_account(states, float_id, *currency);
                 let reference = Some(destination.clone());
-                let (debit, credit) = legs(*transfer_id, &source, &float, *amount, EntryKind::Withdrawal, &reference)?;
+                let (debit, credit) = legs(
+                    *transfer_id,
+                    &source,
+                    &float,
+                    *amount,
+                    EntryKind::Withdrawal,
+                    &reference,
+                )?;
                 events.push(debit);
                 events.push(credit);
-                Ok(transfer_decision(events, *transfer_id, EntryKind::Withdrawal, *amount, &source, *wallet_id, float_id, &reference))
+                Ok(transfer_decision(
+                    events,
+                    *transfer_id,
+                    EntryKind::Withdrawal,
+                    *amount,
+                    &source,
+                    *wallet_id,
+                    float_id,
+                    &reference,
+                ))
             }
         }
     }
@@ -271,7 +385,11 @@ fn check_currency(wallet: &Account, currency: Currency) -> Result<(), Rejection>
     if wallet.currency == currency.code() {
         Ok(())
     } else {
-        Err(Rejection::new(422, "currency_mismatch", format!("the wallet holds {}, not {currency}", wallet.currency)))
+        Err(Rejection::new(
+            422,
+            "currency_mismatch",
+            format!("the wallet holds {}, not {currency}", wallet.currency),
+        ))
     }
 }
 
@@ -288,7 +406,11 @@ fn owned_wallet(actor: &Actor, states: &StateSet, wallet_id: Uuid) -> Result<Acc
 }
 
 /// The float shard's state, with the event that opens it if this is its first use.
-fn float_account(states: &StateSet, float_id: Uuid, currency: Currency) -> (Vec<(StreamId, Event)>, Account) {
+fn float_account(
+    states: &StateSet,
+    float_id: Uuid,
+    currency: Currency,
+) -> (Vec<(StreamId, Event)>, Account) {
     let stream = account_stream(float_id);
     let mut float = states.wallet(&stream);
     if float.opened {
@@ -305,6 +427,9 @@ fn float_account(states: &StateSet, float_id: Uuid, currency: Currency) -> (Vec<
     (vec![(stream, Event::Wallet(opened))], float)
 }
 
+/// An event with the stream it is appended to.
+type Appended = (StreamId, Event);
+
 /// The two legs of a transfer, checked against the debited account's floor.
 fn legs(
     transfer_id: Uuid,
@@ -313,17 +438,27 @@ fn legs(
     amount: Amount,
     kind: EntryKind,
     reference: &Option<String>,
-) -> Result<((StreamId, Event), (StreamId, Event)), Rejection> {
+) -> Result<(Appended, Appended), Rejection> {
     let amount = amount.get();
-    let debited_after = debited.posted.checked_sub(amount).filter(|after| debited.floor.is_none_or(|f| *after >= f));
-    let Some(debited_after) = debited_after else {
-        return Err(Rejection::new(422, "insufficient_funds", "the wallet's available balance is below the amount")
-            .with_details(json!({ "available": debited.available(), "requested": amount })));
-    };
-    let credited_after = credited
+    let debited_after = debited
         .posted
-        .checked_add(amount)
-        .ok_or_else(|| Rejection::new(422, "balance_overflow", "the receiving balance would overflow"))?;
+        .checked_sub(amount)
+        .filter(|after| debited.floor.is_none_or(|f| *after >= f));
+    let Some(debited_after) = debited_after else {
+        return Err(Rejection::new(
+            422,
+            "insufficient_funds",
+            "the wallet's available balance is below the amount",
+        )
+        .with_details(json!({ "available": debited.available(), "requested": amount })));
+    };
+    let credited_after = credited.posted.checked_add(amount).ok_or_else(|| {
+        Rejection::new(
+            422,
+            "balance_overflow",
+            "the receiving balance would overflow",
+        )
+    })?;
     let leg = |counterparty, balance_after| Leg {
         transfer_id,
         amount,
@@ -333,8 +468,20 @@ fn legs(
         balance_after,
     };
     Ok((
-        (account_stream(debited.account_id), Event::Wallet(WalletEvent::Debited(leg(credited.account_id, debited_after)))),
-        (account_stream(credited.account_id), Event::Wallet(WalletEvent::Credited(leg(debited.account_id, credited_after)))),
+        (
+            account_stream(debited.account_id),
+            Event::Wallet(WalletEvent::Debited(leg(
+                credited.account_id,
+                debited_after,
+            ))),
+        ),
+        (
+            account_stream(credited.account_id),
+            Event::Wallet(WalletEvent::Credited(leg(
+                debited.account_id,
+                credited_after,
+            ))),
+        ),
     ))
 }
 
@@ -380,7 +527,10 @@ mod tests {
     use crate::{Loaded, State};
 
     fn user(id: Uuid) -> Actor {
-        Actor { user_id: Some(id), role: Role::User }
+        Actor {
+            user_id: Some(id),
+            role: Role::User,
+        }
     }
 
     fn kes() -> Currency {
@@ -388,10 +538,20 @@ mod tests {
     }
 
     /// given: the events of `history` applied; when: `cmd`; then: the decision.
-    fn run(states: &mut StateSet, actor: &Actor, cmd: WalletCommand) -> Result<Decision, Rejection> {
+    fn run(
+        states: &mut StateSet,
+        actor: &Actor,
+        cmd: WalletCommand,
+    ) -> Result<Decision, Rejection> {
         for s in cmd.streams() {
             if !states.contains(&s) {
-                states.insert(s.clone(), Loaded { version: 0, state: State::empty_for(&s).unwrap() });
+                states.insert(
+                    s.clone(),
+                    Loaded {
+                        version: 0,
+                        state: State::empty_for(&s).unwrap(),
+                    },
+                );
             }
         }
         let d = cmd.decide(actor, states)?;
@@ -400,10 +560,21 @@ mod tests {
     }
 
     fn funded(states: &mut StateSet, owner: Uuid, amount: i64) -> Uuid {
-        run(states, &user(owner), WalletCommand::OpenWallet { owner_id: owner, currency: kes() }).unwrap();
+        run(
+            states,
+            &user(owner),
+            WalletCommand::OpenWallet {
+                owner_id: owner,
+                currency: kes(),
+            },
+        )
+        .unwrap();
         let wallet_id = user_wallet_id(owner, kes());
         if amount > 0 {
-            let admin = Actor { user_id: None, role: Role::Admin };
+            let admin = Actor {
+                user_id: None,
+                role: Role::Admin,
+            };
             let dep = WalletCommand::Deposit {
                 transfer_id: Uuid::new_v4(),
                 wallet_id,
@@ -421,7 +592,14 @@ mod tests {
         let mut s = StateSet::default();
         let alice = Uuid::new_v4();
         funded(&mut s, alice, 0);
-        let again = run(&mut s, &user(alice), WalletCommand::OpenWallet { owner_id: alice, currency: kes() });
+        let again = run(
+            &mut s,
+            &user(alice),
+            WalletCommand::OpenWallet {
+                owner_id: alice,
+                currency: kes(),
+            },
+        );
         assert_eq!(again.unwrap_err().code, "wallet_exists");
     }
 
@@ -431,7 +609,13 @@ mod tests {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
         let a = funded(&mut s, alice, 100);
         let b = funded(&mut s, bob, 0);
-        let cmd = WalletCommand::Transfer { transfer_id: Uuid::new_v4(), from: a, to: b, amount: Amount::new(101).unwrap(), reference: None };
+        let cmd = WalletCommand::Transfer {
+            transfer_id: Uuid::new_v4(),
+            from: a,
+            to: b,
+            amount: Amount::new(101).unwrap(),
+            reference: None,
+        };
         let err = run(&mut s, &user(alice), cmd).unwrap_err();
         assert_eq!((err.status, err.code.as_str()), (422, "insufficient_funds"));
         assert_eq!(err.details["available"], 100);
@@ -443,7 +627,13 @@ mod tests {
         let (alice, mallory) = (Uuid::new_v4(), Uuid::new_v4());
         let a = funded(&mut s, alice, 100);
         let m = funded(&mut s, mallory, 0);
-        let cmd = WalletCommand::Transfer { transfer_id: Uuid::new_v4(), from: a, to: m, amount: Amount::new(1).unwrap(), reference: None };
+        let cmd = WalletCommand::Transfer {
+            transfer_id: Uuid::new_v4(),
+            from: a,
+            to: m,
+            amount: Amount::new(1).unwrap(),
+            reference: None,
+        };
         assert_eq!(run(&mut s, &user(mallory), cmd).unwrap_err().status, 404);
     }
 
@@ -452,7 +642,13 @@ mod tests {
         let mut s = StateSet::default();
         let alice = Uuid::new_v4();
         let a = funded(&mut s, alice, 0);
-        let cmd = WalletCommand::Deposit { transfer_id: Uuid::new_v4(), wallet_id: a, currency: kes(), amount: Amount::new(5).unwrap(), reference: None };
+        let cmd = WalletCommand::Deposit {
+            transfer_id: Uuid::new_v4(),
+            wallet_id: a,
+            currency: kes(),
+            amount: Amount::new(5).unwrap(),
+            reference: None,
+        };
         assert_eq!(run(&mut s, &user(alice), cmd).unwrap_err().status, 403);
     }
 

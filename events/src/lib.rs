@@ -67,8 +67,15 @@ impl Event {
     }
 
     /// Decode a stored payload of a stream in `domain`.
-    pub fn decode(domain: &str, event_type: &str, payload: &serde_json::Value) -> Result<Self, DecodeError> {
-        let payload_err = |source| DecodeError::Payload { event_type: event_type.to_owned(), source };
+    pub fn decode(
+        domain: &str,
+        event_type: &str,
+        payload: &serde_json::Value,
+    ) -> Result<Self, DecodeError> {
+        let payload_err = |source| DecodeError::Payload {
+            event_type: event_type.to_owned(),
+            source,
+        };
         match domain {
             wallet::DOMAIN => Ok(Event::Wallet(
                 wallet::WalletEvent::deserialize(payload).map_err(payload_err)?,

@@ -25,7 +25,10 @@ pub struct StreamId(String);
 pub struct StreamIdError(pub String);
 
 fn valid_token(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 128 && t.chars().all(|c| c.is_ascii_graphic() && c != '.' && c != '*' && c != '>')
+    !t.is_empty()
+        && t.len() <= 128
+        && t.chars()
+            .all(|c| c.is_ascii_graphic() && c != '.' && c != '*' && c != '>')
 }
 
 impl StreamId {

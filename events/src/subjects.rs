@@ -44,7 +44,9 @@ pub struct Subjects {
 impl Subjects {
     /// Subjects under `prefix` (one subject token: letters, digits, `_`, `-`).
     pub fn with_prefix(prefix: &str) -> Self {
-        Subjects { prefix: prefix.to_owned() }
+        Subjects {
+            prefix: prefix.to_owned(),
+        }
     }
 
     /// The prefix, empty by default.
@@ -53,14 +55,21 @@ impl Subjects {
     }
 
     fn subject(&self, rest: &str) -> String {
-        if self.prefix.is_empty() { rest.to_owned() } else { format!("{}.{rest}", self.prefix) }
+        if self.prefix.is_empty() {
+            rest.to_owned()
+        } else {
+            format!("{}.{rest}", self.prefix)
+        }
     }
 
     fn stream_name(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_owned()
         } else {
-            format!("{}_{name}", self.prefix.to_ascii_uppercase().replace('-', "_"))
+            format!(
+                "{}_{name}",
+                self.prefix.to_ascii_uppercase().replace('-', "_")
+            )
         }
     }
 

@@ -1,8 +1,8 @@
 //! Authentication: argon2id passwords, HS256 access tokens, rotating refresh
 //! tokens with reuse detection, and the [`Principal`] extractor.
 
-use argon2::{PasswordHash, PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::{PasswordHash, PasswordHasher, PasswordVerifier};
 use axum::extract::FromRequestParts;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,8 +25,15 @@ pub struct Keys {
 impl Keys {
     /// Keys from a secret of at least 32 bytes.
     pub fn new(secret: &[u8]) -> anyhow::Result<Self> {
-        anyhow::ensure!(secret.len() >= 32, "the JWT secret must be at least 32 bytes (got {})", secret.len());
-        Ok(Keys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret) })
+        anyhow::ensure!(
+            secret.len() >= 32,
+            "the JWT secret must be at least 32 bytes (got {})",
+            secret.len()
+        );
+        Ok(Keys {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+        })
     }
 }
 
@@ -55,36 +62,70 @@ pub struct Principal {
 impl Principal {
     /// The actor commands run as.
     pub fn actor(&self) -> Actor {
-        Actor { user_id: Some(self.user_id), role: if self.admin { Role::Admin } else { Role::User } }
+        Actor {
+            user_id: Some(self.user_id),
+            role: if self.admin { Role::Admin } else { Role::User },
+        }
     }
 }
 
 /// Issue an access token.
-pub fn access_token(keys: &Keys, user_id: Uuid, role: &str, ttl: std::time::Duration) -> anyhow::Result<String> {
+pub fn access_token(
+    keys: &Keys,
+    user_id: Uuid,
+    role: &str,
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
     let now = chrono::Utc::now().timestamp();
-    let claims = Claims { sub: user_id, role: role.to_owned(), iat: now, exp: now + ttl.as_secs() as i64 };
-    Ok(jsonwebtoken::encode(&Header::default(), &claims, &keys.encoding)?)
+    let claims = Claims {
+        sub: user_id,
+        role: role.to_owned(),
+        iat: now,
+        exp: now + ttl.as_secs() as i64,
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &keys.encoding,
+    )?)
 }
 
 /// Verify an access token.
 pub fn verify(keys: &Keys, token: &str) -> Option<Claims> {
     let mut v = Validation::new(jsonwebtoken::Algorithm::HS256);
     v.leeway = 5;
-    jsonwebtoken::decode::<Claims>(token, &keys.decoding, &v).ok().map(|d| d.claims)
+    jsonwebtoken::decode::<Claims>(token, &keys.decoding, &v)
+        .ok()
+        .map(|d| d.claims)
 }
 
 /// The bearer token of a request, if any.
 pub fn bearer(parts: &http::HeaderMap) -> Option<&str> {
-    parts.get(http::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+    parts
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
 }
 
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let token = bearer(&parts.headers).ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <access token>`".into()))?;
-        let claims = verify(&state.keys, token).ok_or_else(|| ApiError::Unauthorized("the access token is invalid or expired".into()))?;
-        Ok(Principal { user_id: claims.sub, admin: claims.role == "admin" })
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or_else(|| {
+            ApiError::Unauthorized("send `Authorization: Bearer <access token>`".into())
+        })?;
+        let claims = verify(&state.keys, token).ok_or_else(|| {
+            ApiError::Unauthorized("the access token is invalid or expired".into())
+        })?;
+        Ok(Principal {
+            user_id: claims.sub,
+            admin: claims.role == "admin",
+        })
     }
 }
 
@@ -120,15 +161,29 @@ pub async fn hash_password(password: String, memory_kib: u32) -> anyhow::Result<
 /// Check a password against a stored hash (on a blocking thread).
 pub async fn verify_password(password: String, hash: String, memory_kib: u32) -> bool {
     tokio::task::spawn_blocking(move || {
-        hash.parse::<PasswordHash>().is_ok_and(|h| argon2(memory_kib).verify_password(password.as_bytes(), &h).is_ok())
+        hash.parse::<PasswordHash>().is_ok_and(|h| {
+            argon2(memory_kib)
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
     })
     .await
     .unwrap_or(false)
 }
 
 const COMMON_PASSWORDS: &[&str] = &[
-    "password1234!", "Password1234!", "Password123!", "Qwerty123456!", "Welcome12345!", "Admin1234567!",
-    "Passw0rd!2345", "Iloveyou1234!", "Letmein12345!", "P@ssw0rd1234", "P@ssword1234", "Changeme123!",
+    "password1234!",
+    "Password1234!",
+    "Password123!",
+    "Qwerty123456!",
+    "Welcome12345!",
+    "Admin1234567!",
+    "Passw0rd!2345",
+    "Iloveyou1234!",
+    "Letmein12345!",
+    "P@ssw0rd1234",
+    "P@ssword1234",
+    "Changeme123!",
 ];
 
 /// SPEC §1's password policy: ≥ 12 characters with upper, lower, digit and
@@ -153,7 +208,10 @@ pub fn password_problems(password: &str) -> Vec<&'static str> {
     if !password.chars().any(|c| !c.is_alphanumeric()) {
         out.push("a symbol");
     }
-    if COMMON_PASSWORDS.iter().any(|p| p.eq_ignore_ascii_case(password)) {
+    if COMMON_PASSWORDS
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(password))
+    {
         out.push("not a common password");
     }
     out
@@ -166,8 +224,19 @@ mod tests {
     #[test]
     fn the_password_policy_names_every_missing_rule() {
         assert!(password_problems("Str0ng&Secret!").is_empty());
-        assert_eq!(password_problems("short"), vec!["at least 12 characters", "an upper-case letter", "a digit", "a symbol"]);
-        assert_eq!(password_problems("Password123!"), vec!["not a common password"]);
+        assert_eq!(
+            password_problems("short"),
+            vec![
+                "at least 12 characters",
+                "an upper-case letter",
+                "a digit",
+                "a symbol"
+            ]
+        );
+        assert_eq!(
+            password_problems("Password123!"),
+            vec!["not a common password"]
+        );
     }
 
     #[test]

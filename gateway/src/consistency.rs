@@ -20,23 +20,37 @@ impl<S: Send + Sync> FromRequestParts<S> for AfterPosition {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let bad = || ApiError::Malformed("after_position must be a whole number ≥ 0".into());
         let from_query = parts.uri.query().and_then(|q| {
-            q.split('&').find_map(|kv| kv.strip_prefix("after_position=").map(|v| v.to_owned()))
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("after_position=").map(|v| v.to_owned()))
         });
         let from_header = parts
             .headers
             .get("mathia-consistency")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().strip_prefix("after_position=").map(|v| v.to_owned()));
+            .and_then(|v| {
+                v.trim()
+                    .strip_prefix("after_position=")
+                    .map(|v| v.to_owned())
+            });
         match from_query.or(from_header) {
             None => Ok(AfterPosition(None)),
-            Some(v) => v.parse::<i64>().ok().filter(|p| *p >= 0).map(|p| AfterPosition(Some(p))).ok_or_else(bad),
+            Some(v) => v
+                .parse::<i64>()
+                .ok()
+                .filter(|p| *p >= 0)
+                .map(|p| AfterPosition(Some(p)))
+                .ok_or_else(bad),
         }
     }
 }
 
 /// Wait (bounded by the read-wait setting) until `model` has applied `after`.
 /// Returns the checkpoint the read reflects.
-pub async fn wait_for(state: &AppState, model: &str, after: AfterPosition) -> Result<i64, ApiError> {
+pub async fn wait_for(
+    state: &AppState,
+    model: &str,
+    after: AfterPosition,
+) -> Result<i64, ApiError> {
     let deadline = tokio::time::Instant::now() + state.settings.read_wait;
     let mut delay = Duration::from_millis(2);
     loop {
@@ -47,10 +61,15 @@ pub async fn wait_for(state: &AppState, model: &str, after: AfterPosition) -> Re
                     return Err(ApiError::Coded {
                         status: http::StatusCode::SERVICE_UNAVAILABLE,
                         code: "read_model_behind".into(),
-                        message: format!("the {model} read model has not reached position {want} yet; retry"),
-                        extra: [("position".to_owned(), checkpoint.into()), ("after_position".to_owned(), want.into())]
-                            .into_iter()
-                            .collect(),
+                        message: format!(
+                            "the {model} read model has not reached position {want} yet; retry"
+                        ),
+                        extra: [
+                            ("position".to_owned(), checkpoint.into()),
+                            ("after_position".to_owned(), want.into()),
+                        ]
+                        .into_iter()
+                        .collect(),
                     });
                 }
                 tokio::time::sleep(delay).await;

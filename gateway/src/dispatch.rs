@@ -53,14 +53,23 @@ pub async fn dispatch<B: Serialize>(
     command: impl FnOnce(Uuid) -> ApiResult<Command>,
 ) -> ApiResult<Response> {
     let command_id = match &options.idempotency_key {
-        Some(key) => Uuid::new_v5(&COMMAND_NS, format!("{}|{} {}|{key}", principal.user_id, route.method, route.path).as_bytes()),
+        Some(key) => Uuid::new_v5(
+            &COMMAND_NS,
+            format!(
+                "{}|{} {}|{key}",
+                principal.user_id, route.method, route.path
+            )
+            .as_bytes(),
+        ),
         None => Uuid::now_v7(),
     };
     let request_hash = request_hash(&route, body)?;
     let command = command(command_id)?;
 
     if options.idempotency_key.is_some()
-        && let Some(prior) = ledger::find(&state.pool, &[command_id]).await?.remove(&command_id)
+        && let Some(prior) = ledger::find(&state.pool, &[command_id])
+            .await?
+            .remove(&command_id)
     {
         return replay(prior, &request_hash);
     }
@@ -79,11 +88,20 @@ pub async fn dispatch<B: Serialize>(
         request_hash: request_hash.clone(),
         command,
     };
-    let duplicate = match bus::publish_command(&state.js, &state.subjects, &envelope, &state.reply_subject(command_id)).await {
+    let duplicate = match bus::publish_command(
+        &state.js,
+        &state.subjects,
+        &envelope,
+        &state.reply_subject(command_id),
+    )
+    .await
+    {
         Ok(d) => d,
         Err(e) => {
             state.forget(command_id);
-            return Err(ApiError::Unavailable(format!("the command bus is unavailable: {e}")));
+            return Err(ApiError::Unavailable(format!(
+                "the command bus is unavailable: {e}"
+            )));
         }
     };
     mark_pending(state, command_id, principal.user_id).await;
@@ -148,14 +166,20 @@ pub fn answer(outcome: Outcome, replayed: bool) -> Response {
     let mut res = if status.is_success() {
         (status, Json(outcome.body)).into_response()
     } else {
-        let rejection: commands::Rejection = serde_json::from_value(outcome.body).unwrap_or_else(|_| {
-            commands::Rejection::new(outcome.status, "rejected", "the command was rejected")
-        });
+        let rejection: commands::Rejection =
+            serde_json::from_value(outcome.body).unwrap_or_else(|_| {
+                commands::Rejection::new(outcome.status, "rejected", "the command was rejected")
+            });
         let mut extra = serde_json::Map::new();
         if let serde_json::Value::Object(details) = rejection.details {
             extra = details;
         }
-        let err = ApiError::Coded { status, code: rejection.code, message: rejection.message, extra };
+        let err = ApiError::Coded {
+            status,
+            code: rejection.code,
+            message: rejection.message,
+            extra,
+        };
         problem_response(&err.problem())
     };
     let headers = res.headers_mut();
@@ -188,7 +212,9 @@ fn accepted(command_id: Uuid) -> Response {
 async fn mark_pending(state: &AppState, command_id: Uuid, principal: Uuid) {
     let mut redis = state.redis.clone();
     let key = state.redis_key(&format!("cmd:pending:{command_id}"));
-    let r: Result<(), _> = redis.set_ex(key, principal.to_string(), PENDING_TTL_SECS).await;
+    let r: Result<(), _> = redis
+        .set_ex(key, principal.to_string(), PENDING_TTL_SECS)
+        .await;
     if let Err(e) = r {
         tracing::warn!(error = %e, "could not mark a command pending in Redis");
     }
@@ -197,7 +223,9 @@ async fn mark_pending(state: &AppState, command_id: Uuid, principal: Uuid) {
 /// Whether `command_id` was sent by `principal` and is not decided yet.
 pub async fn is_pending(state: &AppState, command_id: Uuid, principal: Uuid) -> ApiResult<bool> {
     let mut redis = state.redis.clone();
-    let owner: Option<String> = redis.get(state.redis_key(&format!("cmd:pending:{command_id}"))).await?;
+    let owner: Option<String> = redis
+        .get(state.redis_key(&format!("cmd:pending:{command_id}")))
+        .await?;
     Ok(owner.as_deref() == Some(principal.to_string().as_str()))
 }
 

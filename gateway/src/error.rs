@@ -122,24 +122,52 @@ pub struct InternalCause(pub String);
 impl ApiError {
     /// A 422 for one field.
     pub fn field(field: &str, message: impl Into<String>) -> Self {
-        ApiError::Invalid(vec![FieldError { field: field.to_owned(), message: message.into() }])
+        ApiError::Invalid(vec![FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        }])
     }
 
     fn parts(&self) -> (StatusCode, &str, String) {
         use ApiError::*;
         match self {
             Malformed(m) => (StatusCode::BAD_REQUEST, "malformed_request", m.clone()),
-            Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", "some fields are invalid".into()),
+            Invalid(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_input",
+                "some fields are invalid".into(),
+            ),
             Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m.clone()),
             Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
             NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.clone()),
             Conflict { code, message } => (StatusCode::CONFLICT, code, message.clone()),
-            TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", self.to_string()),
-            UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", m.clone()),
-            Coded { status, code, message, .. } => (*status, code, message.clone()),
-            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", self.to_string()),
+            TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                self.to_string(),
+            ),
+            UnsupportedMediaType(m) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                m.clone(),
+            ),
+            Coded {
+                status,
+                code,
+                message,
+                ..
+            } => (*status, code, message.clone()),
+            RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                self.to_string(),
+            ),
             Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m.clone()),
-            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side".into()),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "something went wrong on our side".into(),
+            ),
         }
     }
 
@@ -151,7 +179,11 @@ impl ApiError {
         match self {
             ApiError::Invalid(e) => errors = e.clone(),
             ApiError::Coded { extra: x, .. } => extra = x.clone(),
-            ApiError::RateLimited { limit, max, retry_after } => {
+            ApiError::RateLimited {
+                limit,
+                max,
+                retry_after,
+            } => {
                 extra.insert("limit".into(), (*limit).into());
                 extra.insert("limit_max".into(), (*max).into());
                 extra.insert("retry_after".into(), (*retry_after).into());
@@ -174,7 +206,10 @@ impl ApiError {
 pub fn problem_response(problem: &Problem) -> Response {
     let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut res = (status, Json(problem)).into_response();
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
     res
 }
 
@@ -183,7 +218,8 @@ impl IntoResponse for ApiError {
         let mut res = problem_response(&self.problem());
         match &self {
             ApiError::Unauthorized(_) => {
-                res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ApiError::RateLimited { retry_after, .. } => {
                 if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {

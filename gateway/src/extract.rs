@@ -20,9 +20,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for AppJson<T> {
         match axum::Json::<serde_json::Value>::from_request(req, state).await {
             Ok(axum::Json(value)) => {
                 if has_nul(&value) {
-                    return Err(ApiError::Malformed("strings may not contain NUL characters".into()));
+                    return Err(ApiError::Malformed(
+                        "strings may not contain NUL characters".into(),
+                    ));
                 }
-                serde_json::from_value(value).map(AppJson).map_err(|e| ApiError::Malformed(format!("invalid body: {e}")))
+                serde_json::from_value(value)
+                    .map(AppJson)
+                    .map_err(|e| ApiError::Malformed(format!("invalid body: {e}")))
             }
             Err(rejection) => Err(json_rejection(rejection)),
         }
@@ -40,9 +44,9 @@ fn has_nul(v: &serde_json::Value) -> bool {
 
 fn json_rejection(r: JsonRejection) -> ApiError {
     match r {
-        JsonRejection::MissingJsonContentType(_) => {
-            ApiError::UnsupportedMediaType("send the body as `Content-Type: application/json`".into())
-        }
+        JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+            "send the body as `Content-Type: application/json`".into(),
+        ),
         JsonRejection::BytesRejection(b) if b.status() == http::StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::TooLarge(crate::MAX_BODY_BYTES)
         }
@@ -96,9 +100,16 @@ impl<S: Send + Sync> FromRequestParts<S> for WriteOptions {
         let idempotency_key = match parts.headers.get("idempotency-key") {
             None => None,
             Some(v) => {
-                let key = v.to_str().map_err(|_| ApiError::Malformed("Idempotency-Key must be visible ASCII".into()))?;
-                if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-                    return Err(ApiError::Malformed("Idempotency-Key must be 1 to 255 visible ASCII characters".into()));
+                let key = v.to_str().map_err(|_| {
+                    ApiError::Malformed("Idempotency-Key must be visible ASCII".into())
+                })?;
+                if key.is_empty()
+                    || key.len() > 255
+                    || !key.bytes().all(|b| (0x21..=0x7e).contains(&b))
+                {
+                    return Err(ApiError::Malformed(
+                        "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+                    ));
                 }
                 Some(key.to_owned())
             }
@@ -108,7 +119,13 @@ impl<S: Send + Sync> FromRequestParts<S> for WriteOptions {
             .get_all("prefer")
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("respond-async")));
-        Ok(WriteOptions { idempotency_key, respond_async })
+            .any(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+            });
+        Ok(WriteOptions {
+            idempotency_key,
+            respond_async,
+        })
     }
 }

@@ -74,9 +74,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let outcomes = state.clone().listen_for_outcomes().await?;
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     outcomes.abort();
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())

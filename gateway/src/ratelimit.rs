@@ -18,24 +18,40 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
     if !path.starts_with("/v1/") {
         return next.run(req).await;
     }
-    let (limit, key, max) = match auth::bearer(req.headers()).and_then(|t| auth::verify(&state.keys, t)) {
-        Some(claims) => ("api_per_principal", format!("p:{}", claims.sub), state.settings.rate_limit_api_per_min),
-        None => {
-            let ip = req
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip().to_string())
-                .unwrap_or_else(|| "unknown".into());
-            ("anonymous_per_ip", format!("ip:{ip}"), state.settings.rate_limit_anon_per_min)
-        }
-    };
+    let (limit, key, max) =
+        match auth::bearer(req.headers()).and_then(|t| auth::verify(&state.keys, t)) {
+            Some(claims) => (
+                "api_per_principal",
+                format!("p:{}", claims.sub),
+                state.settings.rate_limit_api_per_min,
+            ),
+            None => {
+                let ip = req
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip().to_string())
+                    .unwrap_or_else(|| "unknown".into());
+                (
+                    "anonymous_per_ip",
+                    format!("ip:{ip}"),
+                    state.settings.rate_limit_anon_per_min,
+                )
+            }
+        };
     if max > 0 {
         match hit(&state, &key).await {
             Ok((count, ttl)) if count > max as i64 => {
-                return ApiError::RateLimited { limit, max, retry_after: ttl.max(1) as u64 }.into_response();
+                return ApiError::RateLimited {
+                    limit,
+                    max,
+                    retry_after: ttl.max(1) as u64,
+                }
+                .into_response();
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "rate limiter unavailable; letting the request through"),
+            Err(e) => {
+                tracing::warn!(error = %e, "rate limiter unavailable; letting the request through")
+            }
         }
     }
     next.run(req).await
@@ -46,7 +62,11 @@ async fn hit(state: &AppState, who: &str) -> redis::RedisResult<(i64, i64)> {
     let window = chrono::Utc::now().timestamp() / 60;
     let key = state.redis_key(&format!("rl:{who}:{window}"));
     let mut redis = state.redis.clone();
-    let (count, _): (i64, i64) = redis::pipe().incr(&key, 1).expire(&key, 61).query_async(&mut redis).await?;
+    let (count, _): (i64, i64) = redis::pipe()
+        .incr(&key, 1)
+        .expire(&key, 61)
+        .query_async(&mut redis)
+        .await?;
     let left = 60 - chrono::Utc::now().timestamp() % 60;
     Ok((count, left))
 }

@@ -123,7 +123,11 @@ impl AppState {
 
     /// The subject the handlers answer `command_id` on.
     pub fn reply_subject(&self, command_id: Uuid) -> String {
-        format!("{}.{command_id}", self.subjects.outcome_inbox(&self.instance.simple().to_string()))
+        format!(
+            "{}.{command_id}",
+            self.subjects
+                .outcome_inbox(&self.instance.simple().to_string())
+        )
     }
 
     /// A Redis key under the configured prefix.
@@ -141,13 +145,23 @@ impl AppState {
             return Registration::Joined(w.outcome.subscribe());
         }
         let (tx, rx) = watch::channel(None);
-        waiters.insert(command_id, Waiter { request_hash: request_hash.to_owned(), outcome: tx });
+        waiters.insert(
+            command_id,
+            Waiter {
+                request_hash: request_hash.to_owned(),
+                outcome: tx,
+            },
+        );
         Registration::First(rx)
     }
 
     /// Forget `command_id` (its outcome arrived, or every waiter gave up).
     pub fn deliver(&self, outcome: Outcome) {
-        let waiter = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&outcome.command_id);
+        let waiter = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&outcome.command_id);
         if let Some(w) = waiter {
             let _ = w.outcome.send(Some(outcome));
         }
@@ -155,12 +169,19 @@ impl AppState {
 
     /// Drop a registration whose request gave up waiting.
     pub fn forget(&self, command_id: Uuid) {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&command_id);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&command_id);
     }
 
     /// Subscribe to this instance's outcome inbox and deliver outcomes to waiters.
     pub async fn listen_for_outcomes(self) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let subject = format!("{}.*", self.subjects.outcome_inbox(&self.instance.simple().to_string()));
+        let subject = format!(
+            "{}.*",
+            self.subjects
+                .outcome_inbox(&self.instance.simple().to_string())
+        );
         let mut sub = self.nats.subscribe(subject).await?;
         Ok(tokio::spawn(async move {
             while let Some(msg) = sub.next().await {

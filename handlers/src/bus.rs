@@ -57,7 +57,8 @@ pub struct Outcome {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> anyhow::Result<T> {
-    serde_json::from_str(json).with_context(|| format!("the embedded definition of {what} does not parse"))
+    serde_json::from_str(json)
+        .with_context(|| format!("the embedded definition of {what} does not parse"))
 }
 
 /// The `COMMANDS` stream's configuration under `subjects`' prefix.
@@ -84,10 +85,16 @@ pub fn handlers_consumer_config(subjects: &Subjects) -> anyhow::Result<pull::Con
 }
 
 /// Projector `name`'s durable consumer on `EVENTS`, filtered to its domains.
-pub fn projector_consumer_config(subjects: &Subjects, name: &str, domains: &[&str]) -> anyhow::Result<pull::Config> {
+pub fn projector_consumer_config(
+    subjects: &Subjects,
+    name: &str,
+    domains: &[&str],
+) -> anyhow::Result<pull::Config> {
     let mut config: pull::Config = parse(PROJECTOR_CONSUMER, "the projector consumer")?;
     config.durable_name = Some(format!("proj-{name}"));
-    config.description = Some(format!("projector `{name}`: wakes it and tracks its progress"));
+    config.description = Some(format!(
+        "projector `{name}`: wakes it and tracks its progress"
+    ));
     match domains {
         [one] => config.filter_subject = subjects.domain_events(one),
         many => {
@@ -100,9 +107,14 @@ pub fn projector_consumer_config(subjects: &Subjects, name: &str, domains: &[&st
 
 /// Create or update both streams. Safe to call from every instance at every start.
 pub async fn ensure_streams(js: &jetstream::Context, subjects: &Subjects) -> anyhow::Result<()> {
-    for config in [commands_stream_config(subjects)?, events_stream_config(subjects)?] {
+    for config in [
+        commands_stream_config(subjects)?,
+        events_stream_config(subjects)?,
+    ] {
         let name = config.name.clone();
-        js.create_or_update_stream(config).await.with_context(|| format!("creating or updating stream {name}"))?;
+        js.create_or_update_stream(config)
+            .await
+            .with_context(|| format!("creating or updating stream {name}"))?;
     }
     Ok(())
 }
@@ -114,7 +126,10 @@ pub async fn ensure_consumer(
     config: pull::Config,
 ) -> anyhow::Result<jetstream::consumer::PullConsumer> {
     let name = config.durable_name.clone().unwrap_or_default();
-    let stream = js.get_stream(stream_name).await.with_context(|| format!("looking up stream {stream_name}"))?;
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .with_context(|| format!("looking up stream {stream_name}"))?;
     match stream.create_consumer(config.clone()).await {
         Ok(consumer) => Ok(consumer),
         // An existing consumer whose config changed: update it in place.
@@ -137,7 +152,10 @@ pub async fn publish_command(
     let publish = jetstream::message::PublishMessage::build()
         .message_id(envelope.command_id.to_string())
         .header(headers::REPLY_TO, reply_to)
-        .header(headers::REQUEST_ID, envelope.correlation_id.to_string().as_str())
+        .header(
+            headers::REQUEST_ID,
+            envelope.correlation_id.to_string().as_str(),
+        )
         .payload(payload.into());
     let ack = js
         .send_publish(subjects.command(&envelope.command.target()), publish)
@@ -158,15 +176,24 @@ mod tests {
     fn the_deploy_definitions_parse_and_follow_the_prefix() {
         let s = Subjects::with_prefix("t9");
         let c = commands_stream_config(&s).unwrap();
-        assert_eq!((c.name.as_str(), c.subjects[0].as_str()), ("T9_COMMANDS", "t9.cmd.>"));
+        assert_eq!(
+            (c.name.as_str(), c.subjects[0].as_str()),
+            ("T9_COMMANDS", "t9.cmd.>")
+        );
         assert_eq!(c.retention, stream::RetentionPolicy::WorkQueue);
         assert_eq!(c.duplicate_window, Duration::from_secs(120));
         let e = events_stream_config(&Subjects::default()).unwrap();
-        assert_eq!((e.name.as_str(), e.subjects[0].as_str()), ("EVENTS", "evt.>"));
+        assert_eq!(
+            (e.name.as_str(), e.subjects[0].as_str()),
+            ("EVENTS", "evt.>")
+        );
         let h = handlers_consumer_config(&s).unwrap();
         assert_eq!(h.durable_name.as_deref(), Some(HANDLERS));
         assert_eq!(h.ack_policy, jetstream::consumer::AckPolicy::Explicit);
         let p = projector_consumer_config(&s, "wallet", &["wallet"]).unwrap();
-        assert_eq!((p.durable_name.as_deref(), p.filter_subject.as_str()), (Some("proj-wallet"), "t9.evt.wallet.>"));
+        assert_eq!(
+            (p.durable_name.as_deref(), p.filter_subject.as_str()),
+            (Some("proj-wallet"), "t9.evt.wallet.>")
+        );
     }
 }

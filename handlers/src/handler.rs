@@ -46,7 +46,10 @@ pub struct HandlerConfig {
 
 impl Default for HandlerConfig {
     fn default() -> Self {
-        HandlerConfig { batch_max: 512, cache_max: 200_000 }
+        HandlerConfig {
+            batch_max: 512,
+            cache_max: 200_000,
+        }
     }
 }
 
@@ -74,9 +77,12 @@ struct Incoming {
 impl Handlers {
     /// Run until `shutdown`: pull, decide, append, answer, ack.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let consumer =
-            bus::ensure_consumer(&self.js, &self.subjects.commands_stream(), bus::handlers_consumer_config(&self.subjects)?)
-                .await?;
+        let consumer = bus::ensure_consumer(
+            &self.js,
+            &self.subjects.commands_stream(),
+            bus::handlers_consumer_config(&self.subjects)?,
+        )
+        .await?;
         let mut cache: HashMap<StreamId, Loaded> = HashMap::new();
         tracing::info!(consumer = bus::HANDLERS, "handlers started");
         while !shutdown.is_cancelled() {
@@ -116,7 +122,10 @@ impl Handlers {
                 if !batch.is_empty()
                     && let Err(e) = self.process(batch, &mut cache).await
                 {
-                    tracing::error!(error = format!("{e:#}"), "a command batch failed; it will be redelivered");
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "a command batch failed; it will be redelivered"
+                    );
                     cache.clear();
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -128,14 +137,26 @@ impl Handlers {
         Ok(())
     }
 
-    async fn process(&self, messages: Vec<jetstream::Message>, cache: &mut HashMap<StreamId, Loaded>) -> anyhow::Result<()> {
+    async fn process(
+        &self,
+        messages: Vec<jetstream::Message>,
+        cache: &mut HashMap<StreamId, Loaded>,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut batch = Vec::with_capacity(messages.len());
         for msg in messages {
             match serde_json::from_slice::<CommandEnvelope>(&msg.payload) {
                 Ok(envelope) => {
-                    let reply_to = msg.headers.as_ref().and_then(|h| h.get(headers::REPLY_TO)).map(|v| v.to_string());
-                    batch.push(Incoming { msg, envelope, reply_to });
+                    let reply_to = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(headers::REPLY_TO))
+                        .map(|v| v.to_string());
+                    batch.push(Incoming {
+                        msg,
+                        envelope,
+                        reply_to,
+                    });
                 }
                 Err(e) => {
                     // Not ours to decide: a malformed envelope can never succeed. Drop it loudly.
@@ -160,14 +181,21 @@ impl Handlers {
                 }
                 Err(e) => {
                     for inc in &batch {
-                        let _ = inc.msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                        let _ = inc
+                            .msg
+                            .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                            .await;
                     }
                     return Err(e).context("deciding a batch of commands");
                 }
             }
         };
         for (inc, outcome) in batch.iter().zip(outcomes) {
-            let kind = if outcome.status < 400 { "accepted" } else { "rejected" };
+            let kind = if outcome.status < 400 {
+                "accepted"
+            } else {
+                "rejected"
+            };
             metrics::counter!("mathia_commands_total", "command" => inc.envelope.command.name(), "outcome" => kind)
                 .increment(1);
             if let Some(reply_to) = &inc.reply_to
@@ -196,10 +224,17 @@ impl Handlers {
 
         // Load what the cache lacks, for the commands not decided yet.
         let mut wanted: HashSet<StreamId> = HashSet::new();
-        for inc in batch.iter().filter(|i| !decided.contains_key(&i.envelope.command_id)) {
+        for inc in batch
+            .iter()
+            .filter(|i| !decided.contains_key(&i.envelope.command_id))
+        {
             wanted.extend(inc.envelope.command.streams());
         }
-        let missing: Vec<StreamId> = wanted.iter().filter(|s| !cache.contains_key(*s)).cloned().collect();
+        let missing: Vec<StreamId> = wanted
+            .iter()
+            .filter(|s| !cache.contains_key(*s))
+            .cloned()
+            .collect();
         for (stream, loaded) in store::load_streams(&self.pool, &missing).await? {
             cache.insert(stream, loaded);
         }
@@ -209,8 +244,15 @@ impl Handlers {
                 working.insert(s.clone(), l.clone());
             }
         }
-        let read_set: Vec<(String, i64)> =
-            wanted.iter().map(|s| (s.as_str().to_owned(), working.get(s).map_or(0, |l| l.version))).collect();
+        let read_set: Vec<(String, i64)> = wanted
+            .iter()
+            .map(|s| {
+                (
+                    s.as_str().to_owned(),
+                    working.get(s).map_or(0, |l| l.version),
+                )
+            })
+            .collect();
 
         // Decide in order. Events are staged per command so positions can be filled in after the fence.
         let now = Utc::now();
@@ -271,24 +313,38 @@ impl Handlers {
         if !read_set.is_empty() {
             let names: Vec<&str> = read_set.iter().map(|(s, _)| s.as_str()).collect();
             let current = store::stream_versions(&mut tx, &names).await?;
-            if let Some((stream, _)) = read_set.iter().find(|(s, v)| current.get(s).copied().unwrap_or(0) != *v) {
-                return Err(StoreError::Conflict { constraint: format!("read set ({stream})") });
+            if let Some((stream, _)) = read_set
+                .iter()
+                .find(|(s, v)| current.get(s).copied().unwrap_or(0) != *v)
+            {
+                return Err(StoreError::Conflict {
+                    constraint: format!("read set ({stream})"),
+                });
             }
         }
         // 2. Positions: the fence is taken by `append`; fill answers once we know them.
-        let all_events: Vec<PendingEvent> = staged.iter().flat_map(|(_, p, _)| p.iter().cloned()).collect();
+        let all_events: Vec<PendingEvent> = staged
+            .iter()
+            .flat_map(|(_, p, _)| p.iter().cloned())
+            .collect();
         let snapshots: Vec<(StreamId, Loaded)> = touched
             .iter()
             .filter_map(|s| {
                 let l = working.get(s)?;
-                let before = read_set.iter().find(|(n, _)| n == s.as_str()).map_or(0, |(_, v)| *v);
-                (l.version / SNAPSHOT_EVERY > before / SNAPSHOT_EVERY).then(|| (s.clone(), l.clone()))
+                let before = read_set
+                    .iter()
+                    .find(|(n, _)| n == s.as_str())
+                    .map_or(0, |(_, v)| *v);
+                (l.version / SNAPSHOT_EVERY > before / SNAPSHOT_EVERY)
+                    .then(|| (s.clone(), l.clone()))
             })
             .collect();
         store::save_snapshots(&mut tx, &snapshots).await?;
         // Ledger rows of rejections do not depend on positions: write them before the fence.
         let rejected: Vec<ledger::Entry> = entries.iter().map(|(_, e)| e.clone()).collect();
-        ledger::insert(&mut tx, &rejected).await.map_err(StoreError::from_db)?;
+        ledger::insert(&mut tx, &rejected)
+            .await
+            .map_err(StoreError::from_db)?;
         let first = store::append(&mut tx, &all_events).await?;
         let mut accepted = Vec::with_capacity(staged.len());
         let mut offset = 0i64;
@@ -313,7 +369,9 @@ impl Handlers {
             accepted.push(entry(env, &outcome));
             outcomes[*i] = Some(outcome);
         }
-        ledger::insert(&mut tx, &accepted).await.map_err(StoreError::from_db)?;
+        ledger::insert(&mut tx, &accepted)
+            .await
+            .map_err(StoreError::from_db)?;
         tx.commit().await.map_err(StoreError::from_db)?;
 
         // Committed: the working states are now the truth.
@@ -333,7 +391,13 @@ impl Handlers {
         }
         outcomes
             .into_iter()
-            .map(|o| o.ok_or_else(|| StoreError::Db(sqlx::Error::Protocol("a command of the batch got no outcome".into()))))
+            .map(|o| {
+                o.ok_or_else(|| {
+                    StoreError::Db(sqlx::Error::Protocol(
+                        "a command of the batch got no outcome".into(),
+                    ))
+                })
+            })
             .collect()
     }
 }

@@ -50,12 +50,17 @@ pub async fn find(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, Outcome>,
 }
 
 /// The stored outcome of one command, visible only to its principal.
-pub async fn find_for(pool: &PgPool, id: Uuid, principal: Uuid) -> Result<Option<Outcome>, sqlx::Error> {
+pub async fn find_for(
+    pool: &PgPool,
+    id: Uuid,
+    principal: Uuid,
+) -> Result<Option<Outcome>, sqlx::Error> {
     let mut found = find(pool, &[id]).await?;
-    let owner: Option<Option<Uuid>> = sqlx::query_scalar("SELECT principal FROM command_ledger WHERE command_id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
+    let owner: Option<Option<Uuid>> =
+        sqlx::query_scalar("SELECT principal FROM command_ledger WHERE command_id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
     Ok(match owner {
         Some(Some(p)) if p == principal => found.remove(&id),
         _ => None,
@@ -72,7 +77,10 @@ pub async fn insert(tx: &mut PgConnection, entries: &[Entry]) -> Result<(), sqlx
     let principals: Vec<Option<Uuid>> = entries.iter().map(|e| e.principal).collect();
     let types: Vec<&str> = entries.iter().map(|e| e.command_type.as_str()).collect();
     let streams: Vec<&str> = entries.iter().map(|e| e.stream_id.as_str()).collect();
-    let hashes: Vec<&str> = entries.iter().map(|e| e.outcome.request_hash.as_str()).collect();
+    let hashes: Vec<&str> = entries
+        .iter()
+        .map(|e| e.outcome.request_hash.as_str())
+        .collect();
     let statuses: Vec<i16> = entries.iter().map(|e| e.outcome.status as i16).collect();
     let answers: Vec<String> = entries.iter().map(|e| e.outcome.body.to_string()).collect();
     let positions: Vec<Option<i64>> = entries.iter().map(|e| e.outcome.position).collect();

@@ -57,9 +57,14 @@ impl Relay {
     }
 
     async fn lead(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut lock = PgConnection::connect(&self.database_url).await.context("opening the relay lock connection")?;
+        let mut lock = PgConnection::connect(&self.database_url)
+            .await
+            .context("opening the relay lock connection")?;
         loop {
-            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RELAY_LOCK).fetch_one(&mut lock).await?;
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(RELAY_LOCK)
+                .fetch_one(&mut lock)
+                .await?;
             if got {
                 break;
             }
@@ -71,19 +76,24 @@ impl Relay {
         tracing::info!("relay is the leader");
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
-        sqlx::query("INSERT INTO relay_checkpoint (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING")
-            .bind(&self.name)
-            .execute(&self.pool)
-            .await?;
-        let mut checkpoint: i64 = sqlx::query_scalar("SELECT position FROM relay_checkpoint WHERE name = $1")
-            .bind(&self.name)
-            .fetch_one(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO relay_checkpoint (name, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.name)
+        .execute(&self.pool)
+        .await?;
+        let mut checkpoint: i64 =
+            sqlx::query_scalar("SELECT position FROM relay_checkpoint WHERE name = $1")
+                .bind(&self.name)
+                .fetch_one(&self.pool)
+                .await?;
         let mut last_lock_check = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             if last_lock_check.elapsed() > Duration::from_secs(2) {
                 // Losing this connection releases the lock: stop leading at once.
-                lock.ping().await.context("the relay lock connection is gone")?;
+                lock.ping()
+                    .await
+                    .context("the relay lock connection is gone")?;
                 last_lock_check = tokio::time::Instant::now();
             }
             let batch = {
@@ -100,11 +110,13 @@ impl Relay {
             }
             let last = batch.last().map_or(checkpoint, |e| e.position);
             self.publish(&batch).await?;
-            sqlx::query("UPDATE relay_checkpoint SET position = $2, updated_at = now() WHERE name = $1")
-                .bind(&self.name)
-                .bind(last)
-                .execute(&self.pool)
-                .await?;
+            sqlx::query(
+                "UPDATE relay_checkpoint SET position = $2, updated_at = now() WHERE name = $1",
+            )
+            .bind(&self.name)
+            .bind(last)
+            .execute(&self.pool)
+            .await?;
             metrics::counter!("mathia_relay_events_total").increment(batch.len() as u64);
             metrics::gauge!("mathia_relay_position").set(last as f64);
             checkpoint = last;
@@ -132,7 +144,8 @@ impl Relay {
             acks.push((e.position, ack));
         }
         for (position, ack) in acks {
-            ack.await.with_context(|| format!("EVENTS did not store position {position}"))?;
+            ack.await
+                .with_context(|| format!("EVENTS did not store position {position}"))?;
         }
         Ok(())
     }

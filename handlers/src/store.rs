@@ -53,7 +53,9 @@ impl StoreError {
         if let sqlx::Error::Database(db) = &e
             && db.code().as_deref() == Some("23505")
         {
-            return StoreError::Conflict { constraint: db.constraint().unwrap_or("unique key").to_owned() };
+            return StoreError::Conflict {
+                constraint: db.constraint().unwrap_or("unique key").to_owned(),
+            };
         }
         StoreError::Db(e)
     }
@@ -86,14 +88,17 @@ pub struct PendingEvent {
 /// (see the module doc). Notifies [`NOTIFY_CHANNEL`] on commit.
 pub async fn append(tx: &mut PgConnection, events: &[PendingEvent]) -> Result<i64, StoreError> {
     if events.is_empty() {
-        let head: i64 = sqlx::query_scalar("SELECT position FROM event_log_head").fetch_one(&mut *tx).await?;
+        let head: i64 = sqlx::query_scalar("SELECT position FROM event_log_head")
+            .fetch_one(&mut *tx)
+            .await?;
         return Ok(head + 1);
     }
     let n = events.len() as i64;
-    let last: i64 = sqlx::query_scalar("UPDATE event_log_head SET position = position + $1 RETURNING position")
-        .bind(n)
-        .fetch_one(&mut *tx)
-        .await?;
+    let last: i64 =
+        sqlx::query_scalar("UPDATE event_log_head SET position = position + $1 RETURNING position")
+            .bind(n)
+            .fetch_one(&mut *tx)
+            .await?;
     let first = last - n + 1;
     let mut positions = Vec::with_capacity(events.len());
     let mut ids = Vec::with_capacity(events.len());
@@ -115,7 +120,10 @@ pub async fn append(tx: &mut PgConnection, events: &[PendingEvent]) -> Result<i6
         domains.push(e.event.domain());
         types.push(e.event.event_type());
         schemas.push(e.event.schema_version());
-        payloads.push(serde_json::to_string(&e.event).map_err(|e| StoreError::Db(sqlx::Error::Encode(e.into())))?);
+        payloads.push(
+            serde_json::to_string(&e.event)
+                .map_err(|e| StoreError::Db(sqlx::Error::Encode(e.into())))?,
+        );
         times.push(e.occurred_at);
         correlations.push(e.correlation_id);
         causations.push(e.causation_id);
@@ -153,7 +161,10 @@ pub async fn append(tx: &mut PgConnection, events: &[PendingEvent]) -> Result<i6
 }
 
 /// Upsert snapshots for the streams whose new version crossed a multiple of [`SNAPSHOT_EVERY`].
-pub async fn save_snapshots(tx: &mut PgConnection, snaps: &[(StreamId, Loaded)]) -> Result<(), StoreError> {
+pub async fn save_snapshots(
+    tx: &mut PgConnection,
+    snaps: &[(StreamId, Loaded)],
+) -> Result<(), StoreError> {
     if snaps.is_empty() {
         return Ok(());
     }
@@ -180,7 +191,10 @@ pub async fn save_snapshots(tx: &mut PgConnection, snaps: &[(StreamId, Loaded)])
 
 /// Load the state of each stream: its snapshot, if any, plus the events after it.
 /// A stream with no events loads as its domain's empty state at version 0.
-pub async fn load_streams(pool: &PgPool, streams: &[StreamId]) -> Result<HashMap<StreamId, Loaded>, StoreError> {
+pub async fn load_streams(
+    pool: &PgPool,
+    streams: &[StreamId],
+) -> Result<HashMap<StreamId, Loaded>, StoreError> {
     let mut out: HashMap<StreamId, Loaded> = HashMap::with_capacity(streams.len());
     if streams.is_empty() {
         return Ok(out);
@@ -191,15 +205,25 @@ pub async fn load_streams(pool: &PgPool, streams: &[StreamId]) -> Result<HashMap
             out.insert(s.clone(), Loaded { version: 0, state });
         }
     }
-    let snaps = sqlx::query("SELECT stream_id, version, state FROM snapshots WHERE stream_id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(pool)
-        .await?;
+    let snaps =
+        sqlx::query("SELECT stream_id, version, state FROM snapshots WHERE stream_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
     for row in snaps {
         let id: String = row.get("stream_id");
         let state: serde_json::Value = row.get("state");
-        if let (Ok(stream), Ok(state)) = (id.parse::<StreamId>(), serde_json::from_value::<State>(state)) {
-            out.insert(stream, Loaded { version: row.get("version"), state });
+        if let (Ok(stream), Ok(state)) = (
+            id.parse::<StreamId>(),
+            serde_json::from_value::<State>(state),
+        ) {
+            out.insert(
+                stream,
+                Loaded {
+                    version: row.get("version"),
+                    state,
+                },
+            );
         }
     }
     let rows = sqlx::query(
@@ -213,8 +237,14 @@ pub async fn load_streams(pool: &PgPool, streams: &[StreamId]) -> Result<HashMap
     .await?;
     for row in rows {
         let id: String = row.get("stream_id");
-        let Ok(stream) = id.parse::<StreamId>() else { continue };
-        let event = Event::decode(row.get("domain"), row.get("event_type"), &row.get::<serde_json::Value, _>("payload"))?;
+        let Ok(stream) = id.parse::<StreamId>() else {
+            continue;
+        };
+        let event = Event::decode(
+            row.get("domain"),
+            row.get("event_type"),
+            &row.get::<serde_json::Value, _>("payload"),
+        )?;
         if let Some(loaded) = out.get_mut(&stream) {
             loaded.version = row.get("version");
             loaded.state.evolve(&event);
@@ -224,7 +254,10 @@ pub async fn load_streams(pool: &PgPool, streams: &[StreamId]) -> Result<HashMap
 }
 
 /// The current version of each stream that has events (read-set validation).
-pub async fn stream_versions(conn: &mut PgConnection, streams: &[&str]) -> Result<HashMap<String, i64>, StoreError> {
+pub async fn stream_versions(
+    conn: &mut PgConnection,
+    streams: &[&str],
+) -> Result<HashMap<String, i64>, StoreError> {
     let rows = sqlx::query(
         "SELECT s AS stream_id, (SELECT max(version) FROM events e WHERE e.stream_id = s) AS version
          FROM UNNEST($1::text[]) AS s",
@@ -234,13 +267,18 @@ pub async fn stream_versions(conn: &mut PgConnection, streams: &[&str]) -> Resul
     .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|r| r.get::<Option<i64>, _>("version").map(|v| (r.get("stream_id"), v)))
+        .filter_map(|r| {
+            r.get::<Option<i64>, _>("version")
+                .map(|v| (r.get("stream_id"), v))
+        })
         .collect())
 }
 
 /// The last position handed out (0 when the log is empty).
 pub async fn head_position(pool: &PgPool) -> Result<i64, StoreError> {
-    Ok(sqlx::query_scalar("SELECT position FROM event_log_head").fetch_one(pool).await?)
+    Ok(sqlx::query_scalar("SELECT position FROM event_log_head")
+        .fetch_one(pool)
+        .await?)
 }
 
 fn envelope(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, StoreError> {
@@ -248,7 +286,9 @@ fn envelope(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, StoreError> {
     Ok(EventEnvelope {
         position: row.get("position"),
         event_id: row.get("event_id"),
-        stream_id: stream_id.parse().map_err(|e: events::StreamIdError| StoreError::Db(sqlx::Error::Decode(e.into())))?,
+        stream_id: stream_id
+            .parse()
+            .map_err(|e: events::StreamIdError| StoreError::Db(sqlx::Error::Decode(e.into())))?,
         version: row.get("version"),
         domain: row.get("domain"),
         event_type: row.get("event_type"),
@@ -300,7 +340,10 @@ pub async fn read_range(
 }
 
 /// All events of one stream, in version order.
-pub async fn read_stream(pool: &PgPool, stream: &StreamId) -> Result<Vec<EventEnvelope>, StoreError> {
+pub async fn read_stream(
+    pool: &PgPool,
+    stream: &StreamId,
+) -> Result<Vec<EventEnvelope>, StoreError> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {ENVELOPE_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version"
     )))

@@ -24,13 +24,21 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// Postgres connection string (event store and read models).
-    #[arg(long, env = "MATHIA_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/mathia")]
+    #[arg(
+        long,
+        env = "MATHIA_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/mathia"
+    )]
     pub database_url: String,
     /// NATS server with JetStream, version 2.10 or later.
     #[arg(long, env = "MATHIA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Redis (rate limits, pending markers).
-    #[arg(long, env = "MATHIA_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "MATHIA_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
     /// Where the gateway listens.
     #[arg(long, env = "MATHIA_LISTEN", default_value = "127.0.0.1:8080")]
@@ -86,7 +94,12 @@ pub struct Roles {
 
 impl Roles {
     /// Everything (`serve`).
-    pub const ALL: Roles = Roles { gateway: true, handlers: true, relay: true, projections: true };
+    pub const ALL: Roles = Roles {
+        gateway: true,
+        handlers: true,
+        relay: true,
+        projections: true,
+    };
 }
 
 /// The shared connections.
@@ -106,7 +119,11 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Infra> {
     let subjects = Subjects::with_prefix(&config.nats_prefix);
     let js = async_nats::jetstream::new(nats.clone());
     handlers::bus::ensure_streams(&js, &subjects).await?;
-    Ok(Infra { pool, nats, subjects })
+    Ok(Infra {
+        pool,
+        nats,
+        subjects,
+    })
 }
 
 fn jwt_secret(config: &Config, roles: Roles) -> anyhow::Result<Vec<u8>> {
@@ -115,15 +132,24 @@ fn jwt_secret(config: &Config, roles: Roles) -> anyhow::Result<Vec<u8>> {
             .decode(s.trim())
             .context("MATHIA_JWT_SECRET is not valid base64"),
         None if roles == Roles::ALL => {
-            tracing::warn!("MATHIA_JWT_SECRET is unset: using a random secret; tokens will not survive a restart");
+            tracing::warn!(
+                "MATHIA_JWT_SECRET is unset: using a random secret; tokens will not survive a restart"
+            );
             Ok(rand::random::<[u8; 32]>().to_vec())
         }
-        None => anyhow::bail!("MATHIA_JWT_SECRET is required when the gateway runs alone (all instances must share it)"),
+        None => anyhow::bail!(
+            "MATHIA_JWT_SECRET is required when the gateway runs alone (all instances must share it)"
+        ),
     }
 }
 
 /// Run `roles` until `shutdown` is cancelled. `listener` is required when the gateway runs.
-pub async fn run(config: Config, roles: Roles, listener: Option<TcpListener>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    roles: Roles,
+    listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let infra = connect(&config, "mathia").await?;
     if roles == Roles::ALL {
         infra::migrate(&infra.pool).await?;
@@ -131,11 +157,18 @@ pub async fn run(config: Config, roles: Roles, listener: Option<TcpListener>, sh
     let js = async_nats::jetstream::new(infra.nats.clone());
     let tasks = TaskTracker::new();
     let failed = CancellationToken::new();
-    let spawn = |name: &'static str, fut: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>| {
+    let spawn = |name: &'static str,
+                 fut: std::pin::Pin<
+        Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
+    >| {
         let failed = failed.clone();
         tasks.spawn(async move {
             if let Err(e) = fut.await {
-                tracing::error!(role = name, error = format!("{e:#}"), "role stopped with an error");
+                tracing::error!(
+                    role = name,
+                    error = format!("{e:#}"),
+                    "role stopped with an error"
+                );
                 failed.cancel();
             }
         });
@@ -146,7 +179,10 @@ pub async fn run(config: Config, roles: Roles, listener: Option<TcpListener>, sh
             client: infra.nats.clone(),
             js: js.clone(),
             subjects: infra.subjects.clone(),
-            config: HandlerConfig { batch_max: config.handler_batch, ..Default::default() },
+            config: HandlerConfig {
+                batch_max: config.handler_batch,
+                ..Default::default()
+            },
         };
         spawn("handlers", Box::pin(h.run(shutdown.clone())));
     }
@@ -161,16 +197,31 @@ pub async fn run(config: Config, roles: Roles, listener: Option<TcpListener>, sh
         spawn("relay", Box::pin(r.run(shutdown.clone())));
     }
     if roles.projections {
-        let runner = Runner { pool: infra.pool.clone(), js: js.clone(), subjects: infra.subjects.clone() };
-        spawn("proj-wallet", Box::pin(runner.run(Arc::new(WalletProjector), shutdown.clone())));
+        let runner = Runner {
+            pool: infra.pool.clone(),
+            js: js.clone(),
+            subjects: infra.subjects.clone(),
+        };
+        spawn(
+            "proj-wallet",
+            Box::pin(runner.run(Arc::new(WalletProjector), shutdown.clone())),
+        );
     }
     if roles.gateway {
         let listener = listener.context("the gateway needs a listener")?;
-        let redis_client = redis::Client::open(config.redis_url.as_str()).context("MATHIA_REDIS_URL is not a Redis URL")?;
-        let redis = redis::aio::ConnectionManager::new(redis_client).await.context("connecting to Redis")?;
+        let redis_client = redis::Client::open(config.redis_url.as_str())
+            .context("MATHIA_REDIS_URL is not a Redis URL")?;
+        let redis = redis::aio::ConnectionManager::new(redis_client)
+            .await
+            .context("connecting to Redis")?;
         let keys = gateway::auth::Keys::new(&jwt_secret(&config, roles)?)?;
         let settings = gateway::Settings {
-            admin_emails: config.admin_emails.iter().map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty()).collect(),
+            admin_emails: config
+                .admin_emails
+                .iter()
+                .map(|e| e.trim().to_lowercase())
+                .filter(|e| !e.is_empty())
+                .collect(),
             rate_limit_api_per_min: config.rate_limit_api_per_min,
             rate_limit_anon_per_min: config.rate_limit_anon_per_min,
             command_timeout: Duration::from_millis(config.command_timeout_ms),
@@ -179,9 +230,21 @@ pub async fn run(config: Config, roles: Roles, listener: Option<TcpListener>, sh
             redis_prefix: config.redis_prefix.clone(),
             ..Default::default()
         };
-        let state = gateway::AppState::new(infra.pool.clone(), infra.nats.clone(), redis, infra.subjects.clone(), settings, keys);
+        let state = gateway::AppState::new(
+            infra.pool.clone(),
+            infra.nats.clone(),
+            redis,
+            infra.subjects.clone(),
+            settings,
+            keys,
+        );
         let stop = shutdown.clone();
-        spawn("gateway", Box::pin(gateway::run(state, listener, async move { stop.cancelled().await })));
+        spawn(
+            "gateway",
+            Box::pin(gateway::run(state, listener, async move {
+                stop.cancelled().await
+            })),
+        );
     }
     tasks.close();
     tokio::select! {
@@ -201,9 +264,14 @@ pub mod telemetry {
 
     /// Structured logs to stderr: `RUST_LOG` filters, `LOG_FORMAT=json` for JSON lines.
     pub fn init() {
-        let filter = EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new("info,mathia=debug,gateway=debug,handlers=info,projections=info,tower_http=info"));
-        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new(
+                "info,mathia=debug,gateway=debug,handlers=info,projections=info,tower_http=info",
+            )
+        });
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
         if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
             let _ = builder.json().try_init();
         } else {

@@ -5,7 +5,11 @@ use mathia::{Config, Roles};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "mathia", version, about = "Mathia backend: chat, wallet and itineraries, event-sourced")]
+#[command(
+    name = "mathia",
+    version,
+    about = "Mathia backend: chat, wallet and itineraries, event-sourced"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -33,7 +37,12 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     mathia::telemetry::init();
     let cli = Cli::parse();
-    let none = Roles { gateway: false, handlers: false, relay: false, projections: false };
+    let none = Roles {
+        gateway: false,
+        handlers: false,
+        relay: false,
+        projections: false,
+    };
     let roles = match cli.command {
         Cmd::Migrate => {
             let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
@@ -42,10 +51,22 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Cmd::Serve => Roles::ALL,
-        Cmd::Gateway => Roles { gateway: true, ..none },
-        Cmd::Handlers => Roles { handlers: true, ..none },
-        Cmd::Relay => Roles { relay: true, ..none },
-        Cmd::Projections => Roles { projections: true, ..none },
+        Cmd::Gateway => Roles {
+            gateway: true,
+            ..none
+        },
+        Cmd::Handlers => Roles {
+            handlers: true,
+            ..none
+        },
+        Cmd::Relay => Roles {
+            relay: true,
+            ..none
+        },
+        Cmd::Projections => Roles {
+            projections: true,
+            ..none
+        },
     };
     let listener = match roles.gateway {
         true => Some(tokio::net::TcpListener::bind(&cli.config.listen).await?),

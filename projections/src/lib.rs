@@ -29,14 +29,20 @@ pub trait Projector: Send + Sync + 'static {
     /// The event domains it reads.
     fn domains(&self) -> &'static [&'static str];
     /// Apply `events` (in position order, none seen before) inside `tx`.
-    fn apply(&self, tx: &mut PgConnection, events: &[EventEnvelope]) -> impl Future<Output = anyhow::Result<()>> + Send;
+    fn apply(
+        &self,
+        tx: &mut PgConnection,
+        events: &[EventEnvelope],
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }
 
 /// The position projector `model` has applied (0 if it never ran).
 pub async fn checkpoint(pool: &sqlx::PgPool, model: &str) -> Result<i64, sqlx::Error> {
-    Ok(sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = $1")
-        .bind(model)
-        .fetch_optional(pool)
-        .await?
-        .unwrap_or(0))
+    Ok(
+        sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = $1")
+            .bind(model)
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(0),
+    )
 }

@@ -30,12 +30,18 @@ pub struct Runner {
 
 impl Runner {
     /// Run `projector` until `shutdown`.
-    pub async fn run<P: Projector>(self, projector: Arc<P>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run<P: Projector>(
+        self,
+        projector: Arc<P>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let name = projector.name();
-        sqlx::query("INSERT INTO proj_checkpoints (model, position) VALUES ($1, 0) ON CONFLICT DO NOTHING")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO proj_checkpoints (model, position) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
         // Catch up with the store first: the stream may no longer hold what we missed.
         let head = store::head_position(&self.pool).await?;
         self.catch_up(&*projector, head).await?;
@@ -119,7 +125,11 @@ impl Runner {
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(projector = projector.name(), error = format!("{e:#}"), "catch-up failed; will retry");
+            tracing::warn!(
+                projector = projector.name(),
+                error = format!("{e:#}"),
+                "catch-up failed; will retry"
+            );
         }
     }
 
@@ -129,26 +139,34 @@ impl Runner {
         loop {
             let mut tx = self.pool.begin().await?;
             // The row lock serialises instances of the same projector.
-            let checkpoint: i64 = sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = $1 FOR UPDATE")
-                .bind(projector.name())
-                .fetch_one(&mut *tx)
-                .await?;
+            let checkpoint: i64 = sqlx::query_scalar(
+                "SELECT position FROM proj_checkpoints WHERE model = $1 FOR UPDATE",
+            )
+            .bind(projector.name())
+            .fetch_one(&mut *tx)
+            .await?;
             if checkpoint >= up_to {
                 return Ok(());
             }
             let until = up_to.min(checkpoint + BATCH);
-            let events = store::read_range(&mut tx, checkpoint, until, BATCH, Some(projector.domains())).await?;
+            let events =
+                store::read_range(&mut tx, checkpoint, until, BATCH, Some(projector.domains()))
+                    .await?;
             if !events.is_empty() {
                 projector.apply(&mut tx, &events).await?;
             }
-            sqlx::query("UPDATE proj_checkpoints SET position = $2, updated_at = now() WHERE model = $1")
-                .bind(projector.name())
-                .bind(until)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE proj_checkpoints SET position = $2, updated_at = now() WHERE model = $1",
+            )
+            .bind(projector.name())
+            .bind(until)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
-            metrics::counter!("mathia_projected_events_total", "projector" => projector.name()).increment(events.len() as u64);
-            metrics::gauge!("mathia_projector_position", "projector" => projector.name()).set(until as f64);
+            metrics::counter!("mathia_projected_events_total", "projector" => projector.name())
+                .increment(events.len() as u64);
+            metrics::gauge!("mathia_projector_position", "projector" => projector.name())
+                .set(until as f64);
         }
     }
 }

@@ -25,14 +25,28 @@ impl Projector for WalletProjector {
 
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
         // Set-based: one statement per table per batch, whatever the batch size.
-        let mut opened = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut opened = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         let mut entries = EntryRows::default();
         // Last (version, balance, time) per account in this batch.
-        let mut balances: BTreeMap<Uuid, (i64, i64, chrono::DateTime<chrono::Utc>)> = BTreeMap::new();
+        let mut balances: BTreeMap<Uuid, (i64, i64, chrono::DateTime<chrono::Utc>)> =
+            BTreeMap::new();
         for env in batch {
             let Event::Wallet(event) = env.event()?;
             match event {
-                WalletEvent::AccountOpened { account_id, owner_id, currency, kind, .. } => {
+                WalletEvent::AccountOpened {
+                    account_id,
+                    owner_id,
+                    currency,
+                    kind,
+                    ..
+                } => {
                     opened.0.push(account_id);
                     opened.1.push(owner_id);
                     opened.2.push(currency);
@@ -125,7 +139,9 @@ impl EntryRows {
         signed: i64,
         balances: &mut BTreeMap<Uuid, (i64, i64, chrono::DateTime<chrono::Utc>)>,
     ) {
-        let Ok(account) = env.stream_id.id().parse::<Uuid>() else { return };
+        let Ok(account) = env.stream_id.id().parse::<Uuid>() else {
+            return;
+        };
         self.account.push(account);
         self.version.push(env.version);
         self.position.push(env.position);

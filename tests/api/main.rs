@@ -1,1 +1,9 @@
+//! End-to-end tests of Mathia against real Postgres, NATS JetStream and Redis.
+//! One binary (z2p style); each test isolates itself (see `mathia_tests`).
 
+mod accounts;
+mod crash;
+mod input;
+mod openapi;
+mod store;
+mod wallet;

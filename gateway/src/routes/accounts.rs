@@ -86,19 +86,35 @@ pub struct TokenPair {
 fn normalise_email(email: &str) -> Result<String, FieldError> {
     let e = email.trim().to_lowercase();
     let ok = e.len() <= 254
-        && e.split_once('@').is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.'))
+        && e.split_once('@').is_some_and(|(l, d)| {
+            !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.')
+        })
         && !e.chars().any(|c| c.is_whitespace() || c.is_control());
-    if ok { Ok(e) } else { Err(FieldError { field: "email".into(), message: "not an email address".into() }) }
+    if ok {
+        Ok(e)
+    } else {
+        Err(FieldError {
+            field: "email".into(),
+            message: "not an email address".into(),
+        })
+    }
 }
 
-async fn audit(state: &AppState, actor: Option<Uuid>, action: &str, subject: &str, ip: Option<&SocketAddr>) {
-    let r = sqlx::query("INSERT INTO audit_log (actor, action, subject, ip) VALUES ($1, $2, $3, $4)")
-        .bind(actor)
-        .bind(action)
-        .bind(subject)
-        .bind(ip.map(|a| a.ip().to_string()))
-        .execute(&state.pool)
-        .await;
+async fn audit(
+    state: &AppState,
+    actor: Option<Uuid>,
+    action: &str,
+    subject: &str,
+    ip: Option<&SocketAddr>,
+) {
+    let r =
+        sqlx::query("INSERT INTO audit_log (actor, action, subject, ip) VALUES ($1, $2, $3, $4)")
+            .bind(actor)
+            .bind(action)
+            .bind(subject)
+            .bind(ip.map(|a| a.ip().to_string()))
+            .execute(&state.pool)
+            .await;
     if let Err(e) = r {
         tracing::error!(error = %e, action, "could not write the audit log");
     }
@@ -120,15 +136,32 @@ pub async fn register(
     let email = normalise_email(&req.email).map_err(|e| errors.push(e)).ok();
     let problems = auth::password_problems(&req.password);
     if !problems.is_empty() {
-        errors.push(FieldError { field: "password".into(), message: format!("needs {}", problems.join(", ")) });
+        errors.push(FieldError {
+            field: "password".into(),
+            message: format!("needs {}", problems.join(", ")),
+        });
     }
     let name = req.display_name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        errors.push(FieldError { field: "display_name".into(), message: "1 to 100 printable characters".into() });
+        errors.push(FieldError {
+            field: "display_name".into(),
+            message: "1 to 100 printable characters".into(),
+        });
     }
-    let (Some(email), true) = (email, errors.is_empty()) else { return Err(ApiError::Invalid(errors)) };
+    let (Some(email), true) = (email, errors.is_empty()) else {
+        return Err(ApiError::Invalid(errors));
+    };
     let hash = auth::hash_password(req.password, state.settings.argon2_memory_kib).await?;
-    let role = if state.settings.admin_emails.iter().any(|a| a.eq_ignore_ascii_case(&email)) { "admin" } else { "user" };
+    let role = if state
+        .settings
+        .admin_emails
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(&email))
+    {
+        "admin"
+    } else {
+        "user"
+    };
     let user_id = Uuid::now_v7();
     let row = sqlx::query(
         "INSERT INTO users (user_id, email, display_name, password_hash, role) VALUES ($1, $2, $3, $4, $5)
@@ -142,9 +175,19 @@ pub async fn register(
     .fetch_optional(&state.pool)
     .await?;
     let Some(row) = row else {
-        return Err(ApiError::Conflict { code: "email_taken", message: "an account with this email exists".into() });
+        return Err(ApiError::Conflict {
+            code: "email_taken",
+            message: "an account with this email exists".into(),
+        });
     };
-    audit(&state, Some(user_id), "account.registered", &user_id.to_string(), Some(&addr)).await;
+    audit(
+        &state,
+        Some(user_id),
+        "account.registered",
+        &user_id.to_string(),
+        Some(&addr),
+    )
+    .await;
     let user = User {
         user_id,
         email,
@@ -167,7 +210,12 @@ async fn issue(state: &AppState, user_id: Uuid, role: &str, family: Uuid) -> Api
         .bind(expires)
         .execute(&state.pool)
         .await?;
-    Ok(TokenPair { access_token, token_type: "Bearer", expires_in: state.settings.access_ttl.as_secs(), refresh_token })
+    Ok(TokenPair {
+        access_token,
+        token_type: "Bearer",
+        expires_in: state.settings.access_ttl.as_secs(),
+        refresh_token,
+    })
 }
 
 fn bad_credentials() -> ApiError {
@@ -186,13 +234,20 @@ pub async fn login(
     AppJson(req): AppJson<LoginRequest>,
 ) -> ApiResult<Json<TokenPair>> {
     let email = normalise_email(&req.email).map_err(|_| bad_credentials())?;
-    let row = sqlx::query("SELECT user_id, password_hash, role, locked_until FROM users WHERE email = $1")
-        .bind(&email)
-        .fetch_optional(&state.pool)
-        .await?;
+    let row = sqlx::query(
+        "SELECT user_id, password_hash, role, locked_until FROM users WHERE email = $1",
+    )
+    .bind(&email)
+    .fetch_optional(&state.pool)
+    .await?;
     let Some(row) = row else {
         // Spend the same time as a real check, so timing does not reveal which emails exist.
-        let _ = auth::verify_password(req.password, DUMMY_HASH.into(), state.settings.argon2_memory_kib).await;
+        let _ = auth::verify_password(
+            req.password,
+            DUMMY_HASH.into(),
+            state.settings.argon2_memory_kib,
+        )
+        .await;
         audit(&state, None, "login.failed", "unknown email", Some(&addr)).await;
         return Err(bad_credentials());
     };
@@ -200,15 +255,32 @@ pub async fn login(
     if let Some(until) = row.get::<Option<DateTime<Utc>>, _>("locked_until")
         && until > Utc::now()
     {
-        audit(&state, Some(user_id), "login.locked", &user_id.to_string(), Some(&addr)).await;
+        audit(
+            &state,
+            Some(user_id),
+            "login.locked",
+            &user_id.to_string(),
+            Some(&addr),
+        )
+        .await;
         return Err(ApiError::Coded {
             status: StatusCode::TOO_MANY_REQUESTS,
             code: "account_locked".into(),
             message: "too many failed logins; try again later".into(),
-            extra: [("retry_after".to_owned(), (until - Utc::now()).num_seconds().max(1).into())].into_iter().collect(),
+            extra: [(
+                "retry_after".to_owned(),
+                (until - Utc::now()).num_seconds().max(1).into(),
+            )]
+            .into_iter()
+            .collect(),
         });
     }
-    let ok = auth::verify_password(req.password, row.get("password_hash"), state.settings.argon2_memory_kib).await;
+    let ok = auth::verify_password(
+        req.password,
+        row.get("password_hash"),
+        state.settings.argon2_memory_kib,
+    )
+    .await;
     if !ok {
         sqlx::query(
             "UPDATE users SET failed_logins = failed_logins + 1,
@@ -221,15 +293,31 @@ pub async fn login(
         .execute(&state.pool)
         .await
         .ok();
-        audit(&state, Some(user_id), "login.failed", &user_id.to_string(), Some(&addr)).await;
+        audit(
+            &state,
+            Some(user_id),
+            "login.failed",
+            &user_id.to_string(),
+            Some(&addr),
+        )
+        .await;
         return Err(bad_credentials());
     }
     sqlx::query("UPDATE users SET failed_logins = 0, locked_until = NULL WHERE user_id = $1")
         .bind(user_id)
         .execute(&state.pool)
         .await?;
-    audit(&state, Some(user_id), "login.succeeded", &user_id.to_string(), Some(&addr)).await;
-    Ok(Json(issue(&state, user_id, row.get("role"), Uuid::now_v7()).await?))
+    audit(
+        &state,
+        Some(user_id),
+        "login.succeeded",
+        &user_id.to_string(),
+        Some(&addr),
+    )
+    .await;
+    Ok(Json(
+        issue(&state, user_id, row.get("role"), Uuid::now_v7()).await?,
+    ))
 }
 
 /// A valid argon2id hash of a random password, for constant-time misses.
@@ -254,7 +342,9 @@ pub async fn refresh(
     .fetch_optional(&mut *tx)
     .await?;
     let invalid = || ApiError::Unauthorized("the refresh token is invalid; log in again".into());
-    let Some(row) = row else { return Err(invalid()) };
+    let Some(row) = row else {
+        return Err(invalid());
+    };
     let family: Uuid = row.get("family_id");
     let user_id: Uuid = row.get("user_id");
     let used: Option<DateTime<Utc>> = row.get("used_at");
@@ -266,14 +356,24 @@ pub async fn refresh(
             .await?;
         tx.commit().await?;
         if used.is_some() {
-            audit(&state, Some(user_id), "refresh_token.reused", &family.to_string(), Some(&addr)).await;
+            audit(
+                &state,
+                Some(user_id),
+                "refresh_token.reused",
+                &family.to_string(),
+                Some(&addr),
+            )
+            .await;
         }
         return Err(invalid());
     }
     if row.get::<DateTime<Utc>, _>("expires_at") < Utc::now() {
         return Err(invalid());
     }
-    sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE token_hash = $1").bind(&hash).execute(&mut *tx).await?;
+    sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE token_hash = $1")
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Json(issue(&state, user_id, row.get("role"), family).await?))
 }
@@ -281,7 +381,10 @@ pub async fn refresh(
 /// Revoke the refresh token's family (log out this device).
 #[utoipa::path(post, path = "/v1/auth/logout", tag = "accounts", request_body = RefreshRequest,
     responses((status = 204, description = "logged out"), (status = 400, body = Problem)))]
-pub async fn logout(State(state): State<AppState>, AppJson(req): AppJson<RefreshRequest>) -> ApiResult<StatusCode> {
+pub async fn logout(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<RefreshRequest>,
+) -> ApiResult<StatusCode> {
     let hash = auth::token_hash(&req.refresh_token);
     sqlx::query(
         "UPDATE refresh_tokens SET revoked_at = coalesce(revoked_at, now())

@@ -1,8 +1,8 @@
 //! Polling a command that was answered 202.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use http::StatusCode;
 use uuid::Uuid;
 
@@ -18,12 +18,22 @@ use crate::state::AppState;
     responses((status = 200, description = "decided: the original answer (status 200/201 or a problem)"),
         (status = 202, description = "not decided yet"), (status = 401, body = Problem),
         (status = 404, description = "unknown, or not yours", body = Problem)))]
-pub async fn get_command(State(state): State<AppState>, principal: Principal, Path(command_id): Path<Uuid>) -> ApiResult<Response> {
-    if let Some(outcome) = handlers::ledger::find_for(&state.pool, command_id, principal.user_id).await? {
+pub async fn get_command(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(command_id): Path<Uuid>,
+) -> ApiResult<Response> {
+    if let Some(outcome) =
+        handlers::ledger::find_for(&state.pool, command_id, principal.user_id).await?
+    {
         return Ok(answer(outcome, false));
     }
     if is_pending(&state, command_id, principal.user_id).await? {
-        return Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "command_id": command_id, "status": "pending" }))).into_response());
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "command_id": command_id, "status": "pending" })),
+        )
+            .into_response());
     }
     Err(ApiError::NotFound("no such command".into()))
 }

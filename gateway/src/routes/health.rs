@@ -25,7 +25,10 @@ pub struct Health {
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
 pub async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok", checks: None })
+    Json(Health {
+        status: "ok",
+        checks: None,
+    })
 }
 
 /// Postgres, NATS and Redis answer.
@@ -33,7 +36,11 @@ pub async fn healthz() -> Json<Health> {
     responses((status = 200, body = Health), (status = 503, description = "a dependency is down", body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let mut checks = std::collections::BTreeMap::new();
-    let pg = sqlx::query("SELECT 1").execute(&state.pool).await.map(|_| ()).map_err(|e| e.to_string());
+    let pg = sqlx::query("SELECT 1")
+        .execute(&state.pool)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
     checks.insert("postgres", pg.err().unwrap_or_else(|| "ok".into()));
     let nats = match state.nats.connection_state() {
         async_nats::connection::State::Connected => "ok".to_owned(),
@@ -42,10 +49,24 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     checks.insert("nats", nats);
     let mut redis = state.redis.clone();
     let pong: Result<String, _> = redis::cmd("PING").query_async(&mut redis).await;
-    checks.insert("redis", pong.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string()));
+    checks.insert(
+        "redis",
+        pong.map(|_| "ok".to_owned())
+            .unwrap_or_else(|e| e.to_string()),
+    );
     let ok = checks.values().all(|v| v == "ok");
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(Health { status: if ok { "ok" } else { "unavailable" }, checks: Some(checks) }))
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Health {
+            status: if ok { "ok" } else { "unavailable" },
+            checks: Some(checks),
+        }),
+    )
 }
 
 /// The process-wide Prometheus recorder, installed on first use.
@@ -64,5 +85,8 @@ pub fn prometheus() -> &'static PrometheusHandle {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics() -> impl IntoResponse {
-    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], prometheus().render())
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        prometheus().render(),
+    )
 }

@@ -210,18 +210,26 @@ pub struct ReadParams {
 }
 
 fn currency(field: &str, code: &str) -> Result<Currency, FieldError> {
-    code.parse().map_err(|e: commands::money::UnknownCurrency| FieldError { field: field.into(), message: e.to_string() })
+    code.parse()
+        .map_err(|e: commands::money::UnknownCurrency| FieldError {
+            field: field.into(),
+            message: e.to_string(),
+        })
 }
 
 fn amount(v: i64) -> Result<Amount, FieldError> {
-    Amount::new(v).map_err(|e| FieldError { field: "amount".into(), message: e.to_string() })
+    Amount::new(v).map_err(|e| FieldError {
+        field: "amount".into(),
+        message: e.to_string(),
+    })
 }
 
 fn text(field: &str, v: &Option<String>, max: usize) -> Result<Option<String>, FieldError> {
     match v {
-        Some(s) if s.chars().count() > max || s.chars().any(char::is_control) => {
-            Err(FieldError { field: field.into(), message: format!("at most {max} printable characters") })
-        }
+        Some(s) if s.chars().count() > max || s.chars().any(char::is_control) => Err(FieldError {
+            field: field.into(),
+            message: format!("at most {max} printable characters"),
+        }),
         other => Ok(other.clone()),
     }
 }
@@ -246,9 +254,23 @@ pub async fn open_wallet(
 ) -> ApiResult<Response> {
     let currency = currency("currency", &req.currency).map_err(|e| ApiError::Invalid(vec![e]))?;
     let owner_id = principal.user_id;
-    dispatch(&state, &principal, Route { method: "POST", path: uri.path() }, &options, rid, &req, |_| {
-        Ok(Command::Wallet(WalletCommand::OpenWallet { owner_id, currency }))
-    })
+    dispatch(
+        &state,
+        &principal,
+        Route {
+            method: "POST",
+            path: uri.path(),
+        },
+        &options,
+        rid,
+        &req,
+        |_| {
+            Ok(Command::Wallet(WalletCommand::OpenWallet {
+                owner_id,
+                currency,
+            }))
+        },
+    )
     .await
 }
 
@@ -256,7 +278,11 @@ pub async fn open_wallet(
 #[utoipa::path(get, path = "/v1/wallets", tag = "wallet", security(("bearer" = [])), params(ReadParams),
     responses((status = 200, body = WalletList, headers(("Mathia-Position" = i64, description = "position reflected"))),
         (status = 401, body = Problem), (status = 503, description = "after_position not reached in time", body = Problem)))]
-pub async fn list_wallets(State(state): State<AppState>, principal: Principal, after: AfterPosition) -> ApiResult<Response> {
+pub async fn list_wallets(
+    State(state): State<AppState>,
+    principal: Principal,
+    after: AfterPosition,
+) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
     let rows = sqlx::query(
         "SELECT account_id, owner_id, currency, posted, version, opened_at FROM proj_wallet_accounts
@@ -277,7 +303,13 @@ fn wallet_row(r: &sqlx::postgres::PgRow) -> Wallet {
         wallet_id,
         owner_id: r.get::<Option<Uuid>, _>("owner_id").unwrap_or_default(),
         currency: currency.clone(),
-        balance: Balance { wallet_id, currency, posted, pending: 0, available: posted },
+        balance: Balance {
+            wallet_id,
+            currency,
+            posted,
+            pending: 0,
+            available: posted,
+        },
         version: r.get("version"),
         opened_at: r.get("opened_at"),
     }
@@ -337,11 +369,13 @@ pub async fn list_entries(
             .ok_or_else(|| ApiError::Malformed("cursor is not one this API gave out".into()))?,
     };
     let position = wait_for(&state, MODEL, AfterPosition(page.after_position)).await?;
-    let owned: Option<Uuid> = sqlx::query_scalar("SELECT account_id FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2")
-        .bind(wallet_id)
-        .bind(principal.user_id)
-        .fetch_optional(&state.pool)
-        .await?;
+    let owned: Option<Uuid> = sqlx::query_scalar(
+        "SELECT account_id FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
+    )
+    .bind(wallet_id)
+    .bind(principal.user_id)
+    .fetch_optional(&state.pool)
+    .await?;
     if owned.is_none() {
         return Err(ApiError::NotFound("no such wallet".into()));
     }
@@ -394,16 +428,37 @@ pub async fn deposit(
     AppJson(req): AppJson<DepositRequest>,
 ) -> ApiResult<Response> {
     if !principal.admin {
-        return Err(ApiError::Forbidden("deposits are credited by an admin or a payment provider".into()));
+        return Err(ApiError::Forbidden(
+            "deposits are credited by an admin or a payment provider".into(),
+        ));
     }
     let mut errors = vec![];
     let amt = collect(&mut errors, amount(req.amount));
     let cur = collect(&mut errors, currency("currency", &req.currency));
     let reference = collect(&mut errors, text("reference", &req.reference, 140));
-    let (Some(amount), Some(currency), Some(reference)) = (amt, cur, reference) else { return Err(ApiError::Invalid(errors)) };
-    dispatch(&state, &principal, Route { method: "POST", path: uri.path() }, &options, rid, &req, |transfer_id| {
-        Ok(Command::Wallet(WalletCommand::Deposit { transfer_id, wallet_id, currency, amount, reference }))
-    })
+    let (Some(amount), Some(currency), Some(reference)) = (amt, cur, reference) else {
+        return Err(ApiError::Invalid(errors));
+    };
+    dispatch(
+        &state,
+        &principal,
+        Route {
+            method: "POST",
+            path: uri.path(),
+        },
+        &options,
+        rid,
+        &req,
+        |transfer_id| {
+            Ok(Command::Wallet(WalletCommand::Deposit {
+                transfer_id,
+                wallet_id,
+                currency,
+                amount,
+                reference,
+            }))
+        },
+    )
     .await
 }
 
@@ -429,12 +484,34 @@ pub async fn withdraw(
     let cur = collect(&mut errors, currency("currency", &req.currency));
     let dest = req.destination.trim().to_owned();
     if dest.is_empty() || dest.chars().count() > 128 || dest.chars().any(char::is_control) {
-        errors.push(FieldError { field: "destination".into(), message: "1 to 128 printable characters".into() });
+        errors.push(FieldError {
+            field: "destination".into(),
+            message: "1 to 128 printable characters".into(),
+        });
     }
-    let (Some(amount), Some(currency), true) = (amt, cur, errors.is_empty()) else { return Err(ApiError::Invalid(errors)) };
-    dispatch(&state, &principal, Route { method: "POST", path: uri.path() }, &options, rid, &req, |transfer_id| {
-        Ok(Command::Wallet(WalletCommand::Withdraw { transfer_id, wallet_id, currency, amount, destination: dest }))
-    })
+    let (Some(amount), Some(currency), true) = (amt, cur, errors.is_empty()) else {
+        return Err(ApiError::Invalid(errors));
+    };
+    dispatch(
+        &state,
+        &principal,
+        Route {
+            method: "POST",
+            path: uri.path(),
+        },
+        &options,
+        rid,
+        &req,
+        |transfer_id| {
+            Ok(Command::Wallet(WalletCommand::Withdraw {
+                transfer_id,
+                wallet_id,
+                currency,
+                amount,
+                destination: dest,
+            }))
+        },
+    )
     .await
 }
 
@@ -465,7 +542,10 @@ pub async fn transfer(
         (None, Some(u), Some(c)) => Some(user_wallet_id(u, c)),
         (None, Some(_), None) => None,
         _ => {
-            errors.push(FieldError { field: "to_wallet".into(), message: "give exactly one of to_wallet and to_user".into() });
+            errors.push(FieldError {
+                field: "to_wallet".into(),
+                message: "give exactly one of to_wallet and to_user".into(),
+            });
             None
         }
     };
@@ -473,8 +553,25 @@ pub async fn transfer(
         return Err(ApiError::Invalid(errors));
     };
     let from = req.from_wallet;
-    dispatch(&state, &principal, Route { method: "POST", path: uri.path() }, &options, rid, &req, |transfer_id| {
-        Ok(Command::Wallet(WalletCommand::Transfer { transfer_id, from, to, amount, reference }))
-    })
+    dispatch(
+        &state,
+        &principal,
+        Route {
+            method: "POST",
+            path: uri.path(),
+        },
+        &options,
+        rid,
+        &req,
+        |transfer_id| {
+            Ok(Command::Wallet(WalletCommand::Transfer {
+                transfer_id,
+                from,
+                to,
+                amount,
+                reference,
+            }))
+        },
+    )
     .await
 }
