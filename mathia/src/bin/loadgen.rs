@@ -1,0 +1,345 @@
+//! Load generator for the spine: transfers through the HTTP API, end to end.
+//!
+//! Starts the whole backend in this process against a fresh database, funds
+//! 1,000 wallets, then:
+//! 1. baseline: single-event INSERT transactions into an events-like table from
+//!    32 connections (this machine's raw Postgres commit rate);
+//! 2. saturation: as many transfers as the system takes, between uniformly random
+//!    pairs, from many concurrent clients, for `--seconds`;
+//! 3. half rate: an open-loop schedule at half the saturation rate, for `--seconds`.
+//!
+//! For each phase it prints committed transfers/s, p50/p99 of the command answer,
+//! and p50/p99 of projection visibility (request sent → the wallet read model's
+//! checkpoint has passed the transfer's position).
+//!
+//! ```text
+//! scripts/services.sh && cargo run --release -p mathia --bin loadgen -- --seconds 20
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use mathia::{Config, Roles};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(about = "Drive transfers through the HTTP API and report throughput and latency")]
+struct Args {
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Funded wallets (one user each).
+    #[arg(long, default_value_t = 1000)]
+    wallets: usize,
+    /// Concurrent clients in the saturation phase.
+    #[arg(long, default_value_t = 256)]
+    clients: usize,
+    /// Admin connection string; the benchmark creates and drops its own database.
+    #[arg(long, env = "MATHIA_TEST_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    admin_database_url: String,
+    /// NATS (≥ 2.10 with JetStream).
+    #[arg(long, env = "MATHIA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Redis.
+    #[arg(long, env = "MATHIA_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+}
+
+fn db_url(admin: &str, db: &str) -> String {
+    match admin.rsplit_once('/') {
+        Some((base, _)) if base.contains("://") && !base.ends_with('/') => format!("{base}/{db}"),
+        _ => format!("{}/{db}", admin.trim_end_matches('/')),
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    async fn post(&self, path: &str, token: Option<&str>, body: &Value, key: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let res = req.send().await?;
+        let status = res.status().as_u16();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+}
+
+struct Wallet {
+    token: String,
+    wallet: Uuid,
+    user: Uuid,
+}
+
+/// Transfers whose visibility is not yet observed: (position, sent at).
+type Pending = Arc<Mutex<Vec<(i64, Instant)>>>;
+
+struct Phase {
+    answered: AtomicU64,
+    failed: AtomicU64,
+    answer: std::sync::Mutex<Histogram<u64>>,
+    visible: std::sync::Mutex<Histogram<u64>>,
+}
+
+impl Phase {
+    fn new() -> Arc<Phase> {
+        let h = || std::sync::Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
+        Arc::new(Phase { answered: AtomicU64::new(0), failed: AtomicU64::new(0), answer: h(), visible: h() })
+    }
+
+    fn report(&self, name: &str, elapsed: Duration) -> f64 {
+        let n = self.answered.load(Ordering::Relaxed);
+        let rate = n as f64 / elapsed.as_secs_f64();
+        let a = self.answer.lock().expect("histogram");
+        let v = self.visible.lock().expect("histogram");
+        let ms = |us: u64| us as f64 / 1000.0;
+        println!(
+            "{name:<12} {rate:>9.0} transfers/s  answer p50 {:>6.1} ms  p99 {:>6.1} ms  visible p50 {:>6.1} ms  p99 {:>6.1} ms  ({} ok, {} failed)",
+            ms(a.value_at_quantile(0.5)),
+            ms(a.value_at_quantile(0.99)),
+            ms(v.value_at_quantile(0.5)),
+            ms(v.value_at_quantile(0.99)),
+            n,
+            self.failed.load(Ordering::Relaxed)
+        );
+        rate
+    }
+}
+
+async fn transfer(client: &Client, wallets: &[Wallet], phase: &Phase, pending: &Pending) {
+    let (i, j) = loop {
+        let i = rand::random_range(0..wallets.len());
+        let j = rand::random_range(0..wallets.len());
+        if i != j {
+            break (i, j);
+        }
+    };
+    let body = json!({"from_wallet": wallets[i].wallet, "to_user": wallets[j].user, "amount": 1, "currency": "KES"});
+    let key = Uuid::now_v7().to_string();
+    let sent = Instant::now();
+    match client.post("/v1/transfers", Some(&wallets[i].token), &body, Some(&key)).await {
+        Ok((201, answer)) => {
+            phase.answer.lock().expect("histogram").record(sent.elapsed().as_micros() as u64).ok();
+            phase.answered.fetch_add(1, Ordering::Relaxed);
+            if let Some(p) = answer["position"].as_i64() {
+                pending.lock().await.push((p, sent));
+            }
+        }
+        _ => {
+            phase.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Watch the wallet projector's checkpoint and record when each pending position becomes visible.
+async fn watch_visibility(database_url: String, pending: Pending, phase: Arc<std::sync::Mutex<Arc<Phase>>>, stop: CancellationToken) {
+    let Ok(mut conn) = PgConnection::connect(&database_url).await else { return };
+    while !stop.is_cancelled() {
+        let cp: i64 = sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = 'wallet'")
+            .fetch_optional(&mut conn)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let now = Instant::now();
+        let current = phase.lock().expect("phase").clone();
+        let mut p = pending.lock().await;
+        p.retain(|(pos, sent)| {
+            if *pos <= cp {
+                current.visible.lock().expect("histogram").record(now.duration_since(*sent).as_micros() as u64).ok();
+                false
+            } else {
+                true
+            }
+        });
+        drop(p);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Raw baseline: single-event INSERT transactions from 32 connections.
+async fn baseline(database_url: &str, seconds: u64) -> anyhow::Result<f64> {
+    let mut conn = PgConnection::connect(database_url).await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_raw_events (position BIGSERIAL PRIMARY KEY, event_id UUID NOT NULL UNIQUE,
+         stream_id TEXT NOT NULL, version BIGINT NOT NULL, event_type TEXT NOT NULL, payload JSONB NOT NULL,
+         occurred_at TIMESTAMPTZ NOT NULL DEFAULT now(), UNIQUE (stream_id, version))",
+    )
+    .execute(&mut conn)
+    .await?;
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = vec![];
+    for c in 0..32 {
+        let url = database_url.to_owned();
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = PgConnection::connect(&url).await?;
+            let mut v = 0i64;
+            while Instant::now() < deadline {
+                v += 1;
+                sqlx::query("INSERT INTO bench_raw_events (event_id, stream_id, version, event_type, payload) VALUES ($1, $2, $3, 'Credited', $4)")
+                    .bind(Uuid::now_v7())
+                    .bind(format!("bench.account.{c}"))
+                    .bind(v)
+                    .bind(json!({"amount": 1, "balance_after": v}))
+                    .execute(&mut conn)
+                    .await?;
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / seconds as f64)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let db = format!("mathia_bench_{}", Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(&args.admin_database_url).await.context("connecting to the admin database")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(&mut admin).await?;
+    let database_url = db_url(&args.admin_database_url, &db);
+    let prefix = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let config = Config {
+        database_url: database_url.clone(),
+        nats_url: args.nats_url.clone(),
+        redis_url: args.redis_url.clone(),
+        listen: "127.0.0.1:0".into(),
+        jwt_secret: Some("YmVuY2htYXJrLW9ubHktc2VjcmV0LWJlbmNobWFyay1vbmx5LXNlY3JldA==".into()),
+        admin_emails: vec!["admin@bench.local".into()],
+        nats_prefix: prefix.clone(),
+        redis_prefix: format!("{prefix}:"),
+        // The limits stay on (their Redis round trip is part of every request), just high.
+        rate_limit_api_per_min: 10_000_000,
+        rate_limit_anon_per_min: 10_000_000,
+        command_timeout_ms: 5000,
+        read_wait_ms: 2000,
+        database_pool: 32,
+        handler_batch: 512,
+        // Logins are not what is measured; keep the 1,000 registrations quick.
+        argon2_memory_kib: 1024,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(mathia::run(config, Roles::ALL, Some(listener), shutdown.clone()));
+    let client = Arc::new(Client { http: reqwest::Client::builder().pool_max_idle_per_host(1024).build()?, base });
+    for _ in 0..200 {
+        if client.http.get(format!("{}/healthz", client.base)).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    eprintln!("setting up {} funded wallets…", args.wallets);
+    let pw = "Bench&Mark-2026";
+    client.post("/v1/auth/register", None, &json!({"email": "admin@bench.local", "password": pw, "display_name": "admin"}), None).await?;
+    let (_, login) = client.post("/v1/auth/login", None, &json!({"email": "admin@bench.local", "password": pw}), None).await?;
+    let admin_token = login["access_token"].as_str().context("admin login")?.to_owned();
+    let setup = futures::future::join_all((0..args.wallets).map(|i| {
+        let client = client.clone();
+        let admin_token = admin_token.clone();
+        async move {
+            let email = format!("u{i}@bench.local");
+            let (_, user) = client.post("/v1/auth/register", None, &json!({"email": email, "password": pw, "display_name": "u"}), None).await?;
+            let (_, login) = client.post("/v1/auth/login", None, &json!({"email": email, "password": pw}), None).await?;
+            let token = login["access_token"].as_str().context("login")?.to_owned();
+            let (_, w) = client.post("/v1/wallets", Some(&token), &json!({"currency": "KES"}), None).await?;
+            let wallet: Uuid = w["wallet_id"].as_str().context("wallet")?.parse()?;
+            let (s, _) = client
+                .post(&format!("/v1/wallets/{wallet}/deposits"), Some(&admin_token), &json!({"amount": 100_000_000, "currency": "KES"}), None)
+                .await?;
+            anyhow::ensure!(s == 201, "deposit answered {s}");
+            let user: Uuid = user["user_id"].as_str().context("user")?.parse()?;
+            anyhow::Ok(Wallet { token, wallet, user })
+        }
+    }))
+    .await;
+    let wallets: Arc<Vec<Wallet>> = Arc::new(setup.into_iter().collect::<anyhow::Result<_>>()?);
+
+    eprintln!("baseline: single-event INSERT transactions from 32 connections for {} s…", args.seconds);
+    let raw = baseline(&database_url, args.seconds).await?;
+    println!("baseline     {raw:>9.0} single-event INSERT transactions/s (32 connections)");
+
+    let pending: Pending = Arc::new(Mutex::new(Vec::new()));
+    let current = Arc::new(std::sync::Mutex::new(Phase::new()));
+    let watch_stop = CancellationToken::new();
+    let watcher = tokio::spawn(watch_visibility(database_url.clone(), pending.clone(), current.clone(), watch_stop.clone()));
+
+    // Saturation: closed loop, many clients.
+    let phase = Phase::new();
+    *current.lock().expect("phase") = phase.clone();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
+    let workers: Vec<_> = (0..args.clients)
+        .map(|_| {
+            let (client, wallets, phase, pending) = (client.clone(), wallets.clone(), phase.clone(), pending.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    transfer(&client, &wallets, &phase, &pending).await;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let saturated = phase.report("saturation", started.elapsed().saturating_sub(Duration::from_millis(0)));
+
+    // Half rate: open loop at a fixed schedule.
+    let target = (saturated / 2.0).max(1.0);
+    let phase = Phase::new();
+    *current.lock().expect("phase") = phase.clone();
+    pending.lock().await.clear();
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / target);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut inflight = vec![];
+    while started.elapsed() < Duration::from_secs(args.seconds) {
+        ticker.tick().await;
+        let (client, wallets, phase, pending) = (client.clone(), wallets.clone(), phase.clone(), pending.clone());
+        inflight.push(tokio::spawn(async move { transfer(&client, &wallets, &phase, &pending).await }));
+    }
+    for t in inflight {
+        t.await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let half = phase.report(&format!("half ({target:.0}/s)"), Duration::from_secs(args.seconds));
+    let _ = half;
+
+    println!(
+        "ratio        end-to-end transfers/s ÷ raw single-event transactions/s = {:.2} (target ≥ 2.0)",
+        saturated / raw
+    );
+    watch_stop.cancel();
+    let _ = watcher.await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))).execute(&mut admin).await?;
+    let js = async_nats::jetstream::new(async_nats::connect(&args.nats_url).await?);
+    let subjects = events::Subjects::with_prefix(&prefix);
+    let _ = js.delete_stream(subjects.commands_stream()).await;
+    let _ = js.delete_stream(subjects.events_stream()).await;
+    Ok(())
+}
