@@ -3,7 +3,9 @@
 //! 1. The command id is the `Idempotency-Key` made unique per principal and
 //!    route (UUIDv5 of the three), or a fresh UUIDv7 without a key.
 //! 2. A decided command is in the ledger: same request hash → the stored answer
-//!    again with `Idempotent-Replayed: true`; another hash → 422.
+//!    again with `Idempotent-Replayed: true`; another hash → 422. The handler
+//!    answers a redelivered command from the ledger, so the hot path has no
+//!    extra read.
 //! 3. Requests for one command id on this instance share one publish and one
 //!    outcome; a twin with another body → 422.
 //! 4. The envelope goes to `COMMANDS` with `Nats-Msg-Id` = command id; the
@@ -104,12 +106,16 @@ pub async fn dispatch<B: Serialize>(
             )));
         }
     };
-    mark_pending(state, command_id, principal.user_id).await;
     if options.respond_async {
+        mark_pending(state, command_id, principal.user_id).await;
         return Ok(accepted(command_id));
     }
     // A duplicate publish means another instance sent it: its answer goes there, so poll the ledger.
-    wait(state, receiver, command_id, &request_hash, duplicate).await
+    let res = wait(state, receiver, command_id, &request_hash, duplicate).await;
+    if matches!(&res, Ok(r) if r.status() == StatusCode::ACCEPTED) {
+        mark_pending(state, command_id, principal.user_id).await;
+    }
+    res
 }
 
 async fn wait(
@@ -122,16 +128,22 @@ async fn wait(
     let deadline = tokio::time::Instant::now() + state.settings.command_timeout;
     let mut poll = tokio::time::interval(Duration::from_millis(50));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Poll the ledger when the answer goes elsewhere (another instance sent the
+    // command) or when the registration was dropped (its first request gave up).
+    let mut polling = replayed;
     loop {
         tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_ok()
-                    && let Some(outcome) = rx.borrow_and_update().clone()
-                {
-                    return if replayed { replay(outcome, request_hash) } else { Ok(answer(outcome, false)) };
+            changed = rx.changed(), if !polling => {
+                match changed {
+                    Ok(()) => {
+                        if let Some(outcome) = rx.borrow_and_update().clone() {
+                            return if replayed || outcome.replayed { replay(outcome, request_hash) } else { Ok(answer(outcome, false)) };
+                        }
+                    }
+                    Err(_) => polling = true,
                 }
             }
-            _ = poll.tick(), if replayed => {
+            _ = poll.tick(), if polling => {
                 if let Some(prior) = ledger::find(&state.pool, &[command_id]).await?.remove(&command_id) {
                     return replay(prior, request_hash);
                 }

@@ -72,6 +72,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Install the metrics recorder before any role records a figure.
+    routes::health::prometheus();
     let outcomes = state.clone().listen_for_outcomes().await?;
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     axum::serve(

@@ -54,6 +54,9 @@ pub struct Outcome {
     pub position: Option<i64>,
     /// The request hash the command was decided with.
     pub request_hash: String,
+    /// True when this answer comes from the ledger (the command was decided before).
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> anyhow::Result<T> {

@@ -77,27 +77,45 @@ struct Incoming {
 impl Handlers {
     /// Run until `shutdown`: pull, decide, append, answer, ack.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let consumer = bus::ensure_consumer(
-            &self.js,
-            &self.subjects.commands_stream(),
-            bus::handlers_consumer_config(&self.subjects)?,
-        )
-        .await?;
+        let config = bus::handlers_consumer_config(&self.subjects)?;
         let mut cache: HashMap<StreamId, Loaded> = HashMap::new();
         tracing::info!(consumer = bus::HANDLERS, "handlers started");
         while !shutdown.is_cancelled() {
-            let messages = consumer
-                .stream()
-                .max_messages_per_batch(self.config.batch_max)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await;
+            // (Re)create the consumer each time the pull stream fails, so a deleted
+            // consumer or a recreated stream heals on its own.
+            let messages = match bus::ensure_consumer(
+                &self.js,
+                &self.subjects.commands_stream(),
+                config.clone(),
+            )
+            .await
+            {
+                Ok(consumer) => {
+                    consumer
+                        .stream()
+                        .max_messages_per_batch(self.config.batch_max)
+                        .heartbeat(Duration::from_secs(5))
+                        .expires(Duration::from_secs(30))
+                        .messages()
+                        .await
+                }
+                Err(e) => {
+                    // The stream itself may be gone (deleted by an operator): put it back.
+                    let _ = bus::ensure_streams(&self.js, &self.subjects).await;
+                    Err(async_nats::jetstream::consumer::StreamError::with_source(
+                        async_nats::jetstream::consumer::StreamErrorKind::Other,
+                        format!("{e:#}"),
+                    ))
+                }
+            };
             let messages = match messages {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot pull from COMMANDS; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
                     continue;
                 }
             };
@@ -301,6 +319,7 @@ impl Handlers {
                         body: serde_json::to_value(&rejection).unwrap_or_default(),
                         position: None,
                         request_hash: env.request_hash.clone(),
+                        replayed: false,
                     };
                     entries.push((i, entry(env, &outcome)));
                     outcomes[i] = Some(outcome);
@@ -365,6 +384,7 @@ impl Handlers {
                 body,
                 position: Some(position),
                 request_hash: env.request_hash.clone(),
+                replayed: false,
             };
             accepted.push(entry(env, &outcome));
             outcomes[*i] = Some(outcome);
@@ -386,7 +406,10 @@ impl Handlers {
             if outcomes[i].is_none()
                 && let Some(&first) = seen.get(&inc.envelope.command_id)
             {
-                outcomes[i] = outcomes[first].clone();
+                outcomes[i] = outcomes[first].clone().map(|o| Outcome {
+                    replayed: true,
+                    ..o
+                });
             }
         }
         outcomes

@@ -43,6 +43,7 @@ pub async fn find(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, Outcome>,
                     body: r.get("answer"),
                     position: r.get("position"),
                     request_hash: r.get("request_hash"),
+                    replayed: true,
                 },
             )
         })

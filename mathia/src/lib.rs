@@ -150,6 +150,10 @@ pub async fn run(
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if roles.gateway {
+        // Install the metrics recorder before any role records a figure.
+        gateway::routes::health::prometheus();
+    }
     let infra = connect(&config, "mathia").await?;
     if roles == Roles::ALL {
         infra::migrate(&infra.pool).await?;

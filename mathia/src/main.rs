@@ -4,6 +4,9 @@ use clap::{Parser, Subcommand};
 use mathia::{Config, Roles};
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "mathia",

@@ -45,27 +45,41 @@ impl Runner {
         // Catch up with the store first: the stream may no longer hold what we missed.
         let head = store::head_position(&self.pool).await?;
         self.catch_up(&*projector, head).await?;
-        let consumer = bus::ensure_consumer(
-            &self.js,
-            &self.subjects.events_stream(),
-            bus::projector_consumer_config(&self.subjects, name, projector.domains())?,
-        )
-        .await?;
+        let config = bus::projector_consumer_config(&self.subjects, name, projector.domains())?;
         tracing::info!(projector = name, "projector started");
         while !shutdown.is_cancelled() {
-            let messages = match consumer
-                .stream()
-                .max_messages_per_batch(BATCH as usize)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
+            // (Re)create the consumer whenever pulling fails, so a deleted consumer
+            // or a recreated stream heals on its own; meanwhile the store is the source.
+            let pulled = match bus::ensure_consumer(
+                &self.js,
+                &self.subjects.events_stream(),
+                config.clone(),
+            )
+            .await
             {
+                Ok(consumer) => consumer
+                    .stream()
+                    .max_messages_per_batch(BATCH as usize)
+                    .heartbeat(Duration::from_secs(5))
+                    .expires(Duration::from_secs(30))
+                    .messages()
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            let messages = match pulled {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!(projector = name, error = %e, "cannot pull from EVENTS; catching up from the store");
+                    tracing::warn!(
+                        projector = name,
+                        error = format!("{e:#}"),
+                        "cannot pull from EVENTS; catching up from the store"
+                    );
                     self.tick(&*projector).await;
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
                     continue;
                 }
             };
@@ -98,8 +112,10 @@ impl Runner {
                         }
                         match self.catch_up(&*projector, up_to).await {
                             Ok(()) => {
-                                for m in msgs {
-                                    let _ = m.ack().await;
+                                // Ack-all: acking the last acks the batch (the store, not the
+                                // messages, is what gets applied, so this loses nothing).
+                                if let Some(last) = msgs.last() {
+                                    let _ = last.ack().await;
                                 }
                             }
                             Err(e) => {

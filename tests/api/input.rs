@@ -34,7 +34,14 @@ async fn malformed_oversized_and_unauthorised_requests_get_problems_and_write_no
         }
     };
     let tok = Some(alice.clone());
-    type Case = (&'static str, Vec<u8>, &'static str, Option<String>, u16, &'static str);
+    type Case = (
+        &'static str,
+        Vec<u8>,
+        &'static str,
+        Option<String>,
+        u16,
+        &'static str,
+    );
     let cases: Vec<Case> = vec![
         ("syntax", b"{\"from_wallet\":".to_vec(), "application/json", tok.clone(), 400, "malformed_request"),
         ("invalid utf-8", b"{\"reference\":\"\xff\xfe\"}".to_vec(), "application/json", tok.clone(), 400, "malformed_request"),

@@ -262,3 +262,64 @@ async fn a_read_that_asks_for_the_writes_position_sees_the_write() {
         .assert_problem(404, "not_found");
     app.stop().await;
 }
+
+/// JetStream forgets duplicates after two minutes (here: the stream is deleted
+/// outright); the ledger does not. A retry then reaches the handler, which
+/// answers from the ledger and moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_jetstream_forgot_the_command_gets_the_first_answer_from_the_ledger() {
+    let app = TestApp::spawn().await;
+    let (_, admin) = app.user("admin@test.local").await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    let from = app.funded_wallet(&alice, &admin, 1_000).await;
+    app.funded_wallet(&bob, &admin, 0).await;
+    let body = json!({"from_wallet": from, "to_user": bob_id, "amount": 250, "currency": "KES"});
+    let first = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &body,
+            &[("idempotency-key", "once")],
+        )
+        .await;
+    assert_eq!(first.status, 201);
+    let js = async_nats::jetstream::new(app.nats.clone());
+    js.delete_stream(app.subjects.commands_stream())
+        .await
+        .unwrap();
+    // The handlers put the stream back; until then the gateway answers 503.
+    let mut retry = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &body,
+            &[("idempotency-key", "once")],
+        )
+        .await;
+    for _ in 0..100 {
+        if retry.status != 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        retry = app
+            .post(
+                "/v1/transfers",
+                Some(&alice),
+                &body,
+                &[("idempotency-key", "once")],
+            )
+            .await;
+    }
+    assert_eq!((retry.status, &retry.body), (201, &first.body));
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    let debits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'Debited' AND stream_id = $1",
+    )
+    .bind(format!("wallet.account.{from}"))
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(debits, 1, "the retry moved nothing");
+    app.stop().await;
+}

@@ -77,6 +77,18 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may already be installed (tests start many apps): keep ours readable anyway.
         let _ = metrics::set_global_recorder(recorder);
+        // Histograms buffer every sample until upkeep folds them into summaries:
+        // without this, a process nobody scrapes grows without bound.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let upkeep = handle.clone();
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+        }
         handle
     })
 }

@@ -28,6 +28,9 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -43,13 +46,21 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     clients: usize,
     /// Admin connection string; the benchmark creates and drops its own database.
-    #[arg(long, env = "MATHIA_TEST_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "MATHIA_TEST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     admin_database_url: String,
     /// NATS (≥ 2.10 with JetStream).
     #[arg(long, env = "MATHIA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// Redis.
-    #[arg(long, env = "MATHIA_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "MATHIA_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
 }
 
@@ -66,7 +77,13 @@ struct Client {
 }
 
 impl Client {
-    async fn post(&self, path: &str, token: Option<&str>, body: &Value, key: Option<&str>) -> anyhow::Result<(u16, Value)> {
+    async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+        key: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
         let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -98,8 +115,17 @@ struct Phase {
 
 impl Phase {
     fn new() -> Arc<Phase> {
-        let h = || std::sync::Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"));
-        Arc::new(Phase { answered: AtomicU64::new(0), failed: AtomicU64::new(0), answer: h(), visible: h() })
+        let h = || {
+            std::sync::Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            )
+        };
+        Arc::new(Phase {
+            answered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            answer: h(),
+            visible: h(),
+        })
     }
 
     fn report(&self, name: &str, elapsed: Duration) -> f64 {
@@ -132,9 +158,17 @@ async fn transfer(client: &Client, wallets: &[Wallet], phase: &Phase, pending: &
     let body = json!({"from_wallet": wallets[i].wallet, "to_user": wallets[j].user, "amount": 1, "currency": "KES"});
     let key = Uuid::now_v7().to_string();
     let sent = Instant::now();
-    match client.post("/v1/transfers", Some(&wallets[i].token), &body, Some(&key)).await {
+    match client
+        .post("/v1/transfers", Some(&wallets[i].token), &body, Some(&key))
+        .await
+    {
         Ok((201, answer)) => {
-            phase.answer.lock().expect("histogram").record(sent.elapsed().as_micros() as u64).ok();
+            phase
+                .answer
+                .lock()
+                .expect("histogram")
+                .record(sent.elapsed().as_micros() as u64)
+                .ok();
             phase.answered.fetch_add(1, Ordering::Relaxed);
             if let Some(p) = answer["position"].as_i64() {
                 pending.lock().await.push((p, sent));
@@ -147,28 +181,41 @@ async fn transfer(client: &Client, wallets: &[Wallet], phase: &Phase, pending: &
 }
 
 /// Watch the wallet projector's checkpoint and record when each pending position becomes visible.
-async fn watch_visibility(database_url: String, pending: Pending, phase: Arc<std::sync::Mutex<Arc<Phase>>>, stop: CancellationToken) {
-    let Ok(mut conn) = PgConnection::connect(&database_url).await else { return };
+async fn watch_visibility(
+    database_url: String,
+    pending: Pending,
+    phase: Arc<std::sync::Mutex<Arc<Phase>>>,
+    stop: CancellationToken,
+) {
+    let Ok(mut conn) = PgConnection::connect(&database_url).await else {
+        return;
+    };
     while !stop.is_cancelled() {
-        let cp: i64 = sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = 'wallet'")
-            .fetch_optional(&mut conn)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0);
+        let cp: i64 =
+            sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = 'wallet'")
+                .fetch_optional(&mut conn)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(0);
         let now = Instant::now();
         let current = phase.lock().expect("phase").clone();
         let mut p = pending.lock().await;
         p.retain(|(pos, sent)| {
             if *pos <= cp {
-                current.visible.lock().expect("histogram").record(now.duration_since(*sent).as_micros() as u64).ok();
+                current
+                    .visible
+                    .lock()
+                    .expect("histogram")
+                    .record(now.duration_since(*sent).as_micros() as u64)
+                    .ok();
                 false
             } else {
                 true
             }
         });
         drop(p);
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -215,8 +262,12 @@ async fn baseline(database_url: &str, seconds: u64) -> anyhow::Result<f64> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let db = format!("mathia_bench_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&args.admin_database_url).await.context("connecting to the admin database")?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(&mut admin).await?;
+    let mut admin = PgConnection::connect(&args.admin_database_url)
+        .await
+        .context("connecting to the admin database")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&mut admin)
+        .await?;
     let database_url = db_url(&args.admin_database_url, &db);
     let prefix = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
     let config = Config {
@@ -241,10 +292,26 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(mathia::run(config, Roles::ALL, Some(listener), shutdown.clone()));
-    let client = Arc::new(Client { http: reqwest::Client::builder().pool_max_idle_per_host(1024).build()?, base });
+    let server = tokio::spawn(mathia::run(
+        config,
+        Roles::ALL,
+        Some(listener),
+        shutdown.clone(),
+    ));
+    let client = Arc::new(Client {
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()?,
+        base,
+    });
     for _ in 0..200 {
-        if client.http.get(format!("{}/healthz", client.base)).send().await.is_ok() {
+        if client
+            .http
+            .get(format!("{}/healthz", client.base))
+            .send()
+            .await
+            .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -252,38 +319,93 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("setting up {} funded wallets…", args.wallets);
     let pw = "Bench&Mark-2026";
-    client.post("/v1/auth/register", None, &json!({"email": "admin@bench.local", "password": pw, "display_name": "admin"}), None).await?;
-    let (_, login) = client.post("/v1/auth/login", None, &json!({"email": "admin@bench.local", "password": pw}), None).await?;
-    let admin_token = login["access_token"].as_str().context("admin login")?.to_owned();
+    client
+        .post(
+            "/v1/auth/register",
+            None,
+            &json!({"email": "admin@bench.local", "password": pw, "display_name": "admin"}),
+            None,
+        )
+        .await?;
+    let (_, login) = client
+        .post(
+            "/v1/auth/login",
+            None,
+            &json!({"email": "admin@bench.local", "password": pw}),
+            None,
+        )
+        .await?;
+    let admin_token = login["access_token"]
+        .as_str()
+        .context("admin login")?
+        .to_owned();
     let setup = futures::future::join_all((0..args.wallets).map(|i| {
         let client = client.clone();
         let admin_token = admin_token.clone();
         async move {
             let email = format!("u{i}@bench.local");
-            let (_, user) = client.post("/v1/auth/register", None, &json!({"email": email, "password": pw, "display_name": "u"}), None).await?;
-            let (_, login) = client.post("/v1/auth/login", None, &json!({"email": email, "password": pw}), None).await?;
+            let (_, user) = client
+                .post(
+                    "/v1/auth/register",
+                    None,
+                    &json!({"email": email, "password": pw, "display_name": "u"}),
+                    None,
+                )
+                .await?;
+            let (_, login) = client
+                .post(
+                    "/v1/auth/login",
+                    None,
+                    &json!({"email": email, "password": pw}),
+                    None,
+                )
+                .await?;
             let token = login["access_token"].as_str().context("login")?.to_owned();
-            let (_, w) = client.post("/v1/wallets", Some(&token), &json!({"currency": "KES"}), None).await?;
+            let (_, w) = client
+                .post(
+                    "/v1/wallets",
+                    Some(&token),
+                    &json!({"currency": "KES"}),
+                    None,
+                )
+                .await?;
             let wallet: Uuid = w["wallet_id"].as_str().context("wallet")?.parse()?;
             let (s, _) = client
-                .post(&format!("/v1/wallets/{wallet}/deposits"), Some(&admin_token), &json!({"amount": 100_000_000, "currency": "KES"}), None)
+                .post(
+                    &format!("/v1/wallets/{wallet}/deposits"),
+                    Some(&admin_token),
+                    &json!({"amount": 100_000_000, "currency": "KES"}),
+                    None,
+                )
                 .await?;
             anyhow::ensure!(s == 201, "deposit answered {s}");
             let user: Uuid = user["user_id"].as_str().context("user")?.parse()?;
-            anyhow::Ok(Wallet { token, wallet, user })
+            anyhow::Ok(Wallet {
+                token,
+                wallet,
+                user,
+            })
         }
     }))
     .await;
     let wallets: Arc<Vec<Wallet>> = Arc::new(setup.into_iter().collect::<anyhow::Result<_>>()?);
 
-    eprintln!("baseline: single-event INSERT transactions from 32 connections for {} s…", args.seconds);
+    eprintln!(
+        "baseline: single-event INSERT transactions from 32 connections for {} s…",
+        args.seconds
+    );
     let raw = baseline(&database_url, args.seconds).await?;
     println!("baseline     {raw:>9.0} single-event INSERT transactions/s (32 connections)");
 
     let pending: Pending = Arc::new(Mutex::new(Vec::new()));
     let current = Arc::new(std::sync::Mutex::new(Phase::new()));
     let watch_stop = CancellationToken::new();
-    let watcher = tokio::spawn(watch_visibility(database_url.clone(), pending.clone(), current.clone(), watch_stop.clone()));
+    let watcher = tokio::spawn(watch_visibility(
+        database_url.clone(),
+        pending.clone(),
+        current.clone(),
+        watch_stop.clone(),
+    ));
 
     // Saturation: closed loop, many clients.
     let phase = Phase::new();
@@ -292,7 +414,12 @@ async fn main() -> anyhow::Result<()> {
     let deadline = started + Duration::from_secs(args.seconds);
     let workers: Vec<_> = (0..args.clients)
         .map(|_| {
-            let (client, wallets, phase, pending) = (client.clone(), wallets.clone(), phase.clone(), pending.clone());
+            let (client, wallets, phase, pending) = (
+                client.clone(),
+                wallets.clone(),
+                phase.clone(),
+                pending.clone(),
+            );
             tokio::spawn(async move {
                 while Instant::now() < deadline {
                     transfer(&client, &wallets, &phase, &pending).await;
@@ -304,7 +431,22 @@ async fn main() -> anyhow::Result<()> {
         w.await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let saturated = phase.report("saturation", started.elapsed().saturating_sub(Duration::from_millis(0)));
+    let saturated = phase.report("saturation", started.elapsed());
+    if std::env::var("LOADGEN_METRICS").is_ok() {
+        let text = client
+            .http
+            .get(format!("{}/metrics", client.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("mathia_command_batch") || l.contains("conflicts"))
+        {
+            println!("  {line}");
+        }
+    }
 
     // Half rate: open loop at a fixed schedule.
     let target = (saturated / 2.0).max(1.0);
@@ -318,14 +460,24 @@ async fn main() -> anyhow::Result<()> {
     let mut inflight = vec![];
     while started.elapsed() < Duration::from_secs(args.seconds) {
         ticker.tick().await;
-        let (client, wallets, phase, pending) = (client.clone(), wallets.clone(), phase.clone(), pending.clone());
-        inflight.push(tokio::spawn(async move { transfer(&client, &wallets, &phase, &pending).await }));
+        let (client, wallets, phase, pending) = (
+            client.clone(),
+            wallets.clone(),
+            phase.clone(),
+            pending.clone(),
+        );
+        inflight.push(tokio::spawn(async move {
+            transfer(&client, &wallets, &phase, &pending).await
+        }));
     }
     for t in inflight {
         t.await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let half = phase.report(&format!("half ({target:.0}/s)"), Duration::from_secs(args.seconds));
+    let half = phase.report(
+        &format!("half ({target:.0}/s)"),
+        Duration::from_secs(args.seconds),
+    );
     let _ = half;
 
     println!(
@@ -336,7 +488,11 @@ async fn main() -> anyhow::Result<()> {
     let _ = watcher.await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))).execute(&mut admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
     let js = async_nats::jetstream::new(async_nats::connect(&args.nats_url).await?);
     let subjects = events::Subjects::with_prefix(&prefix);
     let _ = js.delete_stream(subjects.commands_stream()).await;
