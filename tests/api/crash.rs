@@ -179,3 +179,43 @@ async fn a_projector_catches_up_from_the_store_when_the_stream_lost_what_it_miss
     assert_eq!(w.body["balance"]["posted"], 100);
     app.stop().await;
 }
+
+/// Two instances of every role (one gateway) share the work without breaking
+/// an invariant: competing handlers, a relay leader and a standby, two
+/// instances of the wallet projector on one checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_of_every_role_cooperate() {
+    let app = TestApp::spawn().await;
+    app.start(only(false, true, true, true));
+    let (_, admin) = app.user("admin@test.local").await;
+    let mut users = vec![];
+    for i in 0..3 {
+        let (id, token) = app.user(&format!("u{i}@test.local")).await;
+        let wallet = app.funded_wallet(&token, &admin, 10_000).await;
+        users.push((id, token, wallet));
+    }
+    let answers = join_all((0..300).map(|i| {
+        let (_, token, from) = users[i % 3].clone();
+        let to = users[(i + 1) % 3].0;
+        let app = &app;
+        async move {
+            let r = app
+                .post(
+                    "/v1/transfers",
+                    Some(&token),
+                    &json!({"from_wallet": from, "to_user": to, "amount": 3, "currency": "KES"}),
+                    &[],
+                )
+                .await;
+            decided(app, &token, r).await
+        }
+    }))
+    .await;
+    assert!(
+        answers.iter().all(|r| r.status == 201),
+        "{:?}",
+        answers.iter().find(|r| r.status != 201)
+    );
+    assert_read_model_matches_the_log(&app).await;
+    app.stop().await;
+}
