@@ -334,6 +334,22 @@ impl TestApp {
         id
     }
 
+    /// An admin, Alice with a KES wallet holding `funds`, and Bob with an empty one.
+    pub async fn alice_and_bob(&self, funds: i64) -> Parties {
+        let (_, admin) = self.user("admin@test.local").await;
+        let (_, alice) = self.user("alice@test.local").await;
+        let (bob_id, bob) = self.user("bob@test.local").await;
+        let from = self.funded_wallet(&alice, &admin, funds).await;
+        self.funded_wallet(&bob, &admin, 0).await;
+        Parties {
+            admin,
+            alice,
+            bob,
+            bob_id,
+            from,
+        }
+    }
+
     /// Row count of a table.
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
@@ -375,6 +391,20 @@ impl TestApp {
         self.pool.close().await;
         drop_database(&self.db_name).await;
     }
+}
+
+/// The usual cast of a wallet test.
+pub struct Parties {
+    /// Admin token.
+    pub admin: String,
+    /// Alice's token.
+    pub alice: String,
+    /// Bob's token.
+    pub bob: String,
+    /// Bob's user id.
+    pub bob_id: Uuid,
+    /// Alice's wallet.
+    pub from: Uuid,
 }
 
 /// An HTTP answer, read whole.

@@ -24,6 +24,16 @@ pub enum AccountKind {
     SystemFloat,
 }
 
+impl AccountKind {
+    /// The snake_case name used in read models and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::User => "user",
+            AccountKind::SystemFloat => "system_float",
+        }
+    }
+}
+
 /// Why money moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use events::wallet::{AccountKind, WalletEvent};
+use events::wallet::WalletEvent;
 use events::{Event, EventEnvelope};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -50,10 +50,7 @@ impl Projector for WalletProjector {
                     opened.0.push(account_id);
                     opened.1.push(owner_id);
                     opened.2.push(currency);
-                    opened.3.push(match kind {
-                        AccountKind::User => "user",
-                        AccountKind::SystemFloat => "system_float",
-                    });
+                    opened.3.push(kind.as_str());
                     opened.4.push(env.version);
                     opened.5.push(env.occurred_at);
                 }

@@ -1,6 +1,6 @@
 //! Invariant 7: bad input gets a clear 4xx problem and writes nothing.
 
-use mathia_tests::{TestApp, only};
+use mathia_tests::{Parties, TestApp, only};
 use serde_json::json;
 
 async fn writes(app: &TestApp) -> (i64, i64) {
@@ -10,11 +10,13 @@ async fn writes(app: &TestApp) -> (i64, i64) {
 #[tokio::test]
 async fn malformed_oversized_and_unauthorised_requests_get_problems_and_write_nothing() {
     let app = TestApp::spawn().await;
-    let (_, admin) = app.user("admin@test.local").await;
-    let (_, alice) = app.user("alice@test.local").await;
-    let (bob_id, bob) = app.user("bob@test.local").await;
-    let wallet = app.funded_wallet(&alice, &admin, 1_000).await;
-    app.funded_wallet(&bob, &admin, 0).await;
+    let Parties {
+        alice,
+        bob,
+        bob_id,
+        from: wallet,
+        ..
+    } = app.alice_and_bob(1_000).await;
     let before = writes(&app).await;
     let url = format!("{}/v1/transfers", app.base);
     let send = |body: Vec<u8>, ctype: &'static str, token: Option<String>| {

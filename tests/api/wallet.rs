@@ -1,7 +1,7 @@
 //! Invariants 2, 4, 5 and 6 on the wallet, through the HTTP API.
 
 use futures::future::join_all;
-use mathia_tests::{TestApp, only};
+use mathia_tests::{Parties, TestApp, only};
 use serde_json::json;
 
 /// Σ over every ledger account, from the event store (each account's last balance_after).
@@ -22,11 +22,12 @@ async fn concurrent_spends_from_one_wallet_never_overdraw_it_and_money_is_conser
     let app = TestApp::spawn().await;
     // A second handlers instance competes for the same commands (invariant 4 across processes).
     app.start(only(false, true, false, false));
-    let (_, admin) = app.user("admin@test.local").await;
-    let (_, alice) = app.user("alice@test.local").await;
-    let (bob_id, bob) = app.user("bob@test.local").await;
-    let from = app.funded_wallet(&alice, &admin, 10_000).await;
-    app.funded_wallet(&bob, &admin, 0).await;
+    let Parties {
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(10_000).await;
     // 200 transfers of 70 race on a balance of 10,000: at most 142 can succeed.
     let replies = join_all((0..200).map(|i| {
         let app = &app;
@@ -78,11 +79,13 @@ async fn concurrent_spends_from_one_wallet_never_overdraw_it_and_money_is_conser
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_idempotency_key_sent_20_times_at_once_moves_money_once_and_answers_the_same() {
     let app = TestApp::spawn().await;
-    let (_, admin) = app.user("admin@test.local").await;
-    let (_, alice) = app.user("alice@test.local").await;
-    let (bob_id, bob) = app.user("bob@test.local").await;
-    let from = app.funded_wallet(&alice, &admin, 1_000).await;
-    app.funded_wallet(&bob, &admin, 0).await;
+    let Parties {
+        alice,
+        bob,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(1_000).await;
     let body = json!({"from_wallet": from, "to_user": bob_id, "amount": 300, "currency": "KES", "reference": "rent"});
     let replies = join_all((0..20).map(|_| {
         app.post(
@@ -144,11 +147,13 @@ async fn the_same_idempotency_key_sent_20_times_at_once_moves_money_once_and_ans
 #[tokio::test]
 async fn a_failed_transfer_stays_failed_for_its_key() {
     let app = TestApp::spawn().await;
-    let (_, admin) = app.user("admin@test.local").await;
-    let (_, alice) = app.user("alice@test.local").await;
-    let (bob_id, bob) = app.user("bob@test.local").await;
-    let from = app.funded_wallet(&alice, &admin, 100).await;
-    app.funded_wallet(&bob, &admin, 0).await;
+    let Parties {
+        admin,
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(100).await;
     let body = json!({"from_wallet": from, "to_user": bob_id, "amount": 500, "currency": "KES"});
     let first = app
         .post(
@@ -186,11 +191,13 @@ async fn a_failed_transfer_stays_failed_for_its_key() {
 #[tokio::test]
 async fn a_read_that_asks_for_the_writes_position_sees_the_write() {
     let app = TestApp::spawn().await;
-    let (_, admin) = app.user("admin@test.local").await;
-    let (_, alice) = app.user("alice@test.local").await;
-    let (bob_id, bob) = app.user("bob@test.local").await;
-    let from = app.funded_wallet(&alice, &admin, 1_000).await;
-    app.funded_wallet(&bob, &admin, 0).await;
+    let Parties {
+        alice,
+        bob,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(1_000).await;
     for i in 0..10 {
         let r = app
             .post(
@@ -269,11 +276,12 @@ async fn a_read_that_asks_for_the_writes_position_sees_the_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_jetstream_forgot_the_command_gets_the_first_answer_from_the_ledger() {
     let app = TestApp::spawn().await;
-    let (_, admin) = app.user("admin@test.local").await;
-    let (_, alice) = app.user("alice@test.local").await;
-    let (bob_id, bob) = app.user("bob@test.local").await;
-    let from = app.funded_wallet(&alice, &admin, 1_000).await;
-    app.funded_wallet(&bob, &admin, 0).await;
+    let Parties {
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(1_000).await;
     let body = json!({"from_wallet": from, "to_user": bob_id, "amount": 250, "currency": "KES"});
     let first = app
         .post(
