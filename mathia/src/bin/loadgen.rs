@@ -28,10 +28,10 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use uuid::Uuid;
 
 #[derive(Parser)]
 #[command(about = "Drive transfers through the HTTP API and report throughput and latency")]
@@ -62,6 +62,19 @@ struct Args {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// Diagnostic: instead of measuring transfers only, first saturate `GET <path>`
+    /// (e.g. /healthz, /v1/me) to see the HTTP stack's own ceiling.
+    #[arg(long)]
+    probe: Option<String>,
+    /// Diagnostic: turn the rate limits off (no Redis round trip per request).
+    #[arg(long)]
+    without_rate_limits: bool,
+    /// Diagnostic: run only the gateway and the handlers (no relay, no projections).
+    #[arg(long)]
+    without_pipeline: bool,
+    /// Print the handlers' batch metrics after the saturation phase.
+    #[arg(long)]
+    show_metrics: bool,
 }
 
 fn db_url(admin: &str, db: &str) -> String {
@@ -280,7 +293,11 @@ async fn main() -> anyhow::Result<()> {
         nats_prefix: prefix.clone(),
         redis_prefix: format!("{prefix}:"),
         // The limits stay on (their Redis round trip is part of every request), just high.
-        rate_limit_api_per_min: 10_000_000,
+        rate_limit_api_per_min: if args.without_rate_limits {
+            0
+        } else {
+            10_000_000
+        },
         rate_limit_anon_per_min: 10_000_000,
         command_timeout_ms: 5000,
         read_wait_ms: 2000,
@@ -292,12 +309,17 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(mathia::run(
-        config,
-        Roles::ALL,
-        Some(listener),
-        shutdown.clone(),
-    ));
+    handlers::infra::migrate(&handlers::infra::connect_pg(&database_url, 2).await?).await?;
+    let roles = if args.without_pipeline {
+        Roles {
+            relay: false,
+            projections: false,
+            ..Roles::ALL
+        }
+    } else {
+        Roles::ALL
+    };
+    let server = tokio::spawn(mathia::run(config, roles, Some(listener), shutdown.clone()));
     let client = Arc::new(Client {
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
@@ -390,6 +412,40 @@ async fn main() -> anyhow::Result<()> {
     .await;
     let wallets: Arc<Vec<Wallet>> = Arc::new(setup.into_iter().collect::<anyhow::Result<_>>()?);
 
+    if let Some(path) = &args.probe {
+        let count = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        let workers: Vec<_> = (0..args.clients)
+            .map(|i| {
+                let (client, count, wallets, path) =
+                    (client.clone(), count.clone(), wallets.clone(), path.clone());
+                tokio::spawn(async move {
+                    let token = &wallets[i % wallets.len()].token;
+                    while Instant::now() < deadline {
+                        if let Ok(r) = client
+                            .http
+                            .get(format!("{}{path}", client.base))
+                            .bearer_auth(token)
+                            .send()
+                            .await
+                            && r.status().is_success()
+                            && r.bytes().await.is_ok()
+                        {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await?;
+        }
+        println!(
+            "probe        {:>9.0} GET {path}/s",
+            count.load(Ordering::Relaxed) as f64 / args.seconds as f64
+        );
+    }
+
     eprintln!(
         "baseline: single-event INSERT transactions from 32 connections for {} s…",
         args.seconds
@@ -432,7 +488,7 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let saturated = phase.report("saturation", started.elapsed());
-    if std::env::var("LOADGEN_METRICS").is_ok() {
+    if args.show_metrics {
         let text = client
             .http
             .get(format!("{}/metrics", client.base))
