@@ -65,7 +65,7 @@ pub async fn dispatch<B: Serialize>(
         ),
         None => Uuid::now_v7(),
     };
-    let request_hash = request_hash(&route, body)?;
+    let request_hash = request_hash(&route, body, options.if_match)?;
     let command = command(command_id)?;
 
     if options.idempotency_key.is_some()
@@ -89,6 +89,7 @@ pub async fn dispatch<B: Serialize>(
         issued_at: Utc::now(),
         request_hash: request_hash.clone(),
         command,
+        expected_version: options.if_match,
     };
     let duplicate = match bus::publish_command(
         &state.js,
@@ -175,6 +176,7 @@ fn replay(outcome: Outcome, request_hash: &str) -> ApiResult<Response> {
 /// Render a decided command: the resource, or the rejection as a problem.
 pub fn answer(outcome: Outcome, replayed: bool) -> Response {
     let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let version = outcome.body.get("version").and_then(|v| v.as_i64());
     let mut res = if status.is_success() {
         (status, Json(outcome.body)).into_response()
     } else {
@@ -202,6 +204,11 @@ pub fn answer(outcome: Outcome, replayed: bool) -> Response {
     }
     if replayed {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if status.is_success()
+        && let Some(v) = version.and_then(|v| HeaderValue::from_str(&format!("\"{v}\"")).ok())
+    {
+        headers.insert(http::header::ETAG, v);
     }
     res
 }
@@ -241,7 +248,11 @@ pub async fn is_pending(state: &AppState, command_id: Uuid, principal: Uuid) -> 
     Ok(owner.as_deref() == Some(principal.to_string().as_str()))
 }
 
-fn request_hash<B: Serialize>(route: &Route<'_>, body: &B) -> ApiResult<String> {
+fn request_hash<B: Serialize>(
+    route: &Route<'_>,
+    body: &B,
+    if_match: Option<i64>,
+) -> ApiResult<String> {
     // serde_json maps keep keys sorted, so the hash ignores key order and white space.
     let canonical = serde_json::to_value(body).map_err(anyhow::Error::from)?;
     let mut h = Sha256::new();
@@ -250,5 +261,8 @@ fn request_hash<B: Serialize>(route: &Route<'_>, body: &B) -> ApiResult<String> 
     h.update(route.path.as_bytes());
     h.update(b"\n");
     h.update(canonical.to_string().as_bytes());
+    if let Some(v) = if_match {
+        h.update(format!("\nif-match {v}").as_bytes());
+    }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

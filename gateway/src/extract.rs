@@ -91,6 +91,8 @@ pub struct WriteOptions {
     pub idempotency_key: Option<String>,
     /// Answer 202 at once.
     pub respond_async: bool,
+    /// `If-Match: "<version>"`: the addressed resource must be at this version.
+    pub if_match: Option<i64>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for WriteOptions {
@@ -123,9 +125,25 @@ impl<S: Send + Sync> FromRequestParts<S> for WriteOptions {
                 v.split(',')
                     .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
             });
+        let if_match = match parts.headers.get(http::header::IF_MATCH) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .map(|s| s.trim().trim_matches('"'))
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .filter(|n| *n >= 0)
+                    .ok_or_else(|| {
+                        ApiError::Malformed(
+                            "If-Match must be the ETag this API gave out, e.g. \"3\"".into(),
+                        )
+                    })?,
+            ),
+        };
         Ok(WriteOptions {
             idempotency_key,
             respond_async,
+            if_match,
         })
     }
 }

@@ -39,6 +39,10 @@ pub struct CommandEnvelope {
     pub request_hash: String,
     /// The command.
     pub command: Command,
+    /// `If-Match`: the target stream must be at exactly this version, or the
+    /// command is rejected with 412 (optimistic concurrency for clients).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<i64>,
 }
 
 /// A decided command's answer, as stored in the ledger and sent to the gateway.

@@ -289,7 +289,17 @@ impl Handlers {
                 continue; // a redelivered twin inside this batch: answered from the first below
             }
             seen.insert(env.command_id, i);
-            match env.command.decide(&env.actor, &working) {
+            let current = working.get(&env.command.target()).map_or(0, |l| l.version);
+            let decided = match env.expected_version {
+                Some(expected) if expected != current => Err(commands::Rejection::new(
+                    412,
+                    "precondition_failed",
+                    format!("the resource is at version {current}, not {expected}; read it again"),
+                )
+                .with_details(serde_json::json!({ "current_version": current }))),
+                _ => env.command.decide(&env.actor, &working),
+            };
+            match decided {
                 Ok(decision) => {
                     let versions = working.apply(&decision.events);
                     let pending: Vec<PendingEvent> = decision

@@ -331,3 +331,64 @@ async fn a_retry_after_jetstream_forgot_the_command_gets_the_first_answer_from_t
     assert_eq!(debits, 1, "the retry moved nothing");
     app.stop().await;
 }
+
+/// `If-Match` makes a write conditional on the version a client read (the ETag).
+#[tokio::test]
+async fn a_write_with_a_stale_if_match_gets_412_and_moves_nothing() {
+    let app = TestApp::spawn().await;
+    let Parties {
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(1_000).await;
+    app.settle("wallet").await;
+    let wallet = app.get(&format!("/v1/wallets/{from}"), Some(&alice)).await;
+    let etag = wallet.header("etag").unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", wallet.body["version"]));
+    let pay = |amount: i64| json!({"from_wallet": from, "to_user": bob_id, "amount": amount, "currency": "KES"});
+    let first = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &pay(10),
+            &[("if-match", &etag)],
+        )
+        .await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    let new_etag = first.header("etag").unwrap().to_owned();
+    assert_ne!(new_etag, etag);
+    // Another device still holds the old ETag: refused, nothing moves.
+    let stale = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &pay(20),
+            &[("if-match", &etag)],
+        )
+        .await;
+    stale.assert_problem(412, "precondition_failed");
+    assert_eq!(
+        stale.body["current_version"].to_string(),
+        new_etag.trim_matches('"')
+    );
+    let ok = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &pay(20),
+            &[("if-match", &new_etag)],
+        )
+        .await;
+    assert_eq!(ok.status, 201);
+    assert_eq!(ok.body["balance"]["posted"], 1_000 - 10 - 20);
+    app.post(
+        "/v1/transfers",
+        Some(&alice),
+        &pay(1),
+        &[("if-match", "W/nonsense")],
+    )
+    .await
+    .assert_problem(400, "malformed_request");
+    app.stop().await;
+}

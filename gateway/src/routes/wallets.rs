@@ -414,10 +414,10 @@ pub async fn list_entries(
 /// Credit a wallet from the provider float. Admins only.
 #[utoipa::path(post, path = "/v1/wallets/{wallet_id}/deposits", tag = "wallet", security(("bearer" = [])),
     request_body = DepositRequest,
-    params(("wallet_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "the transfer id is derived from it")),
+    params(("wallet_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "the transfer id is derived from it"), ("If-Match" = Option<String>, Header, description = "the wallet's ETag; 412 if it moved since")),
     responses((status = 201, body = TransferResult), (status = 202, description = "poll Location"),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
-        (status = 404, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
+        (status = 404, body = Problem), (status = 422, body = Problem), (status = 412, description = "If-Match does not match", body = Problem), (status = 429, body = Problem)))]
 pub async fn deposit(
     State(state): State<AppState>,
     principal: Principal,
@@ -465,11 +465,11 @@ pub async fn deposit(
 /// Pay out of one of the caller's wallets.
 #[utoipa::path(post, path = "/v1/wallets/{wallet_id}/withdrawals", tag = "wallet", security(("bearer" = [])),
     request_body = WithdrawRequest,
-    params(("wallet_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "the transfer id is derived from it")),
+    params(("wallet_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "the transfer id is derived from it"), ("If-Match" = Option<String>, Header, description = "the wallet's ETag; 412 if it moved since")),
     responses((status = 201, body = TransferResult), (status = 202, description = "poll Location"),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
         (status = 422, description = "insufficient funds, currency mismatch, invalid fields", body = Problem),
-        (status = 429, body = Problem)))]
+        (status = 412, description = "If-Match does not match", body = Problem), (status = 429, body = Problem)))]
 pub async fn withdraw(
     State(state): State<AppState>,
     principal: Principal,
@@ -517,14 +517,14 @@ pub async fn withdraw(
 
 /// Move money from one of the caller's wallets to another wallet of the same currency.
 #[utoipa::path(post, path = "/v1/transfers", tag = "wallet", security(("bearer" = [])), request_body = TransferRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "the transfer id is derived from it; a retry answers the first result")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "the transfer id is derived from it; a retry answers the first result"), ("If-Match" = Option<String>, Header, description = "the debited wallet's ETag; 412 if it moved since")),
     responses((status = 201, body = TransferResult, headers(("Mathia-Position" = i64), ("Idempotent-Replayed" = bool))),
         (status = 202, description = "not decided within the timeout; poll Location"),
         (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 404, description = "your wallet or the recipient's does not exist", body = Problem),
         (status = 409, description = "the same key is still in flight", body = Problem),
         (status = 422, description = "insufficient funds, same wallet, currency mismatch, key reused with another body", body = Problem),
-        (status = 429, body = Problem)))]
+        (status = 412, description = "If-Match does not match", body = Problem), (status = 429, body = Problem)))]
 pub async fn transfer(
     State(state): State<AppState>,
     principal: Principal,
