@@ -214,6 +214,16 @@ impl Handlers {
             } else {
                 "rejected"
             };
+            // One line per command, keyed by the request id the gateway logged: grep it across roles.
+            tracing::debug!(
+                command = inc.envelope.command.name(),
+                command_id = %outcome.command_id,
+                request_id = %inc.envelope.correlation_id,
+                status = outcome.status,
+                position = outcome.position,
+                replayed = outcome.replayed,
+                "command {kind}"
+            );
             metrics::counter!("mathia_commands_total", "command" => inc.envelope.command.name(), "outcome" => kind)
                 .increment(1);
             if let Some(reply_to) = &inc.reply_to
