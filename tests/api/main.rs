@@ -4,6 +4,7 @@
 mod accounts;
 mod crash;
 mod input;
+mod nats;
 mod openapi;
 mod store;
 mod wallet;

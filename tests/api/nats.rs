@@ -1,0 +1,104 @@
+//! What the README promises an operator with the `nats` CLI is really there.
+//! The CLI is not installable here, so this speaks the same JetStream API
+//! requests it sends (`$JS.API.STREAM.INFO.<S>`, `$JS.API.CONSUMER.INFO.<S>.<C>`).
+
+use mathia_tests::TestApp;
+use serde_json::{Value, json};
+
+async fn api(app: &TestApp, subject: String) -> Value {
+    let reply = app
+        .nats
+        .request(subject, "".into())
+        .await
+        .expect("JetStream API answers");
+    serde_json::from_slice(&reply.payload).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
+    let app = TestApp::spawn().await;
+    let p = app.subjects.prefix().to_owned();
+    let (commands, events) = (app.subjects.commands_stream(), app.subjects.events_stream());
+
+    // nats stream info COMMANDS / EVENTS
+    let info = api(&app, format!("$JS.API.STREAM.INFO.{commands}")).await;
+    assert_eq!(
+        info["type"],
+        "io.nats.jetstream.api.v1.stream_info_response"
+    );
+    assert_eq!(info["config"]["subjects"], json!([format!("{p}.cmd.>")]));
+    assert_eq!(info["config"]["retention"], "workqueue");
+    assert_eq!(info["config"]["storage"], "file");
+    assert_eq!(info["config"]["duplicate_window"], 120_000_000_000u64);
+    let info = api(&app, format!("$JS.API.STREAM.INFO.{events}")).await;
+    assert_eq!(info["config"]["subjects"], json!([format!("{p}.evt.>")]));
+    assert_eq!(info["config"]["retention"], "limits");
+
+    // nats consumer info COMMANDS handlers / EVENTS proj-wallet
+    let handlers = api(&app, format!("$JS.API.CONSUMER.INFO.{commands}.handlers")).await;
+    assert_eq!(handlers["config"]["durable_name"], "handlers");
+    assert_eq!(handlers["config"]["ack_policy"], "explicit");
+    let projector = api(&app, format!("$JS.API.CONSUMER.INFO.{events}.proj-wallet")).await;
+    assert_eq!(
+        projector["config"]["filter_subject"],
+        format!("{p}.evt.wallet.>")
+    );
+
+    // nats sub 'evt.wallet.>' sees an event with the documented subject and headers.
+    let mut sub = app
+        .nats
+        .subscribe(format!("{p}.evt.wallet.>"))
+        .await
+        .unwrap();
+    let (_, alice) = app.user("alice@test.local").await;
+    let opened = app
+        .post(
+            "/v1/wallets",
+            Some(&alice),
+            &json!({"currency": "KES"}),
+            &[],
+        )
+        .await;
+    assert_eq!(opened.status, 201);
+    let wallet = opened.body["wallet_id"].as_str().unwrap();
+    let msg = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures::StreamExt::next(&mut sub),
+    )
+    .await
+    .expect("an event within 10 s")
+    .unwrap();
+    assert_eq!(
+        msg.subject.as_str(),
+        format!("{p}.evt.wallet.account.{wallet}.AccountOpened")
+    );
+    let h = msg.headers.expect("headers");
+    let body: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(
+        h.get("Nats-Msg-Id").unwrap().as_str(),
+        body["event_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        h.get("Mathia-Position").unwrap().as_str(),
+        body["position"].to_string()
+    );
+    assert_eq!(
+        h.get("Mathia-Event-Type").unwrap().as_str(),
+        "AccountOpened"
+    );
+    assert_eq!(h.get("Mathia-Stream-Version").unwrap().as_str(), "1");
+    assert!(h.get("X-Request-Id").is_some());
+
+    // nats stream get EVENTS 1
+    let got = app
+        .nats
+        .request(
+            format!("$JS.API.STREAM.MSG.GET.{events}"),
+            serde_json::to_vec(&json!({"seq": 1})).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let got: Value = serde_json::from_slice(&got.payload).unwrap();
+    assert_eq!(got["message"]["seq"], 1);
+    app.stop().await;
+}
