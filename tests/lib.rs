@@ -183,6 +183,8 @@ impl TestApp {
             database_pool: 16,
             handler_batch: 512,
             argon2_memory_kib: 1024,
+            // Roles as tasks (the default), so `crash` can kill one by aborting it.
+            role_threads: false,
         };
         tweak(&mut config);
         let pool = PgPool::connect(&url).await.expect("test pool");

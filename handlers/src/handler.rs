@@ -208,6 +208,9 @@ impl Handlers {
                 }
             }
         };
+        let decided_at = Instant::now();
+        metrics::histogram!("mathia_command_batch_phase_seconds", "phase" => "decide_commit")
+            .record(decided_at.duration_since(started).as_secs_f64());
         for (inc, outcome) in batch.iter().zip(outcomes) {
             let kind = if outcome.status < 400 {
                 "accepted"
@@ -236,6 +239,8 @@ impl Handlers {
                 tracing::warn!(error = %e, "ack failed; the command will be redelivered and replayed from the ledger");
             }
         }
+        metrics::histogram!("mathia_command_batch_phase_seconds", "phase" => "answer_ack")
+            .record(decided_at.elapsed().as_secs_f64());
         metrics::histogram!("mathia_command_batch_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("mathia_command_batch_size").record(batch.len() as f64);
         Ok(())
@@ -248,6 +253,7 @@ impl Handlers {
         cache: &mut HashMap<StreamId, Loaded>,
     ) -> Result<Vec<Outcome>, StoreError> {
         let ids: Vec<Uuid> = batch.iter().map(|i| i.envelope.command_id).collect();
+        let load_started = Instant::now();
         let decided = ledger::find(&self.pool, &ids).await?;
 
         // Load what the cache lacks, for the commands not decided yet.
@@ -347,6 +353,9 @@ impl Handlers {
             }
         }
 
+        let txn_started = Instant::now();
+        metrics::histogram!("mathia_command_batch_phase_seconds", "phase" => "load_decide")
+            .record(txn_started.duration_since(load_started).as_secs_f64());
         let mut tx = self.pool.begin().await?;
         // 1. Read-set validation: nobody appended to what we read since we read it.
         if !read_set.is_empty() {
@@ -413,6 +422,8 @@ impl Handlers {
             .await
             .map_err(StoreError::from_db)?;
         tx.commit().await.map_err(StoreError::from_db)?;
+        metrics::histogram!("mathia_command_batch_phase_seconds", "phase" => "transaction")
+            .record(txn_started.elapsed().as_secs_f64());
 
         // Committed: the working states are now the truth.
         if cache.len() > self.config.cache_max {

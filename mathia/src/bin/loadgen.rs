@@ -72,6 +72,9 @@ struct Args {
     /// Diagnostic: run only the gateway and the handlers (no relay, no projections).
     #[arg(long)]
     without_pipeline: bool,
+    /// Diagnostic: run the handlers, relay and projector on threads of their own (`MATHIA_ROLE_THREADS`).
+    #[arg(long)]
+    role_threads: bool,
     /// Print the handlers' batch metrics after the saturation phase.
     #[arg(long)]
     show_metrics: bool,
@@ -305,6 +308,7 @@ async fn main() -> anyhow::Result<()> {
         handler_batch: 512,
         // Logins are not what is measured; keep the 1,000 registrations quick.
         argon2_memory_kib: 1024,
+        role_threads: args.role_threads,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -496,10 +500,11 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .text()
             .await?;
-        for line in text
-            .lines()
-            .filter(|l| l.starts_with("mathia_command_batch") || l.contains("conflicts"))
-        {
+        for line in text.lines().filter(|l| {
+            (l.starts_with("mathia_command_batch")
+                && (l.contains("0.5\"") || l.contains("0.99\"") || l.contains("_count")))
+                || l.contains("conflicts")
+        }) {
             println!("  {line}");
         }
     }
