@@ -392,3 +392,33 @@ async fn a_write_with_a_stale_if_match_gets_412_and_moves_nothing() {
     .assert_problem(400, "malformed_request");
     app.stop().await;
 }
+
+/// The same flow with every background role on a thread of its own (`MATHIA_ROLE_THREADS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_on_their_own_threads_serve_the_same_answers() {
+    let app = TestApp::spawn_with(only(true, true, true, true), |c| c.role_threads = true).await;
+    let Parties {
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(500).await;
+    let r = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &json!({"from_wallet": from, "to_user": bob_id, "amount": 120, "currency": "KES"}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let position = r.body["position"].as_i64().unwrap();
+    let w = app
+        .get(
+            &format!("/v1/wallets/{from}?after_position={position}"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(w.body["balance"]["posted"], 380);
+    app.stop().await;
+}
