@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::routes::{accounts, commands, health, wallets};
+use crate::routes::{accounts, admin, commands, health, wallets};
 use crate::state::AppState;
 
 #[derive(OpenApi)]
@@ -64,4 +64,5 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(wallets::withdraw))
         .routes(routes!(wallets::transfer))
         .routes(routes!(commands::get_command))
+        .routes(routes!(admin::status))
 }

@@ -1,6 +1,7 @@
 //! One module per resource.
 
 pub mod accounts;
+pub mod admin;
 pub mod commands;
 pub mod health;
 pub mod wallets;

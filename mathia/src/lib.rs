@@ -17,8 +17,8 @@ use handlers::relay::Relay;
 use projections::runner::Runner;
 use projections::wallet::WalletProjector;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Configuration of every role. Each flag also reads its `MATHIA_*` variable.
 #[derive(Debug, Clone, clap::Args)]
@@ -217,21 +217,21 @@ pub async fn run(
     if roles == Roles::ALL {
         infra::migrate(&infra.pool).await?;
     }
-    let tasks = TaskTracker::new();
-    let failed = CancellationToken::new();
-    let spawn = |name: &'static str,
-                 fut: std::pin::Pin<
-        Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
-    >| {
-        let failed = failed.clone();
-        tasks.spawn(async move {
-            if let Err(e) = fut.await {
-                tracing::error!(
-                    role = name,
-                    error = format!("{e:#}"),
-                    "role stopped with an error"
-                );
-                failed.cancel();
+    // A JoinSet, not a detached tracker: if this future is dropped (the process
+    // "crashes" in a test that aborts it), every role task dies with it.
+    let mut set: JoinSet<bool> = JoinSet::new();
+    let mut spawn = |name: &'static str, fut: RoleFuture| {
+        set.spawn(async move {
+            match fut.await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(
+                        role = name,
+                        error = format!("{e:#}"),
+                        "role stopped with an error"
+                    );
+                    false
+                }
             }
         });
     };
@@ -335,16 +335,73 @@ pub async fn run(
             })),
         );
     }
-    tasks.close();
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = failed.cancelled() => { shutdown.cancel(); }
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            done = set.join_next() => match done {
+                None => break,
+                // A role that ends on its own before shutdown is a failure of the process.
+                Some(ok) => {
+                    failed |= !ok.unwrap_or(false) || !shutdown.is_cancelled();
+                    if failed {
+                        shutdown.cancel();
+                        break;
+                    }
+                }
+            },
+        }
     }
-    tasks.wait().await;
-    if failed.is_cancelled() && !shutdown.is_cancelled() {
+    while let Some(ok) = set.join_next().await {
+        failed |= !ok.unwrap_or(false);
+    }
+    if failed {
         anyhow::bail!("a role failed");
     }
     Ok(())
+}
+
+/// `mathia status` as a table for a person.
+pub fn render_status(s: &projections::status::Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let at = s
+        .log
+        .last_event_at
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_else(|| "never".into());
+    let _ = writeln!(out, "{:<10} head {:<10} last event {at}", "log", s.log.head);
+    for (kind, list) in [("relay", &s.relays), ("projector", &s.projectors)] {
+        for p in list {
+            let _ = writeln!(
+                out,
+                "{kind:<10} {:<16} position {:<10} lag {:>8} events {:>8.1} s{}",
+                p.name,
+                p.position,
+                p.lag_events,
+                p.lag_seconds,
+                if p.stuck { "  STUCK" } else { "" }
+            );
+        }
+    }
+    for st in &s.streams {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<16} messages {:<10} bytes {:<12} seq {}..{}",
+            "stream", st.name, st.messages, st.bytes, st.first_seq, st.last_seq
+        );
+        for c in &st.consumers {
+            let _ = writeln!(
+                out,
+                "  consumer {:<16} pending {:<8} ack pending {:<6} redelivered {:<6} ack floor {}",
+                c.name, c.num_pending, c.num_ack_pending, c.num_redelivered, c.ack_floor
+            );
+        }
+    }
+    for reason in &s.stuck {
+        let _ = writeln!(out, "STUCK: {reason}");
+    }
+    out
 }
 
 /// Logging setup.

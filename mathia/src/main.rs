@@ -34,6 +34,16 @@ enum Cmd {
     Projections,
     /// Apply database migrations and exit.
     Migrate,
+    /// Where every stream, consumer, the relay and every projector stands.
+    /// Exits 2 when something is behind and not moving.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// A reader behind the head that has not moved for this long is stuck.
+        #[arg(long, default_value_t = 60)]
+        stuck_after_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -52,6 +62,26 @@ async fn main() -> anyhow::Result<()> {
             handlers::infra::migrate(&pool).await?;
             println!("migrations applied");
             return Ok(());
+        }
+        Cmd::Status {
+            json,
+            stuck_after_secs,
+        } => {
+            let infra = mathia::connect(&cli.config, "mathia-status").await?;
+            let js = async_nats::jetstream::new(infra.nats.clone());
+            let status = projections::status::gather(
+                &infra.pool,
+                &js,
+                &infra.subjects,
+                std::time::Duration::from_secs(stuck_after_secs),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", mathia::render_status(&status));
+            }
+            std::process::exit(if status.stuck.is_empty() { 0 } else { 2 });
         }
         Cmd::Serve => Roles::ALL,
         Cmd::Gateway => Roles {

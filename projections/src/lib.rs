@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod runner;
+pub mod status;
 pub mod wallet;
 
 use std::future::Future;

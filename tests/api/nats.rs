@@ -14,6 +14,19 @@ async fn api(app: &TestApp, subject: String) -> Value {
     serde_json::from_slice(&reply.payload).expect("JSON")
 }
 
+/// `$JS.API.CONSUMER.INFO`, waiting for the role to have created the consumer
+/// (each role creates its own when it starts).
+async fn consumer_info(app: &TestApp, stream: &str, name: &str) -> Value {
+    for _ in 0..400 {
+        let info = api(app, format!("$JS.API.CONSUMER.INFO.{stream}.{name}")).await;
+        if info["config"].is_object() {
+            return info;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("consumer {name} on {stream} never appeared");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
     let app = TestApp::spawn().await;
@@ -35,10 +48,10 @@ async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
     assert_eq!(info["config"]["retention"], "limits");
 
     // nats consumer info COMMANDS handlers / EVENTS proj-wallet
-    let handlers = api(&app, format!("$JS.API.CONSUMER.INFO.{commands}.handlers")).await;
+    let handlers = consumer_info(&app, &commands, "handlers").await;
     assert_eq!(handlers["config"]["durable_name"], "handlers");
     assert_eq!(handlers["config"]["ack_policy"], "explicit");
-    let projector = api(&app, format!("$JS.API.CONSUMER.INFO.{events}.proj-wallet")).await;
+    let projector = consumer_info(&app, &events, "proj-wallet").await;
     assert_eq!(
         projector["config"]["filter_subject"],
         format!("{p}.evt.wallet.>")
@@ -100,5 +113,75 @@ async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
         .unwrap();
     let got: Value = serde_json::from_slice(&got.payload).unwrap();
     assert_eq!(got["message"]["seq"], 1);
+    app.stop().await;
+}
+
+/// `GET /v1/admin/status` (and `mathia status`) shows every reader, and a
+/// projector that stopped while events kept coming is reported stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_a_stopped_projector_as_stuck() {
+    let app = TestApp::spawn_with(mathia_tests::only(true, true, true, false), |_| {}).await;
+    let (_, admin) = app.user("admin@test.local").await;
+    let (_, alice) = app.user("alice@test.local").await;
+    app.get("/v1/admin/status", Some(&alice))
+        .await
+        .assert_problem(403, "forbidden");
+    let open = |currency: &'static str| {
+        let (app, alice) = (&app, alice.clone());
+        async move {
+            let r = app
+                .post(
+                    "/v1/wallets",
+                    Some(&alice),
+                    &json!({ "currency": currency }),
+                    &[],
+                )
+                .await;
+            assert_eq!(r.status, 201, "{}", r.body);
+        }
+    };
+    // The projector ran (its checkpoint exists) and then stopped; events keep coming.
+    open("KES").await;
+    let projector = app.start(mathia_tests::only(false, false, false, true));
+    app.settle("wallet").await;
+    app.crash(projector).await;
+    open("USD").await;
+    let status = app
+        .get("/v1/admin/status?stuck_after_secs=0", Some(&admin))
+        .await;
+    assert_eq!(status.status, 503, "{}", status.body);
+    let wallet = status.body["projectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "wallet")
+        .unwrap()
+        .clone();
+    assert_eq!(wallet["stuck"], true);
+    assert!(wallet["lag_events"].as_i64().unwrap() >= 1);
+    assert!(
+        status.body["stuck"][0]
+            .as_str()
+            .unwrap()
+            .contains("projector wallet")
+    );
+    let streams: Vec<&str> = status.body["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        streams,
+        vec![
+            app.subjects.commands_stream().as_str(),
+            app.subjects.events_stream().as_str()
+        ]
+    );
+    // Restarted, it catches up and the status is healthy again.
+    app.start(mathia_tests::only(false, false, false, true));
+    app.settle("wallet").await;
+    let status = app.get("/v1/admin/status", Some(&admin)).await;
+    assert_eq!(status.status, 200, "{}", status.body);
     app.stop().await;
 }
