@@ -173,7 +173,6 @@ impl TestApp {
             redis_url: redis_url(),
             listen: "127.0.0.1:0".into(),
             jwt_secret: Some("dGVzdC1vbmx5LXNlY3JldC10ZXN0LW9ubHktc2VjcmV0LTAxMjM0NTY3ODk=".into()),
-            admin_emails: vec!["admin@test.local".into()],
             nats_prefix: prefix.clone(),
             redis_prefix: format!("{prefix}:"),
             rate_limit_api_per_min: 1_000_000,
@@ -312,6 +311,38 @@ impl TestApp {
         )
     }
 
+    /// An admin account (registered, granted with `gateway::auth::set_admin`
+    /// as `mathia admin grant` does, logged in); returns (user id, access token).
+    pub async fn admin(&self) -> (Uuid, String) {
+        let r = self
+            .post("/v1/auth/register", None, &json!({"email": "admin@test.local", "password": "Str0ng&Secret!", "display_name": "A"}), &[])
+            .await;
+        assert_eq!(r.status, 201, "register admin: {}", r.body);
+        assert_eq!(r.body["role"], "user", "registering never makes an admin");
+        let user_id: Uuid = r.body["user_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("user id");
+        assert!(
+            gateway::auth::set_admin(&self.pool, "admin@test.local", true)
+                .await
+                .expect("grant")
+        );
+        let r = self
+            .post(
+                "/v1/auth/login",
+                None,
+                &json!({"email": "admin@test.local", "password": "Str0ng&Secret!"}),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        (
+            user_id,
+            r.body["access_token"].as_str().expect("token").to_owned(),
+        )
+    }
+
     /// Open a KES wallet for `token`'s user and fund it with `amount` as admin `admin`.
     pub async fn funded_wallet(&self, token: &str, admin: &str, amount: i64) -> Uuid {
         let r = self
@@ -338,7 +369,7 @@ impl TestApp {
 
     /// An admin, Alice with a KES wallet holding `funds`, and Bob with an empty one.
     pub async fn alice_and_bob(&self, funds: i64) -> Parties {
-        let (_, admin) = self.user("admin@test.local").await;
+        let (_, admin) = self.admin().await;
         let (_, alice) = self.user("alice@test.local").await;
         let (bob_id, bob) = self.user("bob@test.local").await;
         let from = self.funded_wallet(&alice, &admin, funds).await;

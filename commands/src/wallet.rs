@@ -135,6 +135,8 @@ pub enum WalletCommand {
         from: Uuid,
         /// The credited wallet.
         to: Uuid,
+        /// The currency the client means; both wallets must hold it.
+        currency: Currency,
         /// How much.
         amount: Amount,
         /// Free text shown to both sides.
@@ -265,7 +267,7 @@ impl WalletCommand {
                     ));
                 }
                 let wallet = states.wallet(&account_stream(*wallet_id));
-                if !wallet.opened {
+                if !wallet.opened || wallet.kind != Some(AccountKind::User) {
                     return Err(not_found());
                 }
                 check_currency(&wallet, *currency)?;
@@ -296,10 +298,12 @@ impl WalletCommand {
                 transfer_id,
                 from,
                 to,
+                currency,
                 amount,
                 reference,
             } => {
                 let source = owned_wallet(actor, states, *from)?;
+                check_currency(&source, *currency)?;
                 if from == to {
                     return Err(Rejection::new(
                         422,
@@ -308,7 +312,8 @@ impl WalletCommand {
                     ));
                 }
                 let target = states.wallet(&account_stream(*to));
-                if !target.opened {
+                // Only user wallets receive transfers; system accounts move through deposits and withdrawals.
+                if !target.opened || target.kind != Some(AccountKind::User) {
                     return Err(Rejection::new(
                         404,
                         "recipient_not_found",
@@ -439,6 +444,13 @@ fn legs(
     kind: EntryKind,
     reference: &Option<String>,
 ) -> Result<(Appended, Appended), Rejection> {
+    if debited.account_id == credited.account_id {
+        return Err(Rejection::new(
+            422,
+            "same_wallet",
+            "both legs of a transfer are on one account",
+        ));
+    }
     let amount = amount.get();
     let debited_after = debited
         .posted
@@ -610,6 +622,7 @@ mod tests {
         let a = funded(&mut s, alice, 100);
         let b = funded(&mut s, bob, 0);
         let cmd = WalletCommand::Transfer {
+            currency: kes(),
             transfer_id: Uuid::new_v4(),
             from: a,
             to: b,
@@ -628,6 +641,7 @@ mod tests {
         let a = funded(&mut s, alice, 100);
         let m = funded(&mut s, mallory, 0);
         let cmd = WalletCommand::Transfer {
+            currency: kes(),
             transfer_id: Uuid::new_v4(),
             from: a,
             to: m,
@@ -652,6 +666,65 @@ mod tests {
         assert_eq!(run(&mut s, &user(alice), cmd).unwrap_err().status, 403);
     }
 
+    #[test]
+    fn a_transfer_names_its_currency_and_it_must_be_the_wallets() {
+        let mut s = StateSet::default();
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = funded(&mut s, alice, 100);
+        let b = funded(&mut s, bob, 0);
+        let cmd = WalletCommand::Transfer {
+            transfer_id: Uuid::new_v4(),
+            from: a,
+            to: b,
+            currency: "JPY".parse().unwrap(),
+            amount: Amount::new(10).unwrap(),
+            reference: None,
+        };
+        assert_eq!(
+            run(&mut s, &user(alice), cmd).unwrap_err().code,
+            "currency_mismatch"
+        );
+    }
+
+    #[test]
+    fn system_accounts_receive_neither_transfers_nor_deposits() {
+        let mut s = StateSet::default();
+        let alice = Uuid::new_v4();
+        let a = funded(&mut s, alice, 100); // this opens a float shard
+        let float = s
+            .clone()
+            .into_inner()
+            .into_values()
+            .find_map(|l| match l.state {
+                State::Wallet(acc) if acc.kind == Some(AccountKind::SystemFloat) => {
+                    Some(acc.account_id)
+                }
+                _ => None,
+            })
+            .unwrap();
+        let to_float = WalletCommand::Transfer {
+            transfer_id: Uuid::new_v4(),
+            from: a,
+            to: float,
+            currency: kes(),
+            amount: Amount::new(1).unwrap(),
+            reference: None,
+        };
+        assert_eq!(run(&mut s, &user(alice), to_float).unwrap_err().status, 404);
+        let admin = Actor {
+            user_id: None,
+            role: Role::Admin,
+        };
+        let into_float = WalletCommand::Deposit {
+            transfer_id: Uuid::new_v4(),
+            wallet_id: float,
+            currency: kes(),
+            amount: Amount::new(1).unwrap(),
+            reference: None,
+        };
+        assert_eq!(run(&mut s, &admin, into_float).unwrap_err().status, 404);
+    }
+
     proptest::proptest! {
         /// Any sequence of deposits, transfers and withdrawals keeps Σ = 0 over all
         /// accounts, keeps every user wallet at or above 0, and the events'
@@ -668,7 +741,7 @@ mod tests {
                 let transfer_id = Uuid::new_v4();
                 let (actor, cmd) = match op {
                     0 => (admin.clone(), WalletCommand::Deposit { transfer_id, wallet_id: wallets[i], currency: kes(), amount, reference: None }),
-                    1 => (user(owners[i]), WalletCommand::Transfer { transfer_id, from: wallets[i], to: wallets[j], amount, reference: None }),
+                    1 => (user(owners[i]), WalletCommand::Transfer { transfer_id, from: wallets[i], to: wallets[j], currency: kes(), amount, reference: None }),
                     _ => (user(owners[i]), WalletCommand::Withdraw { transfer_id, wallet_id: wallets[i], currency: kes(), amount, destination: "bank:1".into() }),
                 };
                 if let Ok(d) = run(&mut s, &actor, cmd) {

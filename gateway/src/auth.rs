@@ -16,6 +16,32 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// Grant (or with `admin = false`, revoke) the admin role of the account with
+/// `email`, and audit it. Returns false when there is no such account. Takes
+/// effect at the account's next login or refresh.
+pub async fn set_admin(pool: &sqlx::PgPool, email: &str, admin: bool) -> anyhow::Result<bool> {
+    let role = if admin { "admin" } else { "user" };
+    let user: Option<Uuid> =
+        sqlx::query_scalar("UPDATE users SET role = $2 WHERE email = $1 RETURNING user_id")
+            .bind(email.trim().to_lowercase())
+            .bind(role)
+            .fetch_optional(pool)
+            .await?;
+    if let Some(user) = user {
+        let action = if admin {
+            "admin.granted"
+        } else {
+            "admin.revoked"
+        };
+        sqlx::query("INSERT INTO audit_log (action, subject) VALUES ($1, $2)")
+            .bind(action)
+            .bind(user.to_string())
+            .execute(pool)
+            .await?;
+    }
+    Ok(user.is_some())
+}
+
 /// JWT signing keys, from the configured secret.
 pub struct Keys {
     encoding: EncodingKey,

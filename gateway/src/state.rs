@@ -18,8 +18,6 @@ use crate::auth::Keys;
 /// The gateway's settings (the `mathia` binary fills them from its config).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Emails that get the admin role when they register.
-    pub admin_emails: Vec<String>,
     /// Requests per minute per authenticated principal.
     pub rate_limit_api_per_min: u32,
     /// Requests per minute per IP without authentication.
@@ -45,7 +43,6 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            admin_emails: vec![],
             rate_limit_api_per_min: 60,
             rate_limit_anon_per_min: 10,
             command_timeout: Duration::from_secs(5),

@@ -291,7 +291,8 @@ impl Handlers {
         // Decide in order. Events are staged per command so positions can be filled in after the fence.
         let now = Utc::now();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-        let mut staged: Vec<(usize, Vec<PendingEvent>, commands::Decision)> = Vec::new();
+        // (index in batch, its events, the decision, the target's version after it)
+        let mut staged: Vec<(usize, Vec<PendingEvent>, commands::Decision, i64)> = Vec::new();
         let mut entries: Vec<(usize, ledger::Entry)> = Vec::new();
         let mut seen: HashMap<Uuid, usize> = HashMap::new();
         let mut touched: HashSet<StreamId> = HashSet::new();
@@ -318,6 +319,10 @@ impl Handlers {
             match decided {
                 Ok(decision) => {
                     let versions = working.apply(&decision.events);
+                    // The target's version right after this command (not after the batch):
+                    // it becomes the answer's `version` and ETag.
+                    let target_version =
+                        working.get(&env.command.target()).map_or(0, |l| l.version);
                     let pending: Vec<PendingEvent> = decision
                         .events
                         .iter()
@@ -336,7 +341,7 @@ impl Handlers {
                             }
                         })
                         .collect();
-                    staged.push((i, pending, decision));
+                    staged.push((i, pending, decision, target_version));
                 }
                 Err(rejection) => {
                     let outcome = Outcome {
@@ -373,7 +378,7 @@ impl Handlers {
         // 2. Positions: the fence is taken by `append`; fill answers once we know them.
         let all_events: Vec<PendingEvent> = staged
             .iter()
-            .flat_map(|(_, p, _)| p.iter().cloned())
+            .flat_map(|(_, p, _, _)| p.iter().cloned())
             .collect();
         let snapshots: Vec<(StreamId, Loaded)> = touched
             .iter()
@@ -396,16 +401,14 @@ impl Handlers {
         let first = store::append(&mut tx, &all_events).await?;
         let mut accepted = Vec::with_capacity(staged.len());
         let mut offset = 0i64;
-        for (i, pending, decision) in &staged {
+        for (i, pending, decision, version) in &staged {
             let env = &batch[*i].envelope;
             offset += pending.len() as i64;
             let position = first + offset - 1;
-            let target = env.command.target();
-            let version = working.get(&target).map_or(0, |l| l.version);
             let mut body = decision.answer.clone();
             if let Some(obj) = body.as_object_mut() {
                 obj.insert("position".into(), position.into());
-                obj.insert("version".into(), version.into());
+                obj.insert("version".into(), (*version).into());
             }
             let outcome = Outcome {
                 command_id: env.command_id,

@@ -44,14 +44,20 @@ pub enum StoreError {
     Decode(#[from] events::DecodeError),
     /// Any other database error.
     #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::from_db(e)
+    }
 }
 
 impl StoreError {
-    /// Map unique-key violations to [`StoreError::Conflict`].
+    /// Map unique-key violations, deadlocks and serialization failures to [`StoreError::Conflict`].
     pub fn from_db(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e
-            && db.code().as_deref() == Some("23505")
+            && matches!(db.code().as_deref(), Some("23505" | "40P01" | "40001"))
         {
             return StoreError::Conflict {
                 constraint: db.constraint().unwrap_or("unique key").to_owned(),
@@ -226,13 +232,20 @@ pub async fn load_streams(
             );
         }
     }
+    // The tail starts after the snapshot *this load decoded* (0 when none, or
+    // when it did not decode), never after whatever snapshot exists by now.
+    let from: Vec<i64> = streams
+        .iter()
+        .map(|s| out.get(s).map_or(0, |l| l.version))
+        .collect();
     let rows = sqlx::query(
         "SELECT e.stream_id, e.version, e.domain, e.event_type, e.payload
-         FROM events e LEFT JOIN snapshots s ON s.stream_id = e.stream_id
-         WHERE e.stream_id = ANY($1) AND e.version > coalesce(s.version, 0)
+         FROM UNNEST($1::text[], $2::bigint[]) AS w(stream_id, after)
+         JOIN events e ON e.stream_id = w.stream_id AND e.version > w.after
          ORDER BY e.stream_id, e.version",
     )
     .bind(&ids)
+    .bind(&from)
     .fetch_all(pool)
     .await?;
     for row in rows {

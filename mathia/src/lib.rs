@@ -47,9 +47,6 @@ pub struct Config {
     /// for `gateway`; `serve` makes a random one (tokens die with the process) when unset.
     #[arg(long, env = "MATHIA_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// Emails that get the admin role when they register (comma separated).
-    #[arg(long, env = "MATHIA_ADMIN_EMAILS", value_delimiter = ',')]
-    pub admin_emails: Vec<String>,
     /// Prefix of every subject and stream name (empty in a deployment).
     #[arg(long, env = "MATHIA_NATS_PREFIX", default_value = "")]
     pub nats_prefix: String,
@@ -305,12 +302,6 @@ pub async fn run(
             .context("connecting to Redis")?;
         let keys = gateway::auth::Keys::new(&jwt_secret(&config, roles)?)?;
         let settings = gateway::Settings {
-            admin_emails: config
-                .admin_emails
-                .iter()
-                .map(|e| e.trim().to_lowercase())
-                .filter(|e| !e.is_empty())
-                .collect(),
             rate_limit_api_per_min: config.rate_limit_api_per_min,
             rate_limit_anon_per_min: config.rate_limit_anon_per_min,
             command_timeout: Duration::from_millis(config.command_timeout_ms),

@@ -34,6 +34,11 @@ enum Cmd {
     Projections,
     /// Apply database migrations and exit.
     Migrate,
+    /// Grant or revoke the admin role of an existing account (audited).
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Where every stream, consumer, the relay and every projector stands.
     /// Exits 2 when something is behind and not moving.
     Status {
@@ -43,6 +48,20 @@ enum Cmd {
         /// A reader behind the head that has not moved for this long is stuck.
         #[arg(long, default_value_t = 60)]
         stuck_after_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Make the account with this email an admin (from its next login or refresh).
+    Grant {
+        /// The account's email.
+        email: String,
+    },
+    /// Make it an ordinary user again.
+    Revoke {
+        /// The account's email.
+        email: String,
     },
 }
 
@@ -82,6 +101,21 @@ async fn main() -> anyhow::Result<()> {
                 print!("{}", mathia::render_status(&status));
             }
             std::process::exit(if status.stuck.is_empty() { 0 } else { 2 });
+        }
+        Cmd::Admin { action } => {
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            let (email, admin) = match &action {
+                AdminAction::Grant { email } => (email, true),
+                AdminAction::Revoke { email } => (email, false),
+            };
+            if !gateway::auth::set_admin(&pool, email, admin).await? {
+                anyhow::bail!("no account with email {email}");
+            }
+            println!(
+                "{email} is now {}",
+                if admin { "an admin" } else { "a user" }
+            );
+            return Ok(());
         }
         Cmd::Serve => Roles::ALL,
         Cmd::Gateway => Roles {

@@ -161,6 +161,12 @@ impl Runner {
             .bind(projector.name())
             .fetch_one(&mut *tx)
             .await?;
+            // Never past the store's head: a position announced by the bus that the
+            // store does not have (a restored database) must not move the checkpoint.
+            let head: i64 = sqlx::query_scalar("SELECT position FROM event_log_head")
+                .fetch_one(&mut *tx)
+                .await?;
+            let up_to = up_to.min(head);
             if checkpoint >= up_to {
                 return Ok(());
             }

@@ -73,7 +73,7 @@ async fn killing_handlers_relay_and_projector_mid_stream_loses_and_duplicates_no
     let handlers = app.start(only(false, true, false, false));
     let relay = app.start(only(false, false, true, false));
     let projector = app.start(only(false, false, false, true));
-    let (_, admin) = app.user("admin@test.local").await;
+    let (_, admin) = app.admin().await;
     let mut users = vec![];
     for i in 0..4 {
         let (id, token) = app.user(&format!("u{i}@test.local")).await;
@@ -138,7 +138,7 @@ async fn killing_handlers_relay_and_projector_mid_stream_loses_and_duplicates_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_catches_up_from_the_store_when_the_stream_lost_what_it_missed() {
     let app = TestApp::spawn_with(only(true, true, true, false), |_| {}).await;
-    let (_, admin) = app.user("admin@test.local").await;
+    let (_, admin) = app.admin().await;
     let (_, alice) = app.user("alice@test.local").await;
     let wallet = app.funded_wallet(&alice, &admin, 0).await;
     for _ in 0..20 {
@@ -187,7 +187,7 @@ async fn a_projector_catches_up_from_the_store_when_the_stream_lost_what_it_miss
 async fn two_instances_of_every_role_cooperate() {
     let app = TestApp::spawn().await;
     app.start(only(false, true, true, true));
-    let (_, admin) = app.user("admin@test.local").await;
+    let (_, admin) = app.admin().await;
     let mut users = vec![];
     for i in 0..3 {
         let (id, token) = app.user(&format!("u{i}@test.local")).await;

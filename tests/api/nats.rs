@@ -121,7 +121,7 @@ async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_a_stopped_projector_as_stuck() {
     let app = TestApp::spawn_with(mathia_tests::only(true, true, true, false), |_| {}).await;
-    let (_, admin) = app.user("admin@test.local").await;
+    let (_, admin) = app.admin().await;
     let (_, alice) = app.user("alice@test.local").await;
     app.get("/v1/admin/status", Some(&alice))
         .await

@@ -120,7 +120,7 @@ async fn audit(
     }
 }
 
-/// Create an account. Emails listed in `MATHIA_ADMIN_EMAILS` become admins.
+/// Create an account (role `user`; admins are made with `mathia admin grant`).
 #[utoipa::path(post, path = "/v1/auth/register", tag = "accounts", request_body = RegisterRequest,
     responses(
         (status = 201, body = User),
@@ -152,16 +152,9 @@ pub async fn register(
         return Err(ApiError::Invalid(errors));
     };
     let hash = auth::hash_password(req.password, state.settings.argon2_memory_kib).await?;
-    let role = if state
-        .settings
-        .admin_emails
-        .iter()
-        .any(|a| a.eq_ignore_ascii_case(&email))
-    {
-        "admin"
-    } else {
-        "user"
-    };
+    // Nobody becomes an admin by registering: email ownership is not proven here.
+    // Operators grant the role with `mathia admin grant <email>`.
+    let role = "user";
     let user_id = Uuid::now_v7();
     let row = sqlx::query(
         "INSERT INTO users (user_id, email, display_name, password_hash, role) VALUES ($1, $2, $3, $4, $5)

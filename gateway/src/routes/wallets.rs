@@ -549,7 +549,8 @@ pub async fn transfer(
             None
         }
     };
-    let (Some(amount), Some(_), Some(reference), Some(to)) = (amt, cur, reference, to) else {
+    let (Some(amount), Some(currency), Some(reference), Some(to)) = (amt, cur, reference, to)
+    else {
         return Err(ApiError::Invalid(errors));
     };
     let from = req.from_wallet;
@@ -568,6 +569,7 @@ pub async fn transfer(
                 transfer_id,
                 from,
                 to,
+                currency,
                 amount,
                 reference,
             }))

@@ -292,7 +292,6 @@ async fn main() -> anyhow::Result<()> {
         redis_url: args.redis_url.clone(),
         listen: "127.0.0.1:0".into(),
         jwt_secret: Some("YmVuY2htYXJrLW9ubHktc2VjcmV0LWJlbmNobWFyay1vbmx5LXNlY3JldA==".into()),
-        admin_emails: vec!["admin@bench.local".into()],
         nats_prefix: prefix.clone(),
         redis_prefix: format!("{prefix}:"),
         // The limits stay on (their Redis round trip is part of every request), just high.
@@ -353,6 +352,8 @@ async fn main() -> anyhow::Result<()> {
             None,
         )
         .await?;
+    let bench_pool = handlers::infra::connect_pg(&database_url, 1).await?;
+    gateway::auth::set_admin(&bench_pool, "admin@bench.local", true).await?;
     let (_, login) = client
         .post(
             "/v1/auth/login",
