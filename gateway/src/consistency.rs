@@ -65,6 +65,7 @@ pub async fn wait_for(
                             "the {model} read model has not reached position {want} yet; retry"
                         ),
                         extra: [
+                            ("retry_after".to_owned(), 1.into()),
                             ("position".to_owned(), checkpoint.into()),
                             ("after_position".to_owned(), want.into()),
                         ]

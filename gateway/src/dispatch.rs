@@ -108,6 +108,8 @@ pub async fn dispatch<B: Serialize>(
         }
     };
     if options.respond_async {
+        // Nobody waits on this one here: do not keep a registration for it.
+        state.forget(command_id);
         mark_pending(state, command_id, principal.user_id).await;
         return Ok(accepted(command_id));
     }
@@ -138,7 +140,13 @@ async fn wait(
                 match changed {
                     Ok(()) => {
                         if let Some(outcome) = rx.borrow_and_update().clone() {
-                            return if replayed || outcome.replayed { replay(outcome, request_hash) } else { Ok(answer(outcome, false)) };
+                            // Always compare hashes: after JetStream's window a differently-bodied
+                            // retry can be answered with the original's outcome.
+                            if outcome.request_hash != request_hash {
+                                return Err(key_reused());
+                            }
+                            let was_replayed = replayed || outcome.replayed;
+                            return Ok(answer(outcome, was_replayed));
                         }
                     }
                     Err(_) => polling = true,
@@ -146,6 +154,7 @@ async fn wait(
             }
             _ = poll.tick(), if polling => {
                 if let Some(prior) = ledger::find(&state.pool, &[command_id]).await?.remove(&command_id) {
+                    state.forget(command_id);
                     return replay(prior, request_hash);
                 }
             }

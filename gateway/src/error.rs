@@ -221,6 +221,16 @@ impl IntoResponse for ApiError {
                 res.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            ApiError::Coded { extra, .. }
+                if extra.get("retry_after").and_then(|v| v.as_u64()).is_some() =>
+            {
+                if let Some(v) = extra
+                    .get("retry_after")
+                    .and_then(|v| HeaderValue::from_str(&v.to_string()).ok())
+                {
+                    res.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+            }
             ApiError::RateLimited { retry_after, .. } => {
                 if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
                     res.headers_mut().insert(header::RETRY_AFTER, v);

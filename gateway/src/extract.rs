@@ -68,6 +68,20 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for AppQuer
     }
 }
 
+/// `Path<T>` that fails with problem+json (e.g. a wallet id that is not a UUID).
+pub struct AppPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for AppPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(p)| AppPath(p))
+            .map_err(|e| ApiError::Malformed(e.body_text()))
+    }
+}
+
 /// The request id (set by the request-id layer), as the correlation id.
 pub struct RequestId(pub Uuid);
 

@@ -47,6 +47,7 @@ pub fn app(state: AppState) -> Router {
         .merge(api)
         .merge(docs)
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), ratelimit::middleware))
         .layer(axum::middleware::from_fn(telemetry::record))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

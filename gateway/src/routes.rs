@@ -12,3 +12,13 @@ use crate::error::ApiError;
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
 }
+
+/// A known path with another method: 405 as a problem.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::Coded {
+        status: http::StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed".into(),
+        message: "this endpoint does not accept that method; see /openapi.json".into(),
+        extra: Default::default(),
+    }
+}

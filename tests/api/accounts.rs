@@ -155,3 +155,38 @@ async fn a_refresh_token_rotates_and_reusing_one_revokes_the_family() {
     assert_eq!(stored, 1, "tokens are stored as SHA-256 only");
     app.stop().await;
 }
+
+/// Concurrent guesses cannot get more than the allowed attempts: each one claims
+/// an attempt before its password is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_guesses_gets_no_more_than_five_tries() {
+    let app = TestApp::spawn().await;
+    app.user("a@test.local").await;
+    let guesses = futures::future::join_all((0..12).map(|i| {
+        let app = &app;
+        async move {
+            app.post(
+                "/v1/auth/login",
+                None,
+                &json!({"email": "a@test.local", "password": format!("Wrong&Secret{i}")}),
+                &[],
+            )
+            .await
+        }
+    }))
+    .await;
+    let checked = guesses.iter().filter(|r| r.status == 401).count();
+    let refused = guesses
+        .iter()
+        .filter(|r| r.status == 429 && r.body["code"] == "account_locked")
+        .count();
+    assert_eq!(
+        (checked, refused),
+        (5, 7),
+        "{:?}",
+        guesses.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let locked = guesses.iter().find(|r| r.status == 429).unwrap();
+    assert!(locked.header("retry-after").is_some());
+    app.stop().await;
+}

@@ -97,6 +97,19 @@ async fn malformed_oversized_and_unauthorised_requests_get_problems_and_write_no
     )
     .await
     .assert_problem(400, "malformed_request");
+    // Bad path parameters and wrong methods are problems too.
+    app.get("/v1/wallets/not-a-uuid", Some(&alice))
+        .await
+        .assert_problem(400, "malformed_request");
+    let res = app
+        .http
+        .delete(format!("{}/v1/transfers", app.base))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 405);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
     // Unknown routes and bad cursors are problems too.
     app.get("/v1/nope", Some(&alice))
         .await

@@ -192,7 +192,13 @@ pub async fn register(
     Ok((StatusCode::CREATED, Json(user)))
 }
 
-async fn issue(state: &AppState, user_id: Uuid, role: &str, family: Uuid) -> ApiResult<TokenPair> {
+async fn issue(
+    state: &AppState,
+    conn: &mut sqlx::PgConnection,
+    user_id: Uuid,
+    role: &str,
+    family: Uuid,
+) -> ApiResult<TokenPair> {
     let access_token = auth::access_token(&state.keys, user_id, role, state.settings.access_ttl)?;
     let (refresh_token, hash) = auth::new_refresh_token();
     let expires = Utc::now() + state.settings.refresh_ttl;
@@ -201,7 +207,7 @@ async fn issue(state: &AppState, user_id: Uuid, role: &str, family: Uuid) -> Api
         .bind(family)
         .bind(user_id)
         .bind(expires)
-        .execute(&state.pool)
+        .execute(&mut *conn)
         .await?;
     Ok(TokenPair {
         access_token,
@@ -227,27 +233,39 @@ pub async fn login(
     AppJson(req): AppJson<LoginRequest>,
 ) -> ApiResult<Json<TokenPair>> {
     let email = normalise_email(&req.email).map_err(|_| bad_credentials())?;
+    // Claim this attempt before checking the password, atomically: concurrent
+    // guesses each take one of the allowed attempts, so a burst cannot get more
+    // than `lockout_after` tries per lock window. An expired lock starts afresh.
     let row = sqlx::query(
-        "SELECT user_id, password_hash, role, locked_until FROM users WHERE email = $1",
+        "UPDATE users SET
+             failed_logins = CASE WHEN locked_until < now() THEN 1 ELSE failed_logins + 1 END,
+             locked_until = CASE WHEN locked_until < now() THEN NULL ELSE locked_until END
+         WHERE email = $1
+           AND (locked_until IS NULL OR locked_until < now())
+           AND (failed_logins < $2 OR locked_until < now())
+         RETURNING user_id, password_hash, role",
     )
     .bind(&email)
+    .bind(state.settings.lockout_after)
     .fetch_optional(&state.pool)
     .await?;
     let Some(row) = row else {
-        // Spend the same time as a real check, so timing does not reveal which emails exist.
-        let _ = auth::verify_password(
-            req.password,
-            DUMMY_HASH.into(),
-            state.settings.argon2_memory_kib,
-        )
-        .await;
-        audit(&state, None, "login.failed", "unknown email", Some(&addr)).await;
-        return Err(bad_credentials());
-    };
-    let user_id: Uuid = row.get("user_id");
-    if let Some(until) = row.get::<Option<DateTime<Utc>>, _>("locked_until")
-        && until > Utc::now()
-    {
+        let locked: Option<(Uuid, Option<DateTime<Utc>>)> =
+            sqlx::query_as("SELECT user_id, locked_until FROM users WHERE email = $1")
+                .bind(&email)
+                .fetch_optional(&state.pool)
+                .await?;
+        let Some((user_id, until)) = locked else {
+            // Spend the same time as a real check, so timing does not reveal which emails exist.
+            let _ = auth::verify_password(
+                req.password,
+                DUMMY_HASH.into(),
+                state.settings.argon2_memory_kib,
+            )
+            .await;
+            audit(&state, None, "login.failed", "unknown email", Some(&addr)).await;
+            return Err(bad_credentials());
+        };
         audit(
             &state,
             Some(user_id),
@@ -256,18 +274,18 @@ pub async fn login(
             Some(&addr),
         )
         .await;
+        // No lock yet but every attempt taken: the others are still being checked.
+        let retry = until.map_or(1, |u| (u - Utc::now()).num_seconds().max(1));
         return Err(ApiError::Coded {
             status: StatusCode::TOO_MANY_REQUESTS,
             code: "account_locked".into(),
             message: "too many failed logins; try again later".into(),
-            extra: [(
-                "retry_after".to_owned(),
-                (until - Utc::now()).num_seconds().max(1).into(),
-            )]
-            .into_iter()
-            .collect(),
+            extra: [("retry_after".to_owned(), retry.into())]
+                .into_iter()
+                .collect(),
         });
-    }
+    };
+    let user_id: Uuid = row.get("user_id");
     let ok = auth::verify_password(
         req.password,
         row.get("password_hash"),
@@ -276,9 +294,8 @@ pub async fn login(
     .await;
     if !ok {
         sqlx::query(
-            "UPDATE users SET failed_logins = failed_logins + 1,
-                    locked_until = CASE WHEN failed_logins + 1 >= $2 THEN now() + $3 * interval '1 second' END
-             WHERE user_id = $1",
+            "UPDATE users SET locked_until = now() + $3 * interval '1 second'
+             WHERE user_id = $1 AND failed_logins >= $2",
         )
         .bind(user_id)
         .bind(state.settings.lockout_after)
@@ -309,7 +326,14 @@ pub async fn login(
     )
     .await;
     Ok(Json(
-        issue(&state, user_id, row.get("role"), Uuid::now_v7()).await?,
+        issue(
+            &state,
+            &mut *state.pool.acquire().await?,
+            user_id,
+            row.get("role"),
+            Uuid::now_v7(),
+        )
+        .await?,
     ))
 }
 
@@ -367,8 +391,11 @@ pub async fn refresh(
         .bind(&hash)
         .execute(&mut *tx)
         .await?;
+    // The successor is written in the same transaction that spends the old token:
+    // a failure leaves the old one unspent, so the client's retry is not "reuse".
+    let pair = issue(&state, &mut tx, user_id, row.get("role"), family).await?;
     tx.commit().await?;
-    Ok(Json(issue(&state, user_id, row.get("role"), family).await?))
+    Ok(Json(pair))
 }
 
 /// Revoke the refresh token's family (log out this device).

@@ -1,7 +1,7 @@
 //! Polling a command that was answered 202.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use uuid::Uuid;
@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::auth::Principal;
 use crate::dispatch::{answer, is_pending};
 use crate::error::{ApiError, ApiResult, Problem};
+use crate::extract::AppPath;
 use crate::state::AppState;
 
 /// The command's answer once decided (the same status and body the write
@@ -21,14 +22,19 @@ use crate::state::AppState;
 pub async fn get_command(
     State(state): State<AppState>,
     principal: Principal,
-    Path(command_id): Path<Uuid>,
+    AppPath(command_id): AppPath<Uuid>,
 ) -> ApiResult<Response> {
     if let Some(outcome) =
         handlers::ledger::find_for(&state.pool, command_id, principal.user_id).await?
     {
         return Ok(answer(outcome, false));
     }
-    if is_pending(&state, command_id, principal.user_id).await? {
+    let pending = is_pending(&state, command_id, principal.user_id)
+        .await
+        .map_err(|_| {
+            ApiError::Unavailable("cannot tell whether the command is pending; retry".into())
+        })?;
+    if pending {
         return Ok((
             StatusCode::ACCEPTED,
             Json(serde_json::json!({ "command_id": command_id, "status": "pending" })),

@@ -1,7 +1,7 @@
 //! Wallets: open, deposit (admin), transfer, withdraw; balances and history.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,7 +18,7 @@ use crate::auth::Principal;
 use crate::consistency::{AfterPosition, position_header, wait_for};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::extract::{AppJson, AppQuery, RequestId, WriteOptions};
+use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
 use crate::state::AppState;
 
 const MODEL: &str = "wallet";
@@ -323,7 +323,7 @@ fn wallet_row(r: &sqlx::postgres::PgRow) -> Wallet {
 pub async fn get_wallet(
     State(state): State<AppState>,
     principal: Principal,
-    Path(wallet_id): Path<Uuid>,
+    AppPath(wallet_id): AppPath<Uuid>,
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
@@ -352,8 +352,9 @@ pub async fn get_wallet(
 pub async fn list_entries(
     State(state): State<AppState>,
     principal: Principal,
-    Path(wallet_id): Path<Uuid>,
+    AppPath(wallet_id): AppPath<Uuid>,
     AppQuery(page): AppQuery<PageParams>,
+    after: AfterPosition,
 ) -> ApiResult<Response> {
     let limit = page.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
@@ -368,7 +369,12 @@ pub async fn list_entries(
             .and_then(|s| s.strip_prefix("v1:").and_then(|v| v.parse::<i64>().ok()))
             .ok_or_else(|| ApiError::Malformed("cursor is not one this API gave out".into()))?,
     };
-    let position = wait_for(&state, MODEL, AfterPosition(page.after_position)).await?;
+    let position = wait_for(
+        &state,
+        MODEL,
+        AfterPosition(page.after_position.or(after.0)),
+    )
+    .await?;
     let owned: Option<Uuid> = sqlx::query_scalar(
         "SELECT account_id FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
     )
@@ -424,7 +430,7 @@ pub async fn deposit(
     options: WriteOptions,
     RequestId(rid): RequestId,
     uri: http::Uri,
-    Path(wallet_id): Path<Uuid>,
+    AppPath(wallet_id): AppPath<Uuid>,
     AppJson(req): AppJson<DepositRequest>,
 ) -> ApiResult<Response> {
     if !principal.admin {
@@ -476,7 +482,7 @@ pub async fn withdraw(
     options: WriteOptions,
     RequestId(rid): RequestId,
     uri: http::Uri,
-    Path(wallet_id): Path<Uuid>,
+    AppPath(wallet_id): AppPath<Uuid>,
     AppJson(req): AppJson<WithdrawRequest>,
 ) -> ApiResult<Response> {
     let mut errors = vec![];
