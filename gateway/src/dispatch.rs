@@ -99,7 +99,13 @@ pub async fn dispatch<B: Serialize>(
     )
     .await
     {
-        Ok(d) => d,
+        Ok(bus::Published::Stored { duplicate }) => duplicate,
+        Ok(bus::Published::Unknown) => {
+            // It may be stored: promise nothing, point at the poll.
+            state.forget(command_id);
+            mark_pending(state, command_id, principal.user_id).await;
+            return Ok(accepted(command_id));
+        }
         Err(e) => {
             state.forget(command_id);
             return Err(ApiError::Unavailable(format!(

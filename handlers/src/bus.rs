@@ -147,14 +147,27 @@ pub async fn ensure_consumer(
     }
 }
 
+/// What became of a published command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// `COMMANDS` stored it; `duplicate` when it already held this command id.
+    Stored {
+        /// JetStream dropped it as a duplicate of the same command id.
+        duplicate: bool,
+    },
+    /// The ack never came: it may or may not be stored. Answer 202, never "failed":
+    /// a client retry with the same key is safe either way.
+    Unknown,
+}
+
 /// Publish a command to `COMMANDS` and wait for the stream's ack.
-/// Returns true if JetStream dropped it as a duplicate of the same command id.
+/// An error means it was certainly not stored (no stream, refused).
 pub async fn publish_command(
     js: &jetstream::Context,
     subjects: &Subjects,
     envelope: &CommandEnvelope,
     reply_to: &str,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Published> {
     let payload = serde_json::to_vec(envelope).context("encoding a command envelope")?;
     let publish = jetstream::message::PublishMessage::build()
         .message_id(envelope.command_id.to_string())
@@ -168,11 +181,16 @@ pub async fn publish_command(
         .send_publish(subjects.command(&envelope.command.target()), publish)
         .await
         .context("publishing a command")?;
-    let ack = tokio::time::timeout(Duration::from_secs(10), ack)
-        .await
-        .context("waiting for COMMANDS to store a command")?
-        .context("COMMANDS refused a command")?;
-    Ok(ack.duplicate)
+    match tokio::time::timeout(Duration::from_secs(10), ack).await {
+        Err(_) => Ok(Published::Unknown),
+        Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => {
+            Ok(Published::Unknown)
+        }
+        Ok(Err(e)) => Err(e).context("COMMANDS refused a command"),
+        Ok(Ok(ack)) => Ok(Published::Stored {
+            duplicate: ack.duplicate,
+        }),
+    }
 }
 
 #[cfg(test)]
