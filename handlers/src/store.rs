@@ -365,3 +365,77 @@ pub async fn read_stream(
     .await?;
     rows.iter().map(envelope).collect()
 }
+
+/// What `mathia events` asks the log for. Every filter is optional.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only after this position.
+    pub after: i64,
+    /// Only this stream.
+    pub stream_id: Option<String>,
+    /// Only this domain.
+    pub domain: Option<String>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only events of this request.
+    pub correlation_id: Option<uuid::Uuid>,
+    /// Only events decided at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only events decided before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// At most this many, oldest first.
+    pub limit: i64,
+}
+
+/// Events matching `filter`, in position order.
+pub async fn query_events(
+    pool: &PgPool,
+    filter: &EventFilter,
+) -> Result<Vec<EventEnvelope>, StoreError> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENVELOPE_COLUMNS} FROM events
+         WHERE position > $1
+           AND ($2::text IS NULL OR stream_id = $2)
+           AND ($3::text IS NULL OR domain = $3)
+           AND ($4::text IS NULL OR event_type = $4)
+           AND ($5::uuid IS NULL OR correlation_id = $5)
+           AND ($6::timestamptz IS NULL OR occurred_at >= $6)
+           AND ($7::timestamptz IS NULL OR occurred_at < $7)
+         ORDER BY position LIMIT $8"
+    )))
+    .bind(filter.after)
+    .bind(&filter.stream_id)
+    .bind(&filter.domain)
+    .bind(&filter.event_type)
+    .bind(filter.correlation_id)
+    .bind(filter.since)
+    .bind(filter.until)
+    .bind(filter.limit.max(1))
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(envelope).collect()
+}
+
+/// One event, by position or by event id.
+pub async fn find_event(pool: &PgPool, key: &str) -> Result<Option<EventEnvelope>, StoreError> {
+    let row = match (key.parse::<i64>(), key.parse::<uuid::Uuid>()) {
+        (Ok(p), _) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {ENVELOPE_COLUMNS} FROM events WHERE position = $1"
+            )))
+            .bind(p)
+            .fetch_optional(pool)
+            .await?
+        }
+        (_, Ok(id)) => {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {ENVELOPE_COLUMNS} FROM events WHERE event_id = $1"
+            )))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        }
+        _ => None,
+    };
+    row.as_ref().map(envelope).transpose()
+}

@@ -34,6 +34,11 @@ enum Cmd {
     Projections,
     /// Apply database migrations and exit.
     Migrate,
+    /// Read the event log: list or follow it with filters, or show one event.
+    Events {
+        #[command(subcommand)]
+        action: EventsAction,
+    },
     /// Grant or revoke the admin role of an existing account (audited).
     Admin {
         #[command(subcommand)]
@@ -48,6 +53,48 @@ enum Cmd {
         /// A reader behind the head that has not moved for this long is stuck.
         #[arg(long, default_value_t = 60)]
         stuck_after_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsAction {
+    /// Events in position order, filtered; `--follow` keeps printing new ones.
+    Tail {
+        /// Only this stream, e.g. wallet.account.<uuid>.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only this domain, e.g. wallet.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Only this event type, e.g. Credited.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only the events of this request (X-Request-Id). Scans: bound it with --after or --since.
+        #[arg(long)]
+        correlation: Option<uuid::Uuid>,
+        /// Only events decided at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only events decided before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Start after this position (0: from the beginning).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// At most this many (per poll with --follow).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Keep printing events as they are committed.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON envelope per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One event with all its metadata, by position or event id.
+    Show {
+        /// A position (e.g. 42) or an event id.
+        key: String,
     },
 }
 
@@ -102,6 +149,10 @@ async fn main() -> anyhow::Result<()> {
             }
             std::process::exit(if status.stuck.is_empty() { 0 } else { 2 });
         }
+        Cmd::Events { action } => {
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            return events_command(&pool, action).await;
+        }
         Cmd::Admin { action } => {
             let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
             let (email, admin) = match &action {
@@ -147,4 +198,74 @@ async fn main() -> anyhow::Result<()> {
         stop.cancel();
     });
     mathia::run(cli.config, roles, listener, shutdown).await
+}
+
+async fn events_command(pool: &sqlx::PgPool, action: EventsAction) -> anyhow::Result<()> {
+    use handlers::store;
+    match action {
+        EventsAction::Show { key } => match store::find_event(pool, &key).await? {
+            Some(e) => {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+                Ok(())
+            }
+            None => anyhow::bail!("no event at position or with id {key}"),
+        },
+        EventsAction::Tail {
+            stream,
+            domain,
+            event_type,
+            correlation,
+            since,
+            until,
+            after,
+            limit,
+            follow,
+            json,
+        } => {
+            let mut filter = store::EventFilter {
+                after,
+                stream_id: stream,
+                domain,
+                event_type,
+                correlation_id: correlation,
+                since,
+                until,
+                limit,
+            };
+            if !json {
+                println!(
+                    "{:>10}  {:<27}  {:<56} {:>5}  {:<16} request",
+                    "position", "occurred_at", "stream", "v", "type"
+                );
+            }
+            loop {
+                let batch = store::query_events(pool, &filter).await?;
+                for e in &batch {
+                    if json {
+                        println!("{}", serde_json::to_string(e)?);
+                    } else {
+                        println!(
+                            "{:>10}  {:<27}  {:<56} {:>5}  {:<16} {}",
+                            e.position,
+                            e.occurred_at
+                                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                            e.stream_id,
+                            e.version,
+                            e.event_type,
+                            e.correlation_id
+                        );
+                    }
+                }
+                if let Some(last) = batch.last() {
+                    filter.after = last.position;
+                }
+                if !follow {
+                    return Ok(());
+                }
+                if batch.is_empty() {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
 }

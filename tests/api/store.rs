@@ -136,3 +136,83 @@ async fn two_appends_on_the_same_stale_version_cannot_both_commit() {
     pool.close().await;
     drop_database(&name).await;
 }
+
+/// `mathia events` filters: by stream, type, request and position; `show` by position or id.
+#[tokio::test]
+async fn the_log_can_be_filtered_by_stream_type_request_and_position() {
+    let (url, name) = fresh_database().await.unwrap();
+    let pool = PgPool::connect(&url).await.unwrap();
+    let a = StreamId::new("wallet", "account", "a").unwrap();
+    let b = StreamId::new("wallet", "account", "b").unwrap();
+    let mut first = opened(&a, 1);
+    let request = first.correlation_id;
+    let mut second = opened(&b, 1);
+    second.correlation_id = request;
+    let third = opened(&StreamId::new("wallet", "account", "c").unwrap(), 1);
+    first.occurred_at = Utc::now() - chrono::Duration::hours(1);
+    let mut tx = pool.begin().await.unwrap();
+    store::append(&mut tx, &[first.clone(), second, third])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let all = store::EventFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    let positions =
+        |v: Vec<events::EventEnvelope>| v.iter().map(|e| e.position).collect::<Vec<_>>();
+    assert_eq!(
+        positions(store::query_events(&pool, &all).await.unwrap()),
+        vec![1, 2, 3]
+    );
+    let by_stream = store::EventFilter {
+        stream_id: Some(b.to_string()),
+        ..all.clone()
+    };
+    assert_eq!(
+        positions(store::query_events(&pool, &by_stream).await.unwrap()),
+        vec![2]
+    );
+    let by_request = store::EventFilter {
+        correlation_id: Some(request),
+        ..all.clone()
+    };
+    assert_eq!(
+        positions(store::query_events(&pool, &by_request).await.unwrap()),
+        vec![1, 2]
+    );
+    let by_type = store::EventFilter {
+        event_type: Some("Credited".into()),
+        ..all.clone()
+    };
+    assert!(
+        store::query_events(&pool, &by_type)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let recent = store::EventFilter {
+        since: Some(Utc::now() - chrono::Duration::minutes(5)),
+        after: 2,
+        ..all.clone()
+    };
+    assert_eq!(
+        positions(store::query_events(&pool, &recent).await.unwrap()),
+        vec![3]
+    );
+    let shown = store::find_event(&pool, "1").await.unwrap().unwrap();
+    assert_eq!(shown.event_id, first.event_id);
+    let by_id = store::find_event(&pool, &first.event_id.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_id.position, 1);
+    assert!(
+        store::find_event(&pool, "nonsense")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    pool.close().await;
+    drop_database(&name).await;
+}
