@@ -44,6 +44,16 @@ pub struct Route<'a> {
     pub path: &'a str,
 }
 
+impl<'a> Route<'a> {
+    /// A POST to `uri`'s path.
+    pub fn post(uri: &'a http::Uri) -> Self {
+        Route {
+            method: "POST",
+            path: uri.path(),
+        }
+    }
+}
+
 /// Send `command` and answer with its outcome.
 pub async fn dispatch<B: Serialize>(
     state: &AppState,
@@ -68,14 +78,9 @@ pub async fn dispatch<B: Serialize>(
     let request_hash = request_hash(&route, body, options.if_match)?;
     let command = command(command_id)?;
 
-    if options.idempotency_key.is_some()
-        && let Some(prior) = ledger::find(&state.pool, &[command_id])
-            .await?
-            .remove(&command_id)
-    {
-        return replay(prior, &request_hash);
-    }
-
+    // No ledger read here: a command decided before is answered from the ledger
+    // by the handler (flagged `replayed`), or, inside JetStream's duplicate
+    // window, found by polling the ledger in `wait`.
     let receiver = match state.register(command_id, &request_hash) {
         Registration::Mismatch => return Err(key_reused()),
         Registration::Joined(rx) => return wait(state, rx, command_id, &request_hash, true).await,

@@ -257,10 +257,7 @@ pub async fn open_wallet(
     dispatch(
         &state,
         &principal,
-        Route {
-            method: "POST",
-            path: uri.path(),
-        },
+        Route::post(&uri),
         &options,
         rid,
         &req,
@@ -448,10 +445,7 @@ pub async fn deposit(
     dispatch(
         &state,
         &principal,
-        Route {
-            method: "POST",
-            path: uri.path(),
-        },
+        Route::post(&uri),
         &options,
         rid,
         &req,
@@ -501,10 +495,7 @@ pub async fn withdraw(
     dispatch(
         &state,
         &principal,
-        Route {
-            method: "POST",
-            path: uri.path(),
-        },
+        Route::post(&uri),
         &options,
         rid,
         &req,
@@ -563,10 +554,7 @@ pub async fn transfer(
     dispatch(
         &state,
         &principal,
-        Route {
-            method: "POST",
-            path: uri.path(),
-        },
+        Route::post(&uri),
         &options,
         rid,
         &req,
