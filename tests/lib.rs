@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use base64::Engine as _;
 use events::Subjects;
 use mathia::{Config, Roles};
 use serde_json::{Value, json};
@@ -184,6 +185,14 @@ impl TestApp {
             argon2_memory_kib: 1024,
             // Roles as tasks (the default), so `crash` can kill one by aborting it.
             role_threads: false,
+            // A fresh master key per test app: nothing one test seals opens in another.
+            master_key: Some(
+                base64::engine::general_purpose::STANDARD
+                    .encode(commands::crypto::Key::random().as_bytes()),
+            ),
+            chat_messages_per_min: 1_000_000,
+            chat_messages_per_day: 1_000_000,
+            searches_per_day: 1_000_000,
         };
         tweak(&mut config);
         let pool = PgPool::connect(&url).await.expect("test pool");

@@ -4,7 +4,7 @@ use events::{Event, StreamId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::wallet;
+use crate::{chat, wallet};
 
 /// The folded state of one stream, by domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -12,13 +12,24 @@ use crate::wallet;
 pub enum State {
     /// A ledger account.
     Wallet(wallet::Account),
+    /// A chat room and its members.
+    Room(chat::Room),
+    /// One chat message.
+    Message(chat::Message),
+    /// A reader's receipts (the decisions read rooms and messages, not this).
+    Reader,
 }
 
 impl State {
     /// The state of a stream that has no events yet.
     pub fn empty_for(stream: &StreamId) -> Option<State> {
-        match stream.domain() {
-            events::wallet::DOMAIN => Some(State::Wallet(wallet::Account::default())),
+        match (stream.domain(), stream.aggregate()) {
+            (events::wallet::DOMAIN, _) => Some(State::Wallet(wallet::Account::default())),
+            (events::chat::DOMAIN, events::chat::ROOM) => Some(State::Room(chat::Room::default())),
+            (events::chat::DOMAIN, events::chat::MESSAGE) => {
+                Some(State::Message(chat::Message::default()))
+            }
+            (events::chat::DOMAIN, events::chat::READER) => Some(State::Reader),
             _ => None,
         }
     }
@@ -28,6 +39,9 @@ impl State {
     pub fn evolve(&mut self, event: &Event) {
         match (self, event) {
             (State::Wallet(s), Event::Wallet(e)) => s.evolve(e),
+            (State::Room(s), Event::Chat(e)) => s.evolve(e),
+            (State::Message(s), Event::Chat(e)) => s.evolve(e),
+            _ => {}
         }
     }
 }
@@ -70,7 +84,29 @@ impl StateSet {
                 state: State::Wallet(a),
                 ..
             }) => a.clone(),
-            None => wallet::Account::default(),
+            _ => wallet::Account::default(),
+        }
+    }
+
+    /// The chat room in `stream`, or an empty (non-existent) room.
+    pub fn room(&self, stream: &StreamId) -> chat::Room {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::Room(r),
+                ..
+            }) => r.clone(),
+            _ => chat::Room::default(),
+        }
+    }
+
+    /// The chat message in `stream`, or an empty (non-existent) message.
+    pub fn message(&self, stream: &StreamId) -> chat::Message {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::Message(m),
+                ..
+            }) => m.clone(),
+            _ => chat::Message::default(),
         }
     }
 
@@ -130,6 +166,45 @@ pub struct Decision {
     pub status: u16,
     /// Answer body; the handler adds `position` and `version`.
     pub answer: serde_json::Value,
+    /// Keystore changes committed in the same transaction as the events.
+    pub keys: Vec<KeyOp>,
+}
+
+/// A change to the keystore: wrapped keys live outside the append-only log so
+/// that destroying one erases what it sealed (crypto-shredding).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum KeyOp {
+    /// Store a room data key version, wrapped by the master key.
+    PutRoomKey {
+        /// The room.
+        room_id: Uuid,
+        /// Its version.
+        version: i32,
+        /// The key wrapped by the master key.
+        wrapped: events::chat::Bytes64,
+    },
+    /// Store a message key, wrapped by a room data key version.
+    PutMessageKey {
+        /// The message.
+        message_id: Uuid,
+        /// Its room.
+        room_id: Uuid,
+        /// The room key version that wraps it.
+        key_version: i32,
+        /// The wrapped key.
+        wrapped: events::chat::Bytes64,
+    },
+    /// Destroy a message key (redaction).
+    DestroyMessageKey {
+        /// The message.
+        message_id: Uuid,
+    },
+    /// Destroy every key of a room (deletion).
+    DestroyRoomKeys {
+        /// The room.
+        room_id: Uuid,
+    },
 }
 
 /// A refused command: a stable machine-readable code, a status, a sentence,

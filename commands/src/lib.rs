@@ -9,10 +9,12 @@
 #![warn(missing_docs)]
 
 mod aggregate;
+pub mod chat;
+pub mod crypto;
 pub mod money;
 pub mod wallet;
 
-pub use aggregate::{Actor, Decision, Loaded, Rejection, Role, State, StateSet};
+pub use aggregate::{Actor, Decision, KeyOp, Loaded, Rejection, Role, State, StateSet};
 
 use events::StreamId;
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,8 @@ use serde::{Deserialize, Serialize};
 pub enum Command {
     /// Ledger accounts and money movements.
     Wallet(wallet::WalletCommand),
+    /// Rooms, members, messages, receipts.
+    Chat(chat::ChatCommand),
 }
 
 impl Command {
@@ -30,6 +34,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Wallet(c) => c.name(),
+            Command::Chat(c) => c.name(),
         }
     }
 
@@ -37,6 +42,7 @@ impl Command {
     pub fn target(&self) -> StreamId {
         match self {
             Command::Wallet(c) => c.target(),
+            Command::Chat(c) => c.target(),
         }
     }
 
@@ -44,6 +50,7 @@ impl Command {
     pub fn streams(&self) -> Vec<StreamId> {
         match self {
             Command::Wallet(c) => c.streams(),
+            Command::Chat(c) => c.streams(),
         }
     }
 
@@ -52,6 +59,7 @@ impl Command {
     pub fn decide(&self, actor: &Actor, states: &StateSet) -> Result<Decision, Rejection> {
         match self {
             Command::Wallet(c) => c.decide(actor, states),
+            Command::Chat(c) => c.decide(actor, states),
         }
     }
 }

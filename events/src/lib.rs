@@ -5,11 +5,12 @@
 //!
 //! - [`StreamId`]: the name of one aggregate's event stream, `<domain>.<aggregate>.<id>`.
 //! - [`Event`]: every event type of every domain, versioned, serialised with a
-//!   `type` tag; [`wallet::WalletEvent`] is the first domain.
+//!   `type` tag; [`wallet::WalletEvent`] and [`chat::ChatEvent`] are the domains.
 //! - [`EventEnvelope`]: an event with its metadata as stored and as published.
 //! - [`Subjects`]: the only place NATS subjects and stream names are built.
 #![warn(missing_docs)]
 
+pub mod chat;
 mod envelope;
 mod stream_id;
 mod subjects;
@@ -28,6 +29,8 @@ use serde::{Deserialize, Serialize};
 pub enum Event {
     /// Ledger accounts and their entries.
     Wallet(wallet::WalletEvent),
+    /// Rooms, members, messages, receipts.
+    Chat(chat::ChatEvent),
 }
 
 /// Errors turning stored bytes back into a typed event.
@@ -51,6 +54,7 @@ impl Event {
     pub fn event_type(&self) -> &'static str {
         match self {
             Event::Wallet(e) => e.event_type(),
+            Event::Chat(e) => e.event_type(),
         }
     }
 
@@ -63,6 +67,7 @@ impl Event {
     pub fn domain(&self) -> &'static str {
         match self {
             Event::Wallet(_) => wallet::DOMAIN,
+            Event::Chat(_) => chat::DOMAIN,
         }
     }
 
@@ -79,6 +84,9 @@ impl Event {
         match domain {
             wallet::DOMAIN => Ok(Event::Wallet(
                 wallet::WalletEvent::deserialize(payload).map_err(payload_err)?,
+            )),
+            chat::DOMAIN => Ok(Event::Chat(
+                chat::ChatEvent::deserialize(payload).map_err(payload_err)?,
             )),
             other => Err(DecodeError::UnknownDomain(other.to_owned())),
         }

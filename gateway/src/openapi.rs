@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::routes::{accounts, admin, commands, health, wallets};
+use crate::routes::{accounts, admin, commands, health, messages, rooms, wallets};
 use crate::state::AppState;
 
 #[derive(OpenApi)]
@@ -23,6 +23,7 @@ use crate::state::AppState;
     tags(
         (name = "accounts", description = "Register, log in, tokens"),
         (name = "wallet", description = "Double-entry wallets: open, deposit, transfer, withdraw, balances, history"),
+        (name = "chat", description = "Rooms, members, messages (sealed at rest), threads, receipts, unread counts, search"),
         (name = "commands", description = "Poll a command answered 202"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
@@ -63,6 +64,35 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(wallets::deposit))
         .routes(routes!(wallets::withdraw))
         .routes(routes!(wallets::transfer))
+        .routes(routes!(rooms::create_room, rooms::list_rooms))
+        .routes(routes!(rooms::public_rooms))
+        .routes(routes!(
+            rooms::get_room,
+            rooms::update_room,
+            rooms::delete_room
+        ))
+        .routes(routes!(rooms::archive_room))
+        .routes(routes!(rooms::rotate_key))
+        .routes(routes!(rooms::list_members))
+        .routes(routes!(rooms::invite))
+        .routes(routes!(rooms::list_invites))
+        .routes(routes!(rooms::join))
+        .routes(routes!(rooms::decline))
+        .routes(routes!(rooms::leave))
+        .routes(routes!(rooms::moderate_member))
+        .routes(routes!(rooms::set_role))
+        .routes(routes!(messages::send, messages::timeline))
+        .routes(routes!(
+            messages::get_message,
+            messages::edit,
+            messages::redact
+        ))
+        .routes(routes!(messages::history))
+        .routes(routes!(messages::add_reaction, messages::remove_reaction))
+        .routes(routes!(messages::receipt))
+        .routes(routes!(messages::threads))
+        .routes(routes!(messages::thread))
+        .routes(routes!(messages::search))
         .routes(routes!(commands::get_command))
         .routes(routes!(admin::status))
 }

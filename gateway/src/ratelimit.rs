@@ -59,6 +59,41 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
     next.run(req).await
 }
 
+/// Charge one unit of a per-user limit (`max` per fixed window of `window_secs`);
+/// 429 naming the limit when it is spent. 0 disables it. Fails open when Redis is down.
+pub async fn charge(
+    state: &AppState,
+    limit: &'static str,
+    user: uuid::Uuid,
+    max: u32,
+    window_secs: i64,
+) -> Result<(), ApiError> {
+    if max == 0 {
+        return Ok(());
+    }
+    let now = chrono::Utc::now().timestamp();
+    let window = now / window_secs;
+    let key = state.redis_key(&format!("q:{limit}:{user}:{window}"));
+    let mut redis = state.redis.clone();
+    let counted: redis::RedisResult<(i64, i64)> = redis::pipe()
+        .incr(&key, 1)
+        .expire(&key, window_secs + 1)
+        .query_async(&mut redis)
+        .await;
+    match counted {
+        Ok((count, _)) if count > max as i64 => Err(ApiError::RateLimited {
+            limit,
+            max,
+            retry_after: (window_secs - now % window_secs).max(1) as u64,
+        }),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, limit, "quota store unavailable; letting the request through");
+            Ok(())
+        }
+    }
+}
+
 /// Increment the current window's counter; returns (count, seconds left).
 async fn hit(state: &AppState, who: &str) -> redis::RedisResult<(i64, i64)> {
     let window = chrono::Utc::now().timestamp() / 60;

@@ -4,6 +4,8 @@ pub mod accounts;
 pub mod admin;
 pub mod commands;
 pub mod health;
+pub mod messages;
+pub mod rooms;
 pub mod wallets;
 
 use crate::error::ApiError;

@@ -38,6 +38,12 @@ pub struct Settings {
     pub argon2_memory_kib: u32,
     /// Prefix of every Redis key.
     pub redis_prefix: String,
+    /// Chat messages per user per minute (0: no limit).
+    pub chat_messages_per_min: u32,
+    /// Chat messages per user per day.
+    pub chat_messages_per_day: u32,
+    /// Searches per user per day.
+    pub searches_per_day: u32,
 }
 
 impl Default for Settings {
@@ -53,6 +59,9 @@ impl Default for Settings {
             lockout_for: Duration::from_secs(15 * 60),
             argon2_memory_kib: 19 * 1024,
             redis_prefix: String::new(),
+            chat_messages_per_min: 30,
+            chat_messages_per_day: 1000,
+            searches_per_day: 100,
         }
     }
 }
@@ -80,6 +89,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// JWT keys.
     pub keys: Arc<Keys>,
+    /// Opens room and message keys.
+    pub keystore: handlers::keystore::Keystore,
     /// This instance's id: handlers answer on `_outcome.<id>.<command_id>`.
     pub instance: Uuid,
     waiters: Arc<Mutex<HashMap<Uuid, Waiter>>>,
@@ -104,6 +115,7 @@ impl AppState {
         subjects: Subjects,
         settings: Settings,
         keys: Keys,
+        keystore: handlers::keystore::Keystore,
     ) -> Self {
         AppState {
             pool,
@@ -113,6 +125,7 @@ impl AppState {
             subjects,
             settings: Arc::new(settings),
             keys: Arc::new(keys),
+            keystore,
             instance: Uuid::new_v4(),
             waiters: Arc::new(Mutex::new(HashMap::new())),
         }

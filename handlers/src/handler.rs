@@ -398,6 +398,14 @@ impl Handlers {
         ledger::insert(&mut tx, &rejected)
             .await
             .map_err(StoreError::from_db)?;
+        // Keys the decisions created or destroyed commit with their events.
+        let key_ops: Vec<commands::KeyOp> = staged
+            .iter()
+            .flat_map(|(_, _, d, _)| d.keys.iter().cloned())
+            .collect();
+        crate::keystore::apply(&mut tx, &key_ops)
+            .await
+            .map_err(StoreError::from_db)?;
         let first = store::append(&mut tx, &all_events).await?;
         let mut accepted = Vec::with_capacity(staged.len());
         let mut offset = 0i64;

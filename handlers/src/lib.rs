@@ -6,6 +6,7 @@
 //! - [`bus`]: JetStream streams and consumers, the command envelope and the outcome.
 //! - [`handler`]: the handlers role: pull commands, decide in batches, append, answer, ack.
 //! - [`relay`]: the relay role: publish committed events to `EVENTS` in position order.
+//! - [`keystore`]: wrapped room and message keys, destroyed to erase (crypto-shredding).
 //! - [`infra`]: connecting to Postgres and NATS, migrations.
 //!
 //! Data flow: gateway → `COMMANDS` → [`handler`] → Postgres → [`relay`] → `EVENTS` → projections.
@@ -14,6 +15,7 @@
 pub mod bus;
 pub mod handler;
 pub mod infra;
+pub mod keystore;
 pub mod ledger;
 pub mod relay;
 pub mod store;

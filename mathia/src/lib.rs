@@ -14,6 +14,7 @@ use events::Subjects;
 use handlers::handler::{HandlerConfig, Handlers};
 use handlers::infra;
 use handlers::relay::Relay;
+use projections::chat::ChatProjector;
 use projections::runner::Runner;
 use projections::wallet::WalletProjector;
 use tokio::net::TcpListener;
@@ -47,6 +48,20 @@ pub struct Config {
     /// for `gateway`; `serve` makes a random one (tokens die with the process) when unset.
     #[arg(long, env = "MATHIA_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// AES-256 master key, base64 of 32 bytes: wraps every room's data key.
+    /// Required for `gateway` and `projections`; `serve` without it keeps one in
+    /// `.data/master.key` (created on first start). Losing it loses every message.
+    #[arg(long, env = "MATHIA_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Chat messages per user per minute (0: no limit).
+    #[arg(long, env = "MATHIA_CHAT_MESSAGES_PER_MIN", default_value_t = 30)]
+    pub chat_messages_per_min: u32,
+    /// Chat messages per user per day (0: no limit).
+    #[arg(long, env = "MATHIA_CHAT_MESSAGES_PER_DAY", default_value_t = 1000)]
+    pub chat_messages_per_day: u32,
+    /// Searches per user per day (0: no limit).
+    #[arg(long, env = "MATHIA_SEARCHES_PER_DAY", default_value_t = 100)]
+    pub searches_per_day: u32,
     /// Prefix of every subject and stream name (empty in a deployment).
     #[arg(long, env = "MATHIA_NATS_PREFIX", default_value = "")]
     pub nats_prefix: String,
@@ -199,6 +214,57 @@ fn jwt_secret(config: &Config, roles: Roles) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// The master key: from the configuration, or (for `serve` only) from
+/// `.data/master.key`, created on first use.
+pub fn master_key(config: &Config, roles: Roles) -> anyhow::Result<commands::crypto::Key> {
+    let encoded = match &config.master_key {
+        Some(k) => k.trim().to_owned(),
+        None if roles == Roles::ALL => {
+            let path = std::path::Path::new(".data/master.key");
+            if !path.exists() {
+                std::fs::create_dir_all(".data")?;
+                let key = base64::engine::general_purpose::STANDARD
+                    .encode(commands::crypto::Key::random().as_bytes());
+                write_private(path, &key).context("creating .data/master.key")?;
+                tracing::warn!(
+                    "MATHIA_MASTER_KEY is unset: created .data/master.key; back it up, every message depends on it"
+                );
+            }
+            std::fs::read_to_string(path)
+                .context("reading .data/master.key")?
+                .trim()
+                .to_owned()
+        }
+        None => anyhow::bail!(
+            "MATHIA_MASTER_KEY is required when a role runs alone (all instances must share it)"
+        ),
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&encoded)
+        .context("MATHIA_MASTER_KEY is not valid base64")?;
+    commands::crypto::Key::from_slice(&bytes).context(
+        "MATHIA_MASTER_KEY must be 32 bytes (base64 of 32 random bytes: openssl rand -base64 32)",
+    )
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        f.write_all(contents.as_bytes())
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::write(path, contents)
+    }
+}
+
 /// Run `roles` until `shutdown` is cancelled. `listener` is required when the gateway runs.
 pub async fn run(
     config: Config,
@@ -210,6 +276,13 @@ pub async fn run(
         // Install the metrics recorder before any role records a figure.
         gateway::routes::health::prometheus();
     }
+    let keystore = if roles.gateway || roles.projections {
+        Some(handlers::keystore::Keystore::new(master_key(
+            &config, roles,
+        )?))
+    } else {
+        None
+    };
     let infra = connect(&config, "mathia").await?;
     if roles == Roles::ALL {
         infra::migrate(&infra.pool).await?;
@@ -280,6 +353,23 @@ pub async fn run(
         );
     }
     if roles.projections {
+        let (stop, keystore) = (
+            shutdown.clone(),
+            keystore
+                .clone()
+                .context("projections need the master key")?,
+        );
+        spawn(
+            "proj-chat",
+            role(&config, &infra, "proj-chat", 4, move |infra| async move {
+                let runner = Runner {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                };
+                runner.run(Arc::new(ChatProjector { keystore }), stop).await
+            }),
+        );
         let shutdown = shutdown.clone();
         spawn(
             "proj-wallet",
@@ -308,6 +398,9 @@ pub async fn run(
             read_wait: Duration::from_millis(config.read_wait_ms),
             argon2_memory_kib: config.argon2_memory_kib,
             redis_prefix: config.redis_prefix.clone(),
+            chat_messages_per_min: config.chat_messages_per_min,
+            chat_messages_per_day: config.chat_messages_per_day,
+            searches_per_day: config.searches_per_day,
             ..Default::default()
         };
         let state = gateway::AppState::new(
@@ -317,6 +410,9 @@ pub async fn run(
             infra.subjects.clone(),
             settings,
             keys,
+            keystore
+                .clone()
+                .context("the gateway needs the master key")?,
         );
         let stop = shutdown.clone();
         spawn(

@@ -11,9 +11,11 @@
 //! event twice is impossible because its position is ≤ the checkpoint the second
 //! time. A tick also catches up to the head of the log when the bus is silent.
 //!
-//! Read models: [`wallet`] (balances and history).
+//! Read models: [`wallet`] (balances and history), [`chat`] (rooms, timeline,
+//! unread counts, search index).
 #![warn(missing_docs)]
 
+pub mod chat;
 pub mod runner;
 pub mod status;
 pub mod wallet;

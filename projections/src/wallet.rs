@@ -38,7 +38,9 @@ impl Projector for WalletProjector {
         let mut balances: BTreeMap<Uuid, (i64, i64, chrono::DateTime<chrono::Utc>)> =
             BTreeMap::new();
         for env in batch {
-            let Event::Wallet(event) = env.event()?;
+            let Event::Wallet(event) = env.event()? else {
+                continue;
+            };
             match event {
                 WalletEvent::AccountOpened {
                     account_id,

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use base64::Engine as _;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use mathia::{Config, Roles};
@@ -308,6 +309,13 @@ async fn main() -> anyhow::Result<()> {
         // Logins are not what is measured; keep the 1,000 registrations quick.
         argon2_memory_kib: 1024,
         role_threads: args.role_threads,
+        master_key: Some(
+            base64::engine::general_purpose::STANDARD
+                .encode(commands::crypto::Key::random().as_bytes()),
+        ),
+        chat_messages_per_min: 0,
+        chat_messages_per_day: 0,
+        searches_per_day: 0,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

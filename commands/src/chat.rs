@@ -1,0 +1,1397 @@
+//! Chat: rooms (membership, roles, keys) and messages (posts, edits, redactions,
+//! reactions, receipts), as pure decide/evolve.
+//!
+//! Existence is private: whoever is not a member (nor invited, for the calls an
+//! invitee may make) gets `room_not_found`, exactly as for a room that never
+//! existed. The sender of a message is always the actor, never the payload.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use events::chat::{
+    Attachment, Bytes64, ChatEvent, DOMAIN, MESSAGE, MemberRole, MessageKind, READER, ROOM, Sealed,
+    Visibility,
+};
+use events::{Event, StreamId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{Actor, Decision, KeyOp, Rejection, StateSet};
+
+/// The stream of room `id`.
+pub fn room_stream(id: Uuid) -> StreamId {
+    StreamId::new(DOMAIN, ROOM, &id.to_string()).expect("a uuid is a valid subject token")
+}
+
+/// The stream of message `id`.
+pub fn message_stream(id: Uuid) -> StreamId {
+    StreamId::new(DOMAIN, MESSAGE, &id.to_string()).expect("a uuid is a valid subject token")
+}
+
+/// The receipts stream of reader `user`.
+pub fn reader_stream(user: Uuid) -> StreamId {
+    StreamId::new(DOMAIN, READER, &user.to_string()).expect("a uuid is a valid subject token")
+}
+
+const MESSAGE_NS: Uuid = Uuid::from_u128(0x6d61_7468_6961_5f63_6861_745f_6d73_6700);
+
+/// The message id of a send with a client transaction id: the same sender,
+/// room and id always name the same message (Matrix `txnId` semantics).
+pub fn client_message_id(room: Uuid, sender: Uuid, client_id: &str) -> Uuid {
+    Uuid::new_v5(
+        &MESSAGE_NS,
+        format!("{room}|{sender}|{client_id}").as_bytes(),
+    )
+}
+
+/// The state of a room.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Room {
+    /// `RoomCreated` happened.
+    pub exists: bool,
+    /// `RoomDeleted` happened.
+    pub deleted: bool,
+    /// Read-only.
+    pub archived: bool,
+    /// Private or public.
+    pub visibility: Option<Visibility>,
+    /// Joined members and their roles.
+    pub members: BTreeMap<Uuid, MemberRole>,
+    /// Pending invitations.
+    pub invited: BTreeSet<Uuid>,
+    /// Pending invitations of addresses.
+    pub email_invites: BTreeSet<String>,
+    /// Banned users.
+    pub banned: BTreeSet<Uuid>,
+    /// Current data key version.
+    pub key_version: i32,
+}
+
+impl Room {
+    /// Fold one event in.
+    pub fn evolve(&mut self, event: &ChatEvent) {
+        match event {
+            ChatEvent::RoomCreated {
+                visibility,
+                created_by,
+                ..
+            } => {
+                self.exists = true;
+                self.visibility = Some(*visibility);
+                self.key_version = 1;
+                self.members.insert(*created_by, MemberRole::Owner);
+            }
+            ChatEvent::RoomArchived => self.archived = true,
+            ChatEvent::RoomDeleted => self.deleted = true,
+            ChatEvent::RoomKeyRotated { version } => self.key_version = *version,
+            ChatEvent::MemberInvited { user_id, .. } => {
+                self.invited.insert(*user_id);
+            }
+            ChatEvent::EmailInvited { email, .. } => {
+                self.email_invites.insert(email.clone());
+            }
+            ChatEvent::InviteDeclined { user_id } => {
+                self.invited.remove(user_id);
+            }
+            ChatEvent::MemberJoined { user_id, role } => {
+                self.invited.remove(user_id);
+                self.members.insert(*user_id, *role);
+            }
+            ChatEvent::MemberLeft { user_id } | ChatEvent::MemberKicked { user_id, .. } => {
+                self.members.remove(user_id);
+            }
+            ChatEvent::MemberBanned { user_id, .. } => {
+                self.members.remove(user_id);
+                self.invited.remove(user_id);
+                self.banned.insert(*user_id);
+            }
+            ChatEvent::MemberUnbanned { user_id } => {
+                self.banned.remove(user_id);
+            }
+            ChatEvent::MemberRoleChanged { user_id, role } => {
+                if let Some(r) = self.members.get_mut(user_id) {
+                    *r = *role;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn live(&self) -> bool {
+        self.exists && !self.deleted
+    }
+
+    /// The actor's role, if a member of a live room.
+    pub fn role_of(&self, user: Option<Uuid>) -> Option<MemberRole> {
+        if !self.live() {
+            return None;
+        }
+        user.and_then(|u| self.members.get(&u).copied())
+    }
+
+    fn owners(&self) -> usize {
+        self.members
+            .values()
+            .filter(|r| **r == MemberRole::Owner)
+            .count()
+    }
+}
+
+/// The state of a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// `MessagePosted` happened.
+    pub exists: bool,
+    /// Its room.
+    pub room_id: Uuid,
+    /// Its sender.
+    pub sender: Uuid,
+    /// Its thread root, for a reply.
+    pub thread_root: Option<Uuid>,
+    /// Redacted: nothing left to edit or react to.
+    pub redacted: bool,
+    /// (user, emoji) pairs.
+    pub reactions: BTreeSet<(Uuid, String)>,
+    /// The client transaction id it was sent with.
+    pub client_message_id: Option<String>,
+}
+
+impl Message {
+    /// Fold one event in.
+    pub fn evolve(&mut self, event: &ChatEvent) {
+        match event {
+            ChatEvent::MessagePosted {
+                room_id,
+                sender,
+                thread_root,
+                client_message_id,
+                ..
+            } => {
+                self.exists = true;
+                self.room_id = *room_id;
+                self.sender = *sender;
+                self.thread_root = *thread_root;
+                self.client_message_id = client_message_id.clone();
+            }
+            ChatEvent::MessageRedacted { .. } => {
+                self.redacted = true;
+                self.reactions.clear();
+            }
+            ChatEvent::ReactionAdded { user_id, emoji } => {
+                self.reactions.insert((*user_id, emoji.clone()));
+            }
+            ChatEvent::ReactionRemoved { user_id, emoji } => {
+                self.reactions.remove(&(*user_id, emoji.clone()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Commands of the chat domain. Bodies arrive sealed: the gateway encrypts
+/// before it publishes, so `COMMANDS` never holds plaintext either.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ChatCommand {
+    /// Create a room; the actor becomes its owner.
+    CreateRoom {
+        /// New room id.
+        room_id: Uuid,
+        /// Name.
+        name: String,
+        /// Topic.
+        topic: Option<String>,
+        /// Private or public.
+        visibility: Visibility,
+        /// The first data key, wrapped by the master key.
+        room_key: Bytes64,
+    },
+    /// Rename and/or change the topic (moderators).
+    UpdateRoom {
+        /// Room.
+        room_id: Uuid,
+        /// New name.
+        name: Option<String>,
+        /// New topic ("" clears).
+        topic: Option<String>,
+    },
+    /// Make the room read-only (owner).
+    ArchiveRoom {
+        /// Room.
+        room_id: Uuid,
+    },
+    /// Delete the room and destroy its keys (owner).
+    DeleteRoom {
+        /// Room.
+        room_id: Uuid,
+    },
+    /// Seal new messages under a new key version (owner).
+    RotateRoomKey {
+        /// Room.
+        room_id: Uuid,
+        /// The version it will have (current + 1).
+        version: i32,
+        /// The new key, wrapped by the master key.
+        room_key: Bytes64,
+    },
+    /// Invite a user, or an address that has no account yet.
+    Invite {
+        /// Room.
+        room_id: Uuid,
+        /// The user invited.
+        user_id: Option<Uuid>,
+        /// Or the address (lower case).
+        email: Option<String>,
+    },
+    /// Decline an invitation.
+    DeclineInvite {
+        /// Room.
+        room_id: Uuid,
+    },
+    /// Join a public room, or accept an invitation (to the actor, or to their address).
+    Join {
+        /// Room.
+        room_id: Uuid,
+        /// The actor's address, filled in by the gateway from the account.
+        email: Option<String>,
+    },
+    /// Leave a room.
+    Leave {
+        /// Room.
+        room_id: Uuid,
+    },
+    /// Remove a member (moderators, over lower roles).
+    Kick {
+        /// Room.
+        room_id: Uuid,
+        /// Who.
+        user_id: Uuid,
+    },
+    /// Ban a user (moderators, over lower roles).
+    Ban {
+        /// Room.
+        room_id: Uuid,
+        /// Who.
+        user_id: Uuid,
+    },
+    /// Lift a ban (moderators).
+    Unban {
+        /// Room.
+        room_id: Uuid,
+        /// Who.
+        user_id: Uuid,
+    },
+    /// Change a member's role (owner).
+    SetRole {
+        /// Room.
+        room_id: Uuid,
+        /// Who.
+        user_id: Uuid,
+        /// The new role.
+        role: MemberRole,
+    },
+    /// Post a message.
+    SendMessage {
+        /// Message id.
+        message_id: Uuid,
+        /// Room.
+        room_id: Uuid,
+        /// Kind.
+        kind: MessageKind,
+        /// Sealed body.
+        body: Sealed,
+        /// Attachment metadata.
+        attachment: Option<Attachment>,
+        /// Thread root, for a reply.
+        thread_root: Option<Uuid>,
+        /// Quoted message.
+        quote: Option<Uuid>,
+        /// Mentioned users.
+        mentions: Vec<Uuid>,
+        /// `@mathia` mentioned.
+        mentions_assistant: bool,
+        /// Client transaction id.
+        client_message_id: Option<String>,
+        /// Room key version wrapping `message_key`.
+        key_version: i32,
+        /// The message key, wrapped by the room key.
+        message_key: Bytes64,
+        /// When the gateway accepted it.
+        sent_at: DateTime<Utc>,
+    },
+    /// Replace a message's body (its sender).
+    EditMessage {
+        /// Room.
+        room_id: Uuid,
+        /// Message.
+        message_id: Uuid,
+        /// New sealed body, under the message's key.
+        body: Sealed,
+    },
+    /// Redact a message: destroy its key (sender or moderators).
+    RedactMessage {
+        /// Room.
+        room_id: Uuid,
+        /// Message.
+        message_id: Uuid,
+    },
+    /// Add or remove a reaction.
+    React {
+        /// Room.
+        room_id: Uuid,
+        /// Message.
+        message_id: Uuid,
+        /// Emoji.
+        emoji: String,
+        /// Add (true) or remove.
+        add: bool,
+    },
+    /// Move the actor's read receipt.
+    MarkRead {
+        /// The reader: the actor.
+        reader: Uuid,
+        /// Room.
+        room_id: Uuid,
+        /// Thread, none for the main timeline.
+        thread_root: Option<Uuid>,
+        /// Last message read.
+        message_id: Uuid,
+    },
+}
+
+fn room_not_found() -> Rejection {
+    Rejection::new(404, "room_not_found", "no such room")
+}
+
+fn message_not_found() -> Rejection {
+    Rejection::new(404, "message_not_found", "no such message in this room")
+}
+
+fn forbidden(what: &str) -> Rejection {
+    Rejection::new(
+        403,
+        "forbidden",
+        format!("your role in this room cannot {what}"),
+    )
+}
+
+fn archived() -> Rejection {
+    Rejection::new(
+        409,
+        "room_archived",
+        "the room is archived: it is read-only",
+    )
+}
+
+fn decision(
+    events: Vec<(StreamId, ChatEvent)>,
+    status: u16,
+    answer: serde_json::Value,
+    keys: Vec<KeyOp>,
+) -> Decision {
+    Decision {
+        events: events
+            .into_iter()
+            .map(|(s, e)| (s, Event::Chat(e)))
+            .collect(),
+        status,
+        answer,
+        keys,
+    }
+}
+
+impl ChatCommand {
+    /// The command's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChatCommand::CreateRoom { .. } => "chat.CreateRoom",
+            ChatCommand::UpdateRoom { .. } => "chat.UpdateRoom",
+            ChatCommand::ArchiveRoom { .. } => "chat.ArchiveRoom",
+            ChatCommand::DeleteRoom { .. } => "chat.DeleteRoom",
+            ChatCommand::RotateRoomKey { .. } => "chat.RotateRoomKey",
+            ChatCommand::Invite { .. } => "chat.Invite",
+            ChatCommand::DeclineInvite { .. } => "chat.DeclineInvite",
+            ChatCommand::Join { .. } => "chat.Join",
+            ChatCommand::Leave { .. } => "chat.Leave",
+            ChatCommand::Kick { .. } => "chat.Kick",
+            ChatCommand::Ban { .. } => "chat.Ban",
+            ChatCommand::Unban { .. } => "chat.Unban",
+            ChatCommand::SetRole { .. } => "chat.SetRole",
+            ChatCommand::SendMessage { .. } => "chat.SendMessage",
+            ChatCommand::EditMessage { .. } => "chat.EditMessage",
+            ChatCommand::RedactMessage { .. } => "chat.RedactMessage",
+            ChatCommand::React { .. } => "chat.React",
+            ChatCommand::MarkRead { .. } => "chat.MarkRead",
+        }
+    }
+
+    fn room_id(&self) -> Uuid {
+        match self {
+            ChatCommand::CreateRoom { room_id, .. }
+            | ChatCommand::UpdateRoom { room_id, .. }
+            | ChatCommand::ArchiveRoom { room_id }
+            | ChatCommand::DeleteRoom { room_id }
+            | ChatCommand::RotateRoomKey { room_id, .. }
+            | ChatCommand::Invite { room_id, .. }
+            | ChatCommand::DeclineInvite { room_id }
+            | ChatCommand::Join { room_id, .. }
+            | ChatCommand::Leave { room_id }
+            | ChatCommand::Kick { room_id, .. }
+            | ChatCommand::Ban { room_id, .. }
+            | ChatCommand::Unban { room_id, .. }
+            | ChatCommand::SetRole { room_id, .. }
+            | ChatCommand::SendMessage { room_id, .. }
+            | ChatCommand::EditMessage { room_id, .. }
+            | ChatCommand::RedactMessage { room_id, .. }
+            | ChatCommand::React { room_id, .. }
+            | ChatCommand::MarkRead { room_id, .. } => *room_id,
+        }
+    }
+
+    /// The stream the command is addressed to.
+    pub fn target(&self) -> StreamId {
+        match self {
+            ChatCommand::SendMessage { message_id, .. }
+            | ChatCommand::EditMessage { message_id, .. }
+            | ChatCommand::RedactMessage { message_id, .. }
+            | ChatCommand::React { message_id, .. } => message_stream(*message_id),
+            ChatCommand::MarkRead { reader, .. } => reader_stream(*reader),
+            _ => room_stream(self.room_id()),
+        }
+    }
+
+    /// Every stream the decision reads.
+    pub fn streams(&self) -> Vec<StreamId> {
+        let room = room_stream(self.room_id());
+        match self {
+            ChatCommand::SendMessage {
+                message_id,
+                thread_root,
+                quote,
+                ..
+            } => {
+                let mut s = vec![message_stream(*message_id), room];
+                s.extend(thread_root.map(message_stream));
+                s.extend(quote.map(message_stream));
+                s.dedup();
+                s
+            }
+            ChatCommand::EditMessage { message_id, .. }
+            | ChatCommand::RedactMessage { message_id, .. }
+            | ChatCommand::React { message_id, .. } => vec![message_stream(*message_id), room],
+            ChatCommand::MarkRead {
+                reader,
+                message_id,
+                thread_root,
+                ..
+            } => {
+                let mut s = vec![reader_stream(*reader), room, message_stream(*message_id)];
+                s.extend(thread_root.map(message_stream));
+                s.dedup();
+                s
+            }
+            _ => vec![room],
+        }
+    }
+
+    /// Decide against the loaded states.
+    pub fn decide(&self, actor: &Actor, states: &StateSet) -> Result<Decision, Rejection> {
+        let room_id = self.room_id();
+        let rs = room_stream(room_id);
+        let room = states.room(&rs);
+        let me = actor.user_id;
+        let my_role = room.role_of(me);
+        let member = || my_role.ok_or_else(room_not_found);
+        let room_answer = |extra: serde_json::Value| {
+            let mut a = json!({ "room_id": room_id });
+            if let (Some(o), serde_json::Value::Object(e)) = (a.as_object_mut(), extra) {
+                o.extend(e);
+            }
+            a
+        };
+        match self {
+            ChatCommand::CreateRoom {
+                name,
+                topic,
+                visibility,
+                room_key,
+                ..
+            } => {
+                let Some(me) = me else {
+                    return Err(forbidden("create rooms as the system"));
+                };
+                if room.exists {
+                    return Err(Rejection::new(409, "room_exists", "this room id is taken"));
+                }
+                Ok(decision(
+                    vec![(
+                        rs,
+                        ChatEvent::RoomCreated {
+                            room_id,
+                            name: name.clone(),
+                            topic: topic.clone(),
+                            visibility: *visibility,
+                            created_by: me,
+                        },
+                    )],
+                    201,
+                    room_answer(json!({
+                        "name": name, "topic": topic, "visibility": visibility, "role": "owner",
+                        "key_version": 1,
+                    })),
+                    vec![KeyOp::PutRoomKey {
+                        room_id,
+                        version: 1,
+                        wrapped: room_key.clone(),
+                    }],
+                ))
+            }
+            ChatCommand::UpdateRoom { name, topic, .. } => {
+                if member()? < MemberRole::Moderator {
+                    return Err(forbidden("rename the room or change its topic"));
+                }
+                if room.archived {
+                    return Err(archived());
+                }
+                Ok(decision(
+                    vec![(
+                        rs,
+                        ChatEvent::RoomUpdated {
+                            name: name.clone(),
+                            topic: topic.clone(),
+                        },
+                    )],
+                    200,
+                    room_answer(json!({ "name": name, "topic": topic })),
+                    vec![],
+                ))
+            }
+            ChatCommand::ArchiveRoom { .. } => {
+                if member()? < MemberRole::Owner {
+                    return Err(forbidden("archive the room"));
+                }
+                if room.archived {
+                    return Err(archived());
+                }
+                Ok(decision(
+                    vec![(rs, ChatEvent::RoomArchived)],
+                    200,
+                    room_answer(json!({ "archived": true })),
+                    vec![],
+                ))
+            }
+            ChatCommand::DeleteRoom { .. } => {
+                if member()? < MemberRole::Owner {
+                    return Err(forbidden("delete the room"));
+                }
+                Ok(decision(
+                    vec![(rs, ChatEvent::RoomDeleted)],
+                    200,
+                    room_answer(json!({ "deleted": true })),
+                    vec![KeyOp::DestroyRoomKeys { room_id }],
+                ))
+            }
+            ChatCommand::RotateRoomKey {
+                version, room_key, ..
+            } => {
+                if member()? < MemberRole::Owner {
+                    return Err(forbidden("rotate the room's key"));
+                }
+                if *version != room.key_version + 1 {
+                    return Err(Rejection::new(
+                        409,
+                        "key_version_conflict",
+                        format!(
+                            "the room key is at version {}; read it again",
+                            room.key_version
+                        ),
+                    ));
+                }
+                Ok(decision(
+                    vec![(rs, ChatEvent::RoomKeyRotated { version: *version })],
+                    200,
+                    room_answer(json!({ "key_version": version })),
+                    vec![KeyOp::PutRoomKey {
+                        room_id,
+                        version: *version,
+                        wrapped: room_key.clone(),
+                    }],
+                ))
+            }
+            ChatCommand::Invite { user_id, email, .. } => {
+                let role = member()?;
+                if room.visibility == Some(Visibility::Private) && role < MemberRole::Moderator {
+                    return Err(forbidden("invite people to a private room"));
+                }
+                if room.archived {
+                    return Err(archived());
+                }
+                let me = me.unwrap_or_default();
+                let event = match (user_id, email) {
+                    (Some(u), _) => {
+                        if room.banned.contains(u) {
+                            return Err(Rejection::new(
+                                409,
+                                "user_banned",
+                                "this user is banned from the room; unban first",
+                            ));
+                        }
+                        if room.members.contains_key(u) {
+                            return Err(Rejection::new(
+                                409,
+                                "already_member",
+                                "this user is already a member",
+                            ));
+                        }
+                        if room.invited.contains(u) {
+                            return Err(Rejection::new(
+                                409,
+                                "already_invited",
+                                "this user is already invited",
+                            ));
+                        }
+                        ChatEvent::MemberInvited {
+                            user_id: *u,
+                            by: me,
+                        }
+                    }
+                    (None, Some(e)) => {
+                        if room.email_invites.contains(e) {
+                            return Err(Rejection::new(
+                                409,
+                                "already_invited",
+                                "this address is already invited",
+                            ));
+                        }
+                        ChatEvent::EmailInvited {
+                            email: e.clone(),
+                            by: me,
+                        }
+                    }
+                    (None, None) => {
+                        return Err(Rejection::new(422, "invalid", "name a user or an email"));
+                    }
+                };
+                Ok(decision(
+                    vec![(rs, event)],
+                    201,
+                    room_answer(json!({ "invited": user_id, "email": email })),
+                    vec![],
+                ))
+            }
+            ChatCommand::DeclineInvite { .. } => {
+                let Some(me) = me else {
+                    return Err(room_not_found());
+                };
+                if !room.live() || !room.invited.contains(&me) {
+                    return Err(room_not_found());
+                }
+                Ok(decision(
+                    vec![(rs, ChatEvent::InviteDeclined { user_id: me })],
+                    200,
+                    room_answer(json!({ "declined": true })),
+                    vec![],
+                ))
+            }
+            ChatCommand::Join { email, .. } => {
+                let Some(me) = me else {
+                    return Err(room_not_found());
+                };
+                let public = room.visibility == Some(Visibility::Public);
+                let invited = room.invited.contains(&me)
+                    || email
+                        .as_ref()
+                        .is_some_and(|e| room.email_invites.contains(e));
+                if !room.live() || room.banned.contains(&me) || !(public || invited) {
+                    return Err(room_not_found());
+                }
+                if room.members.contains_key(&me) {
+                    return Err(Rejection::new(409, "already_member", "you are a member"));
+                }
+                if room.archived {
+                    return Err(archived());
+                }
+                Ok(decision(
+                    vec![(
+                        rs,
+                        ChatEvent::MemberJoined {
+                            user_id: me,
+                            role: MemberRole::Member,
+                        },
+                    )],
+                    200,
+                    room_answer(json!({ "user_id": me, "role": "member" })),
+                    vec![],
+                ))
+            }
+            ChatCommand::Leave { .. } => {
+                let role = member()?;
+                let me = me.unwrap_or_default();
+                if role == MemberRole::Owner && room.owners() == 1 && room.members.len() > 1 {
+                    return Err(Rejection::new(
+                        422,
+                        "last_owner",
+                        "you are the only owner: make another member owner before leaving",
+                    ));
+                }
+                Ok(decision(
+                    vec![(rs, ChatEvent::MemberLeft { user_id: me })],
+                    200,
+                    room_answer(json!({ "user_id": me, "left": true })),
+                    vec![],
+                ))
+            }
+            ChatCommand::Kick { user_id, .. } | ChatCommand::Ban { user_id, .. } => {
+                let role = member()?;
+                let kick = matches!(self, ChatCommand::Kick { .. });
+                let verb = if kick { "kick" } else { "ban" };
+                if role < MemberRole::Moderator {
+                    return Err(forbidden(&format!("{verb} members")));
+                }
+                let target_role = room.members.get(user_id).copied();
+                if target_role.is_some_and(|t| t >= role) || Some(*user_id) == me {
+                    return Err(forbidden(&format!(
+                        "{verb} a member of equal or higher role"
+                    )));
+                }
+                let by = me.unwrap_or_default();
+                let event = if kick {
+                    if target_role.is_none() {
+                        return Err(Rejection::new(
+                            404,
+                            "member_not_found",
+                            "this user is not a member",
+                        ));
+                    }
+                    ChatEvent::MemberKicked {
+                        user_id: *user_id,
+                        by,
+                    }
+                } else {
+                    if room.banned.contains(user_id) {
+                        return Err(Rejection::new(409, "already_banned", "already banned"));
+                    }
+                    ChatEvent::MemberBanned {
+                        user_id: *user_id,
+                        by,
+                    }
+                };
+                Ok(decision(
+                    vec![(rs, event)],
+                    200,
+                    room_answer(json!({ "user_id": user_id, "action": verb })),
+                    vec![],
+                ))
+            }
+            ChatCommand::Unban { user_id, .. } => {
+                if member()? < MemberRole::Moderator {
+                    return Err(forbidden("lift bans"));
+                }
+                if !room.banned.contains(user_id) {
+                    return Err(Rejection::new(404, "not_banned", "this user is not banned"));
+                }
+                Ok(decision(
+                    vec![(rs, ChatEvent::MemberUnbanned { user_id: *user_id })],
+                    200,
+                    room_answer(json!({ "user_id": user_id, "action": "unban" })),
+                    vec![],
+                ))
+            }
+            ChatCommand::SetRole { user_id, role, .. } => {
+                if member()? < MemberRole::Owner {
+                    return Err(forbidden("change roles"));
+                }
+                let Some(current) = room.members.get(user_id) else {
+                    return Err(Rejection::new(
+                        404,
+                        "member_not_found",
+                        "this user is not a member",
+                    ));
+                };
+                if current == role {
+                    return Err(Rejection::new(
+                        409,
+                        "role_unchanged",
+                        "the member already has this role",
+                    ));
+                }
+                if *current == MemberRole::Owner && room.owners() == 1 {
+                    return Err(Rejection::new(
+                        422,
+                        "last_owner",
+                        "the room needs an owner: make someone else owner first",
+                    ));
+                }
+                Ok(decision(
+                    vec![(
+                        rs,
+                        ChatEvent::MemberRoleChanged {
+                            user_id: *user_id,
+                            role: *role,
+                        },
+                    )],
+                    200,
+                    room_answer(json!({ "user_id": user_id, "role": role })),
+                    vec![],
+                ))
+            }
+            ChatCommand::SendMessage {
+                message_id,
+                kind,
+                body,
+                attachment,
+                thread_root,
+                quote,
+                mentions,
+                mentions_assistant,
+                client_message_id,
+                key_version,
+                message_key,
+                sent_at,
+                ..
+            } => {
+                member()?;
+                let me = me.unwrap_or_default();
+                if room.archived {
+                    return Err(archived());
+                }
+                let ms = message_stream(*message_id);
+                let existing = states.message(&ms);
+                if existing.exists {
+                    // The same client transaction id again: the message it sent, not a second one.
+                    if existing.sender == me
+                        && existing.room_id == room_id
+                        && existing.client_message_id.is_some()
+                        && existing.client_message_id == *client_message_id
+                    {
+                        return Err(Rejection::new(
+                            409,
+                            "duplicate_client_message_id",
+                            "a message with this client_message_id was already sent",
+                        )
+                        .with_details(json!({ "message_id": message_id })));
+                    }
+                    return Err(Rejection::new(
+                        409,
+                        "message_exists",
+                        "this message id is taken",
+                    ));
+                }
+                if let Some(root) = thread_root {
+                    let r = states.message(&message_stream(*root));
+                    if !r.exists || r.room_id != room_id || r.redacted {
+                        return Err(Rejection::new(
+                            404,
+                            "thread_root_not_found",
+                            "no such message to reply to in this room",
+                        ));
+                    }
+                    if r.thread_root.is_some() {
+                        return Err(Rejection::new(
+                            422,
+                            "nested_thread",
+                            "threads do not nest: reply to the thread's root",
+                        )
+                        .with_details(json!({ "thread_root": r.thread_root })));
+                    }
+                }
+                if let Some(q) = quote {
+                    let m = states.message(&message_stream(*q));
+                    if !m.exists || m.room_id != room_id || m.redacted {
+                        return Err(Rejection::new(
+                            404,
+                            "quote_not_found",
+                            "no such message to quote in this room",
+                        ));
+                    }
+                }
+                if *key_version != room.key_version {
+                    return Err(Rejection::new(
+                        409,
+                        "key_version_conflict",
+                        "the room key was rotated meanwhile; send again",
+                    ));
+                }
+                let mentions: Vec<Uuid> = mentions
+                    .iter()
+                    .copied()
+                    .filter(|u| room.members.contains_key(u) && *u != me)
+                    .collect();
+                Ok(decision(
+                    vec![(
+                        ms,
+                        ChatEvent::MessagePosted {
+                            message_id: *message_id,
+                            room_id,
+                            sender: me,
+                            kind: *kind,
+                            body: body.clone(),
+                            attachment: attachment.clone(),
+                            thread_root: *thread_root,
+                            quote: *quote,
+                            mentions: mentions.clone(),
+                            mentions_assistant: *mentions_assistant,
+                            client_message_id: client_message_id.clone(),
+                            key_version: *key_version,
+                            sent_at: *sent_at,
+                        },
+                    )],
+                    201,
+                    json!({
+                        "message_id": message_id,
+                        "room_id": room_id,
+                        "sender": me,
+                        "kind": kind,
+                        "thread_root": thread_root,
+                        "quote": quote,
+                        "mentions": mentions,
+                        "client_message_id": client_message_id,
+                        "sent_at": sent_at,
+                    }),
+                    vec![KeyOp::PutMessageKey {
+                        message_id: *message_id,
+                        room_id,
+                        key_version: *key_version,
+                        wrapped: message_key.clone(),
+                    }],
+                ))
+            }
+            ChatCommand::EditMessage {
+                message_id, body, ..
+            } => {
+                member()?;
+                let m = self.live_message(states, room_id, *message_id)?;
+                if Some(m.sender) != me {
+                    return Err(Rejection::new(
+                        403,
+                        "forbidden",
+                        "only the sender can edit a message",
+                    ));
+                }
+                if room.archived {
+                    return Err(archived());
+                }
+                Ok(decision(
+                    vec![(
+                        message_stream(*message_id),
+                        ChatEvent::MessageEdited {
+                            body: body.clone(),
+                            by: m.sender,
+                        },
+                    )],
+                    200,
+                    json!({ "message_id": message_id, "room_id": room_id, "edited": true }),
+                    vec![],
+                ))
+            }
+            ChatCommand::RedactMessage { message_id, .. } => {
+                let role = member()?;
+                let m = self.live_message(states, room_id, *message_id)?;
+                if Some(m.sender) != me && role < MemberRole::Moderator {
+                    return Err(Rejection::new(
+                        403,
+                        "forbidden",
+                        "only the sender or a moderator can redact a message",
+                    ));
+                }
+                Ok(decision(
+                    vec![(
+                        message_stream(*message_id),
+                        ChatEvent::MessageRedacted {
+                            by: me.unwrap_or_default(),
+                        },
+                    )],
+                    200,
+                    json!({ "message_id": message_id, "room_id": room_id, "redacted": true }),
+                    vec![KeyOp::DestroyMessageKey {
+                        message_id: *message_id,
+                    }],
+                ))
+            }
+            ChatCommand::React {
+                message_id,
+                emoji,
+                add,
+                ..
+            } => {
+                member()?;
+                let me = me.unwrap_or_default();
+                let m = self.live_message(states, room_id, *message_id)?;
+                if room.archived {
+                    return Err(archived());
+                }
+                let has = m.reactions.contains(&(me, emoji.clone()));
+                let event = match (add, has) {
+                    (true, true) => {
+                        return Err(Rejection::new(
+                            409,
+                            "already_reacted",
+                            "you already reacted with this emoji",
+                        ));
+                    }
+                    (false, false) => {
+                        return Err(Rejection::new(
+                            404,
+                            "reaction_not_found",
+                            "you have no such reaction on this message",
+                        ));
+                    }
+                    (true, false) => ChatEvent::ReactionAdded {
+                        user_id: me,
+                        emoji: emoji.clone(),
+                    },
+                    (false, true) => ChatEvent::ReactionRemoved {
+                        user_id: me,
+                        emoji: emoji.clone(),
+                    },
+                };
+                Ok(decision(
+                    vec![(message_stream(*message_id), event)],
+                    200,
+                    json!({ "message_id": message_id, "emoji": emoji, "reacted": add }),
+                    vec![],
+                ))
+            }
+            ChatCommand::MarkRead {
+                reader,
+                thread_root,
+                message_id,
+                ..
+            } => {
+                member()?;
+                let me = me.unwrap_or_default();
+                if *reader != me {
+                    return Err(forbidden("move another reader's receipt"));
+                }
+                let m = states.message(&message_stream(*message_id));
+                if !m.exists || m.room_id != room_id {
+                    return Err(message_not_found());
+                }
+                // The marker belongs to one timeline: the main one (root-level
+                // messages) or one thread (its root and its replies).
+                let timeline = m.thread_root.or(thread_root.filter(|r| r == message_id));
+                if timeline != *thread_root {
+                    return Err(Rejection::new(
+                        422,
+                        "wrong_timeline",
+                        "this message is not in that timeline",
+                    ));
+                }
+                Ok(decision(
+                    vec![(
+                        reader_stream(me),
+                        ChatEvent::ReceiptMoved {
+                            room_id,
+                            thread_root: *thread_root,
+                            message_id: *message_id,
+                        },
+                    )],
+                    200,
+                    json!({ "room_id": room_id, "thread_root": thread_root, "message_id": message_id }),
+                    vec![],
+                ))
+            }
+        }
+    }
+
+    fn live_message(
+        &self,
+        states: &StateSet,
+        room_id: Uuid,
+        message_id: Uuid,
+    ) -> Result<Message, Rejection> {
+        let m = states.message(&message_stream(message_id));
+        if !m.exists || m.room_id != room_id || m.redacted {
+            return Err(message_not_found());
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Loaded, Role, State};
+
+    fn actor(u: Uuid) -> Actor {
+        Actor {
+            user_id: Some(u),
+            role: Role::User,
+        }
+    }
+
+    fn sealed() -> Sealed {
+        Sealed {
+            nonce: Bytes64(vec![0; 12]),
+            ct: Bytes64(vec![1; 20]),
+        }
+    }
+
+    /// Decide `cmd` and fold its events into `states`, as the handler does.
+    fn run(states: &mut StateSet, who: Uuid, cmd: ChatCommand) -> Result<Decision, Rejection> {
+        for s in cmd.streams() {
+            if !states.contains(&s) {
+                states.insert(
+                    s.clone(),
+                    Loaded {
+                        version: 0,
+                        state: State::empty_for(&s).unwrap(),
+                    },
+                );
+            }
+        }
+        let d = cmd.decide(&actor(who), states)?;
+        states.apply(&d.events);
+        Ok(d)
+    }
+
+    fn room(states: &mut StateSet, owner: Uuid, visibility: Visibility) -> Uuid {
+        let room_id = Uuid::now_v7();
+        run(
+            states,
+            owner,
+            ChatCommand::CreateRoom {
+                room_id,
+                name: "r".into(),
+                topic: None,
+                visibility,
+                room_key: Bytes64(vec![2; 60]),
+            },
+        )
+        .unwrap();
+        room_id
+    }
+
+    fn send(
+        states: &mut StateSet,
+        who: Uuid,
+        room_id: Uuid,
+        thread_root: Option<Uuid>,
+    ) -> Result<Uuid, Rejection> {
+        let message_id = Uuid::now_v7();
+        run(
+            states,
+            who,
+            ChatCommand::SendMessage {
+                message_id,
+                room_id,
+                kind: MessageKind::Text,
+                body: sealed(),
+                attachment: None,
+                thread_root,
+                quote: None,
+                mentions: vec![],
+                mentions_assistant: false,
+                client_message_id: None,
+                key_version: 1,
+                message_key: Bytes64(vec![3; 60]),
+                sent_at: Utc::now(),
+            },
+        )
+        .map(|_| message_id)
+    }
+
+    #[test]
+    fn strangers_cannot_tell_a_private_room_exists() {
+        let (owner, stranger) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut s = StateSet::default();
+        let r = room(&mut s, owner, Visibility::Private);
+        let never = Uuid::now_v7();
+        for room_id in [r, never] {
+            assert_eq!(
+                send(&mut s, stranger, room_id, None).unwrap_err().code,
+                "room_not_found"
+            );
+            let join = run(
+                &mut s,
+                stranger,
+                ChatCommand::Join {
+                    room_id,
+                    email: None,
+                },
+            )
+            .unwrap_err();
+            assert_eq!(join.code, "room_not_found");
+        }
+    }
+
+    #[test]
+    fn an_invited_user_joins_sends_and_is_kicked_by_a_moderator_only() {
+        let (owner, bob, carol) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut s = StateSet::default();
+        let r = room(&mut s, owner, Visibility::Private);
+        for u in [bob, carol] {
+            run(
+                &mut s,
+                owner,
+                ChatCommand::Invite {
+                    room_id: r,
+                    user_id: Some(u),
+                    email: None,
+                },
+            )
+            .unwrap();
+            run(
+                &mut s,
+                u,
+                ChatCommand::Join {
+                    room_id: r,
+                    email: None,
+                },
+            )
+            .unwrap();
+        }
+        send(&mut s, bob, r, None).unwrap();
+        let e = run(
+            &mut s,
+            bob,
+            ChatCommand::Kick {
+                room_id: r,
+                user_id: carol,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "forbidden");
+        run(
+            &mut s,
+            owner,
+            ChatCommand::SetRole {
+                room_id: r,
+                user_id: bob,
+                role: MemberRole::Moderator,
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            bob,
+            ChatCommand::Kick {
+                room_id: r,
+                user_id: carol,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            send(&mut s, carol, r, None).unwrap_err().code,
+            "room_not_found"
+        );
+        // A moderator cannot remove the owner.
+        let e = run(
+            &mut s,
+            bob,
+            ChatCommand::Ban {
+                room_id: r,
+                user_id: owner,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "forbidden");
+    }
+
+    #[test]
+    fn threads_do_not_nest_and_banned_users_cannot_come_back() {
+        let (owner, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut s = StateSet::default();
+        let r = room(&mut s, owner, Visibility::Public);
+        run(
+            &mut s,
+            bob,
+            ChatCommand::Join {
+                room_id: r,
+                email: None,
+            },
+        )
+        .unwrap();
+        let root = send(&mut s, owner, r, None).unwrap();
+        let reply = send(&mut s, bob, r, Some(root)).unwrap();
+        assert_eq!(
+            send(&mut s, bob, r, Some(reply)).unwrap_err().code,
+            "nested_thread"
+        );
+        run(
+            &mut s,
+            owner,
+            ChatCommand::Ban {
+                room_id: r,
+                user_id: bob,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            run(
+                &mut s,
+                bob,
+                ChatCommand::Join {
+                    room_id: r,
+                    email: None
+                }
+            )
+            .unwrap_err()
+            .code,
+            "room_not_found"
+        );
+    }
+
+    #[test]
+    fn redaction_destroys_the_message_key_and_ends_edits() {
+        let owner = Uuid::now_v7();
+        let mut s = StateSet::default();
+        let r = room(&mut s, owner, Visibility::Private);
+        let m = send(&mut s, owner, r, None).unwrap();
+        let d = run(
+            &mut s,
+            owner,
+            ChatCommand::RedactMessage {
+                room_id: r,
+                message_id: m,
+            },
+        )
+        .unwrap();
+        assert_eq!(d.keys, vec![KeyOp::DestroyMessageKey { message_id: m }]);
+        let e = run(
+            &mut s,
+            owner,
+            ChatCommand::EditMessage {
+                room_id: r,
+                message_id: m,
+                body: sealed(),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "message_not_found");
+    }
+
+    #[test]
+    fn the_last_owner_cannot_leave_others_behind() {
+        let (owner, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut s = StateSet::default();
+        let r = room(&mut s, owner, Visibility::Public);
+        run(
+            &mut s,
+            bob,
+            ChatCommand::Join {
+                room_id: r,
+                email: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            run(&mut s, owner, ChatCommand::Leave { room_id: r })
+                .unwrap_err()
+                .code,
+            "last_owner"
+        );
+        run(
+            &mut s,
+            owner,
+            ChatCommand::SetRole {
+                room_id: r,
+                user_id: bob,
+                role: MemberRole::Owner,
+            },
+        )
+        .unwrap();
+        run(&mut s, owner, ChatCommand::Leave { room_id: r }).unwrap();
+    }
+}

@@ -1,0 +1,219 @@
+//! The keystore: wrapped room and message keys, outside the append-only log.
+//!
+//! Rows here are the only way to open what the log holds sealed, so deleting
+//! one is erasure (crypto-shredding): a redaction deletes a message key, a room
+//! deletion every key of the room, in the same transaction as the event that
+//! records it. The tables are not read models: a rebuild never touches them.
+//! Back them up apart from the event store and keep those backups short, or
+//! an old backup keeps a destroyed key alive.
+
+use std::collections::HashMap;
+
+use commands::KeyOp;
+use commands::crypto::{self, Key};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+/// Opens keys: holds the master key from configuration.
+#[derive(Clone, Debug)]
+pub struct Keystore {
+    master: Key,
+}
+
+impl Keystore {
+    /// A keystore under `master`.
+    pub fn new(master: Key) -> Self {
+        Keystore { master }
+    }
+
+    /// A fresh room key, and its form wrapped by the master key.
+    pub fn new_room_key(&self, room: Uuid, version: i32) -> (Key, Vec<u8>) {
+        let key = Key::random();
+        let wrapped = crypto::wrap(&self.master, &crypto::room_key_aad(room, version), &key);
+        (key, wrapped)
+    }
+
+    /// Unwrap a room key read from `chat_room_keys`.
+    pub fn open_room_key(&self, room: Uuid, version: i32, wrapped: &[u8]) -> Option<Key> {
+        crypto::unwrap(&self.master, &crypto::room_key_aad(room, version), wrapped).ok()
+    }
+
+    /// The room's current key version and key; none once the room is deleted
+    /// (or never existed).
+    pub async fn current_room_key(
+        &self,
+        pool: &PgPool,
+        room: Uuid,
+    ) -> Result<Option<(i32, Key)>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT version, wrapped FROM chat_room_keys WHERE room_id = $1 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(room)
+        .fetch_optional(pool)
+        .await?;
+        Ok(row.and_then(|r| {
+            let version: i32 = r.get("version");
+            let wrapped: Vec<u8> = r.get("wrapped");
+            self.open_room_key(room, version, &wrapped)
+                .map(|k| (version, k))
+        }))
+    }
+
+    /// The room's search key (derived from key version 1, so it dies with the room).
+    pub async fn search_key(
+        &self,
+        conn: &mut PgConnection,
+        room: Uuid,
+    ) -> Result<Option<Key>, sqlx::Error> {
+        let wrapped: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT wrapped FROM chat_room_keys WHERE room_id = $1 AND version = 1",
+        )
+        .bind(room)
+        .fetch_optional(conn)
+        .await?;
+        Ok(wrapped
+            .and_then(|w| self.open_room_key(room, 1, &w))
+            .map(|k| crypto::search_key(&k)))
+    }
+
+    /// The search keys of `rooms` (those that still have one).
+    pub async fn search_keys(
+        &self,
+        pool: &PgPool,
+        rooms: &[Uuid],
+    ) -> Result<HashMap<Uuid, Key>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT room_id, wrapped FROM chat_room_keys WHERE room_id = ANY($1) AND version = 1",
+        )
+        .bind(rooms)
+        .fetch_all(pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let room: Uuid = r.get("room_id");
+                let w: Vec<u8> = r.get("wrapped");
+                self.open_room_key(room, 1, &w)
+                    .map(|k| (room, crypto::search_key(&k)))
+            })
+            .collect())
+    }
+
+    /// The keys of `messages` that still exist, unwrapped.
+    pub async fn message_keys(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[Uuid],
+    ) -> Result<HashMap<Uuid, Key>, sqlx::Error> {
+        if messages.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = sqlx::query(
+            "SELECT m.message_id, m.room_id, m.key_version, m.wrapped AS mk, r.wrapped AS rk
+             FROM chat_message_keys m
+             JOIN chat_room_keys r ON r.room_id = m.room_id AND r.version = m.key_version
+             WHERE m.message_id = ANY($1)",
+        )
+        .bind(messages)
+        .fetch_all(conn)
+        .await?;
+        let mut room_keys: HashMap<(Uuid, i32), Option<Key>> = HashMap::new();
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let (id, room, version): (Uuid, Uuid, i32) =
+                (r.get("message_id"), r.get("room_id"), r.get("key_version"));
+            let rk = room_keys
+                .entry((room, version))
+                .or_insert_with(|| {
+                    let w: Vec<u8> = r.get("rk");
+                    self.open_room_key(room, version, &w)
+                })
+                .clone();
+            let mk: Vec<u8> = r.get("mk");
+            if let Some(k) =
+                rk.and_then(|rk| crypto::unwrap(&rk, &crypto::message_key_aad(id), &mk).ok())
+            {
+                out.insert(id, k);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A fresh message key wrapped by `room_key`.
+pub fn new_message_key(room_key: &Key, message: Uuid) -> (Key, Vec<u8>) {
+    let key = Key::random();
+    let wrapped = crypto::wrap(room_key, &crypto::message_key_aad(message), &key);
+    (key, wrapped)
+}
+
+/// Apply a batch's keystore changes inside the handler's transaction: every
+/// key put first (message keys in one statement), then the destructions in order
+/// (a batch may post a message and redact it).
+pub async fn apply(tx: &mut PgConnection, ops: &[KeyOp]) -> Result<(), sqlx::Error> {
+    let (mut ids, mut rooms, mut versions, mut wrapped) = (vec![], vec![], vec![], vec![]);
+    for op in ops {
+        match op {
+            KeyOp::PutRoomKey {
+                room_id,
+                version,
+                wrapped,
+            } => {
+                sqlx::query(
+                    "INSERT INTO chat_room_keys (room_id, version, wrapped) VALUES ($1, $2, $3)",
+                )
+                .bind(room_id)
+                .bind(version)
+                .bind(&wrapped.0)
+                .execute(&mut *tx)
+                .await?;
+            }
+            KeyOp::PutMessageKey {
+                message_id,
+                room_id,
+                key_version,
+                wrapped: w,
+            } => {
+                ids.push(*message_id);
+                rooms.push(*room_id);
+                versions.push(*key_version);
+                wrapped.push(w.0.clone());
+            }
+            _ => {}
+        }
+    }
+    if !ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO chat_message_keys (message_id, room_id, key_version, wrapped)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::bytea[])",
+        )
+        .bind(&ids)
+        .bind(&rooms)
+        .bind(&versions)
+        .bind(&wrapped)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for op in ops {
+        match op {
+            KeyOp::DestroyMessageKey { message_id } => {
+                sqlx::query("DELETE FROM chat_message_keys WHERE message_id = $1")
+                    .bind(message_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            KeyOp::DestroyRoomKeys { room_id } => {
+                sqlx::query("DELETE FROM chat_message_keys WHERE room_id = $1")
+                    .bind(room_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DELETE FROM chat_room_keys WHERE room_id = $1")
+                    .bind(room_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
