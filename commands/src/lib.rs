@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 /// Every command Mathia's handlers accept, by domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "domain", content = "command", rename_all = "snake_case")]
+// Short-lived values, (de)serialised at once; boxing the big variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Ledger accounts and money movements.
     Wallet(wallet::WalletCommand),

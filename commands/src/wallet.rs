@@ -512,10 +512,10 @@ fn transfer_decision(
     // The balance in the answer is the wallet the caller acts on, after the move.
     let mut after = subject.clone();
     for (stream, event) in &events {
-        if stream == &account_stream(subject.account_id) {
-            if let Event::Wallet(e) = event {
-                after.evolve(e);
-            }
+        if stream == &account_stream(subject.account_id)
+            && let Event::Wallet(e) = event
+        {
+            after.evolve(e);
         }
     }
     Decision {

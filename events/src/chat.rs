@@ -153,6 +153,8 @@ pub struct Attachment {
 /// Events of chat streams (rooms, messages, readers).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
+// Short-lived values, (de)serialised at once; boxing the big variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ChatEvent {
     // --- room streams ---
     /// A room exists, its creator is its owner, and its first data key is version 1.

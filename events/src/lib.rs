@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 /// `type` tag is the event type that appears in subjects and in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
+// Short-lived values, (de)serialised at once; boxing the big variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// Ledger accounts and their entries.
     Wallet(wallet::WalletEvent),

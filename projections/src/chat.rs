@@ -405,7 +405,7 @@ impl ChatProjector {
         .bind(env.position)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM proj_chat_email_invites WHERE room_id = $1 AND email = (SELECT email FROM users WHERE id = $2)")
+        sqlx::query("DELETE FROM proj_chat_email_invites WHERE room_id = $1 AND email = (SELECT email FROM users WHERE user_id = $2)")
             .bind(room)
             .bind(user)
             .execute(&mut *tx)

@@ -2,6 +2,7 @@
 //! One binary (z2p style); each test isolates itself (see `mathia_tests`).
 
 mod accounts;
+mod chat;
 mod crash;
 mod input;
 mod nats;

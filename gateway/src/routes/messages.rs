@@ -295,8 +295,8 @@ pub async fn send(
         86_400,
     )
     .await?;
-    // Members only; a stranger learns nothing (the handler checks again, atomically).
-    require_member(&state, room_id, principal.user_id).await?;
+    // Membership is decided by the handler, atomically with the append: the read
+    // model may not show a join the caller just made. The keystore is current.
     let Some((key_version, room_key)) = state
         .keystore
         .current_room_key(&state.pool, room_id)
@@ -712,7 +712,6 @@ pub async fn edit(
     if req.body.trim().is_empty() {
         return Err(ApiError::field("body", "must not be empty"));
     }
-    require_member(&state, room_id, principal.user_id).await?;
     // The edit is sealed under the message's own key, so redaction erases every version.
     let mut conn = state.pool.acquire().await?;
     let key = state
@@ -1095,10 +1094,10 @@ pub async fn search(
         .len() as i64;
     let mut rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages m
-         JOIN (SELECT s.message_id FROM proj_chat_search s
+         JOIN (SELECT s.message_id AS hit_id FROM proj_chat_search s
                JOIN UNNEST($1::uuid[], $2::bytea[]) AS q(room_id, token) ON s.room_id = q.room_id AND s.token = q.token
                WHERE s.position < $3
-               GROUP BY s.message_id HAVING count(DISTINCT s.token) = $4) hit ON hit.message_id = m.message_id
+               GROUP BY s.message_id HAVING count(DISTINCT s.token) = $4) hit ON hit.hit_id = m.message_id
          WHERE m.redacted_at IS NULL
            AND ($5::uuid IS NULL OR m.sender = $5)
            AND ($6::timestamptz IS NULL OR m.sent_at >= $6)

