@@ -94,8 +94,15 @@ impl Room {
             ChatEvent::InviteDeclined { user_id } => {
                 self.invited.remove(user_id);
             }
-            ChatEvent::MemberJoined { user_id, role } => {
+            ChatEvent::MemberJoined {
+                user_id,
+                role,
+                via_email,
+            } => {
                 self.invited.remove(user_id);
+                if let Some(e) = via_email {
+                    self.email_invites.remove(e);
+                }
                 self.members.insert(*user_id, *role);
             }
             ChatEvent::MemberLeft { user_id } | ChatEvent::MemberKicked { user_id, .. } => {
@@ -701,10 +708,12 @@ impl ChatCommand {
                     return Err(room_not_found());
                 };
                 let public = room.visibility == Some(Visibility::Public);
-                let invited = room.invited.contains(&me)
-                    || email
-                        .as_ref()
-                        .is_some_and(|e| room.email_invites.contains(e));
+                // An address invitation is used up by the join that uses it.
+                let via_email = email
+                    .as_ref()
+                    .filter(|e| !room.invited.contains(&me) && room.email_invites.contains(*e))
+                    .cloned();
+                let invited = room.invited.contains(&me) || via_email.is_some();
                 if !room.live() || room.banned.contains(&me) || !(public || invited) {
                     return Err(room_not_found());
                 }
@@ -720,6 +729,7 @@ impl ChatCommand {
                         ChatEvent::MemberJoined {
                             user_id: me,
                             role: MemberRole::Member,
+                            via_email,
                         },
                     )],
                     200,

@@ -211,6 +211,9 @@ pub enum ChatEvent {
         user_id: Uuid,
         /// With which role.
         role: MemberRole,
+        /// The address invitation it used up, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        via_email: Option<String>,
     },
     /// A member left.
     MemberLeft {

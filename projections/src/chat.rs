@@ -158,7 +158,7 @@ impl ChatProjector {
                     .await?;
                 self.room_version(tx, env, "").await?;
             }
-            ChatEvent::MemberJoined { user_id, role } => {
+            ChatEvent::MemberJoined { user_id, role, .. } => {
                 let room = stream_uuid(env)?;
                 self.join(tx, room, user_id, role.as_str(), env).await?;
                 self.room_version(tx, env, "").await?;
