@@ -44,6 +44,13 @@ impl<S: Send + Sync> FromRequestParts<S> for AfterPosition {
     }
 }
 
+/// The query parameter of a read that only asks for consistency (documented in OpenAPI).
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct ReadParams {
+    /// Wait until the read model has applied this position (up to 2 s).
+    pub after_position: Option<i64>,
+}
+
 /// Wait (bounded by the read-wait setting) until `model` has applied `after`.
 /// Returns the checkpoint the read reflects.
 pub async fn wait_for(

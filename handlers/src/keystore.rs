@@ -14,6 +14,17 @@ use commands::crypto::{self, Key};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+/// A room's keys as a writer needs them.
+#[derive(Debug, Clone)]
+pub struct RoomKeys {
+    /// The current key version.
+    pub version: i32,
+    /// The current data key: wraps new message keys.
+    pub current: Key,
+    /// The search key (from version 1): fingerprints and index tokens.
+    pub search: Key,
+}
+
 /// Opens keys: holds the master key from configuration.
 #[derive(Clone, Debug)]
 pub struct Keystore {
@@ -38,24 +49,39 @@ impl Keystore {
         crypto::unwrap(&self.master, &crypto::room_key_aad(room, version), wrapped).ok()
     }
 
-    /// The room's current key version and key; none once the room is deleted
-    /// (or never existed).
-    pub async fn current_room_key(
+    /// The room's current key (and its version) and its search key, in one
+    /// read; none once the room is deleted (or if it never existed).
+    pub async fn room_keys(
         &self,
         pool: &PgPool,
         room: Uuid,
-    ) -> Result<Option<(i32, Key)>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT version, wrapped FROM chat_room_keys WHERE room_id = $1 ORDER BY version DESC LIMIT 1",
+    ) -> Result<Option<RoomKeys>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT version, wrapped FROM chat_room_keys WHERE room_id = $1
+               AND (version = 1 OR version = (SELECT max(version) FROM chat_room_keys WHERE room_id = $1))",
         )
         .bind(room)
-        .fetch_optional(pool)
+        .fetch_all(pool)
         .await?;
-        Ok(row.and_then(|r| {
-            let version: i32 = r.get("version");
-            let wrapped: Vec<u8> = r.get("wrapped");
-            self.open_room_key(room, version, &wrapped)
-                .map(|k| (version, k))
+        let mut opened: Vec<(i32, Key)> = rows
+            .iter()
+            .filter_map(|r| {
+                let version: i32 = r.get("version");
+                let wrapped: Vec<u8> = r.get("wrapped");
+                self.open_room_key(room, version, &wrapped)
+                    .map(|k| (version, k))
+            })
+            .collect();
+        opened.sort_by_key(|(v, _)| *v);
+        let (Some((1, first)), Some((version, current))) =
+            (opened.first().cloned(), opened.last().cloned())
+        else {
+            return Ok(None);
+        };
+        Ok(Some(RoomKeys {
+            version,
+            current,
+            search: crypto::search_key(&first),
         }))
     }
 

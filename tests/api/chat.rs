@@ -975,3 +975,109 @@ async fn a_client_message_id_sent_twice_makes_one_message() {
     assert_eq!(page.body["items"].as_array().unwrap().len(), 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotation_keeps_old_messages_readable_and_public_rooms_are_joined_left_or_declined() {
+    let app = TestApp::spawn().await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let (_, carol) = app.user("carol@test.local").await;
+    let r = room(&app, &alice, "Lobby", "public").await;
+    let (old, _) = say(&app, &alice, r, "before rotation").await;
+    // Only the owner rotates; messages then use version 2, the old one keeps version 1.
+    let j = app
+        .post(&format!("/v1/rooms/{r}/join"), Some(&bob), &json!({}), &[])
+        .await;
+    assert_eq!(j.status, 200, "{}", j.body);
+    app.post(
+        &format!("/v1/rooms/{r}/keys/rotate"),
+        Some(&bob),
+        &json!({}),
+        &[],
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    let rot = app
+        .post(
+            &format!("/v1/rooms/{r}/keys/rotate"),
+            Some(&alice),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (rot.status, rot.body["key_version"].as_i64()),
+        (200, Some(2)),
+        "{}",
+        rot.body
+    );
+    let (new, _) = say(&app, &bob, r, "after rotation").await;
+    let versions: Vec<i32> = sqlx::query_scalar(
+        "SELECT key_version FROM chat_message_keys WHERE message_id = ANY($1) ORDER BY key_version",
+    )
+    .bind(vec![old, new])
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(versions, [1, 2]);
+    app.settle("chat").await;
+    let page = app
+        .get(&format!("/v1/rooms/{r}/messages"), Some(&bob))
+        .await;
+    let bodies: Vec<&str> = page.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["before rotation", "after rotation"]);
+    let s = app.get("/v1/search/messages?q=rotation", Some(&bob)).await;
+    assert_eq!(
+        s.body["items"].as_array().unwrap().len(),
+        2,
+        "search spans key versions: {}",
+        s.body
+    );
+    // The directory lists it; bob leaves and loses access; an invitation can be declined.
+    let dir = app.get("/v1/public-rooms", Some(&carol)).await;
+    assert!(
+        dir.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["room_id"] == r.to_string()),
+        "{}",
+        dir.body
+    );
+    let l = app
+        .post(&format!("/v1/rooms/{r}/leave"), Some(&bob), &json!({}), &[])
+        .await;
+    assert_eq!(l.status, 200, "{}", l.body);
+    app.settle("chat").await;
+    app.get(&format!("/v1/rooms/{r}/messages"), Some(&bob))
+        .await
+        .assert_problem(404, "room_not_found");
+    let p = room(&app, &alice, "Private", "private").await;
+    let inv = app
+        .post(
+            &format!("/v1/rooms/{p}/invites"),
+            Some(&alice),
+            &json!({"user_id": bob_id}),
+            &[],
+        )
+        .await;
+    assert_eq!(inv.status, 201, "{}", inv.body);
+    let d = app
+        .post(
+            &format!("/v1/rooms/{p}/decline"),
+            Some(&bob),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    app.post(&format!("/v1/rooms/{p}/join"), Some(&bob), &json!({}), &[])
+        .await
+        .assert_problem(404, "room_not_found");
+    app.stop().await;
+}

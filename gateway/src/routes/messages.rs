@@ -23,7 +23,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, position_header, wait_for};
+use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
@@ -217,6 +217,15 @@ pub struct SearchPage {
     pub next: Option<String>,
 }
 
+fn message_not_found() -> ApiError {
+    ApiError::Coded {
+        status: http::StatusCode::NOT_FOUND,
+        code: "message_not_found".into(),
+        message: "no such message in this room".into(),
+        extra: Default::default(),
+    }
+}
+
 fn body_text(field: &str, body: &str) -> ApiResult<()> {
     if body.len() > MAX_BODY {
         return Err(ApiError::field(
@@ -297,25 +306,15 @@ pub async fn send(
     .await?;
     // Membership is decided by the handler, atomically with the append: the read
     // model may not show a join the caller just made. The keystore is current.
-    let Some((key_version, room_key)) = state
-        .keystore
-        .current_room_key(&state.pool, room_id)
-        .await?
-    else {
+    let Some(keys) = state.keystore.room_keys(&state.pool, room_id).await? else {
         return Err(room_not_found());
     };
     // A client transaction id is an idempotency key scoped to the room.
     if options.idempotency_key.is_none() {
         options.idempotency_key = req.client_message_id.clone().map(|c| format!("txn:{c}"));
     }
-    let search = state
-        .keystore
-        .search_keys(&state.pool, &[room_id])
-        .await?
-        .remove(&room_id)
-        .ok_or_else(room_not_found)?;
     let hashed = Fingerprinted {
-        fingerprint: crypto::fingerprint(&search, req.body.as_bytes()),
+        fingerprint: crypto::fingerprint(&keys.search, req.body.as_bytes()),
         rest: &SendShape {
             thread_root: req.thread_root,
             quote: req.quote,
@@ -324,8 +323,7 @@ pub async fn send(
         },
     };
     let sender = principal.user_id;
-    let mentions_assistant = crypto::words(&req.body).iter().any(|w| w == "mathia")
-        && req.body.to_lowercase().contains("@mathia");
+    let mentions_assistant = req.body.to_lowercase().contains("@mathia");
     dispatch(
         &state,
         &principal,
@@ -338,7 +336,8 @@ pub async fn send(
                 Some(c) => client_message_id(room_id, sender, c),
                 None => command_id,
             };
-            let (message_key, wrapped) = handlers::keystore::new_message_key(&room_key, message_id);
+            let (message_key, wrapped) =
+                handlers::keystore::new_message_key(&keys.current, message_id);
             let body = crypto::seal(
                 &message_key,
                 &crypto::field_aad(message_id, "body"),
@@ -355,7 +354,7 @@ pub async fn send(
                 mentions: req.mentions.clone(),
                 mentions_assistant,
                 client_message_id: req.client_message_id.clone(),
-                key_version,
+                key_version: keys.version,
                 message_key: Bytes64(wrapped),
                 sent_at: Utc::now(),
             }))
@@ -486,12 +485,7 @@ async fn page(
         .bind(m)
         .fetch_optional(&state.pool)
         .await?;
-        let p = p.ok_or_else(|| ApiError::Coded {
-            status: http::StatusCode::NOT_FOUND,
-            code: "message_not_found".into(),
-            message: "no such message in this timeline".into(),
-            extra: Default::default(),
-        })?;
+        let p = p.ok_or_else(message_not_found)?;
         (forward, p, true)
     } else if let Some(at) = params.at {
         // The first message at or after `at`; forward includes it, backward stops before it.
@@ -617,18 +611,13 @@ async fn one(state: &AppState, room_id: Uuid, message_id: Uuid) -> ApiResult<Mes
     .bind(room_id)
     .fetch_optional(&state.pool)
     .await?
-    .ok_or_else(|| ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "message_not_found".into(),
-        message: "no such message in this room".into(),
-        extra: Default::default(),
-    })?;
+    .ok_or_else(message_not_found)?;
     Ok(views(state, &[row]).await?.remove(0))
 }
 
 /// One message.
 #[utoipa::path(get, path = "/v1/rooms/{room_id}/messages/{message_id}", tag = "chat", security(("bearer" = [])),
-    params(("room_id" = Uuid, Path), ("message_id" = Uuid, Path), crate::routes::rooms::ReadParams),
+    params(("room_id" = Uuid, Path), ("message_id" = Uuid, Path), ReadParams),
     responses((status = 200, body = MessageView), (status = 401, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_message(
     State(state): State<AppState>,
@@ -644,7 +633,7 @@ pub async fn get_message(
 
 /// A message with its earlier texts (members only; empty once redacted).
 #[utoipa::path(get, path = "/v1/rooms/{room_id}/messages/{message_id}/history", tag = "chat", security(("bearer" = [])),
-    params(("room_id" = Uuid, Path), ("message_id" = Uuid, Path), crate::routes::rooms::ReadParams),
+    params(("room_id" = Uuid, Path), ("message_id" = Uuid, Path), ReadParams),
     responses((status = 200, body = HistoryView), (status = 401, body = Problem), (status = 404, body = Problem)))]
 pub async fn history(
     State(state): State<AppState>,
@@ -719,19 +708,14 @@ pub async fn edit(
         .message_keys(&mut conn, &[message_id])
         .await?
         .remove(&message_id)
-        .ok_or_else(|| ApiError::Coded {
-            status: http::StatusCode::NOT_FOUND,
-            code: "message_not_found".into(),
-            message: "no such message in this room".into(),
-            extra: Default::default(),
-        })?;
+        .ok_or_else(message_not_found)?;
     drop(conn);
     let search = state
         .keystore
-        .search_keys(&state.pool, &[room_id])
+        .room_keys(&state.pool, room_id)
         .await?
-        .remove(&room_id)
-        .ok_or_else(room_not_found)?;
+        .ok_or_else(room_not_found)?
+        .search;
     let fingerprint = crypto::fingerprint(&search, req.body.as_bytes());
     let body = crypto::seal(
         &key,
@@ -928,7 +912,7 @@ pub async fn receipt(
 /// A room's threads, most recently active first, each with its latest reply.
 #[utoipa::path(get, path = "/v1/rooms/{room_id}/threads", tag = "chat", security(("bearer" = [])),
     params(("room_id" = Uuid, Path), ("limit" = Option<i64>, Query, description = "1 to 100 (default 20)"),
-        ("cursor" = Option<String>, Query, description = "`next` of the previous page"), crate::routes::rooms::ReadParams),
+        ("cursor" = Option<String>, Query, description = "`next` of the previous page"), ReadParams),
     responses((status = 200, body = ThreadList), (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem)))]
 pub async fn threads(
     State(state): State<AppState>,

@@ -14,11 +14,11 @@ use commands::chat::ChatCommand;
 use events::chat::{Bytes64, MemberRole, Visibility};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, position_header, wait_for};
+use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{AppJson, AppPath, RequestId, WriteOptions};
@@ -162,13 +162,6 @@ pub struct InviteView {
 pub struct InviteList {
     /// Invitations, newest first.
     pub items: Vec<InviteView>,
-}
-
-/// Consistency only.
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct ReadParams {
-    /// Wait until the read model has applied this position (up to 2 s).
-    pub after_position: Option<i64>,
 }
 
 fn text(
@@ -492,14 +485,10 @@ pub async fn rotate_key(
     uri: http::Uri,
     AppPath(room_id): AppPath<Uuid>,
 ) -> ApiResult<Response> {
-    let Some((current, _)) = state
-        .keystore
-        .current_room_key(&state.pool, room_id)
-        .await?
-    else {
+    let Some(keys) = state.keystore.room_keys(&state.pool, room_id).await? else {
         return Err(room_not_found());
     };
-    let version = current + 1;
+    let version = keys.version + 1;
     let (_, wrapped) = state.keystore.new_room_key(room_id, version);
     let cmd = ChatCommand::RotateRoomKey {
         room_id,

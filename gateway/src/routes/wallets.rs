@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, position_header, wait_for};
+use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
@@ -199,13 +199,6 @@ pub struct PageParams {
     /// The `next` of the previous page.
     pub cursor: Option<String>,
     /// Wait until the read model has applied this position.
-    pub after_position: Option<i64>,
-}
-
-/// Consistency only.
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct ReadParams {
-    /// Wait until the read model has applied this position (up to 2 s).
     pub after_position: Option<i64>,
 }
 
