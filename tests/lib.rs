@@ -193,6 +193,11 @@ impl TestApp {
             chat_messages_per_min: 1_000_000,
             chat_messages_per_day: 1_000_000,
             searches_per_day: 1_000_000,
+            uploads_per_day: 1_000_000,
+            upload_max_bytes: 50 * 1024 * 1024,
+            // A directory per test app, so a test can look at what rests on disk.
+            upload_dir: std::env::temp_dir().join(format!("mathia-uploads-{prefix}")),
+            ..Config::defaults()
         };
         tweak(&mut config);
         let pool = PgPool::connect(&url).await.expect("test pool");
@@ -455,6 +460,7 @@ impl TestApp {
         let _ = js.delete_stream(self.subjects.events_stream()).await;
         self.pool.close().await;
         drop_database(&self.db_name).await;
+        let _ = std::fs::remove_dir_all(&self.config.upload_dir);
     }
 }
 

@@ -205,6 +205,14 @@ pub enum KeyOp {
         /// The room.
         room_id: Uuid,
     },
+    /// A message now carries an upload: erase the upload's own copy of its
+    /// file key (the message's sealed attachment holds it, under the message key).
+    BindUpload {
+        /// The upload's storage key.
+        storage_key: String,
+        /// The message carrying it.
+        message_id: Uuid,
+    },
 }
 
 /// A refused command: a stable machine-readable code, a status, a sentence,

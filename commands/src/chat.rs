@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use events::chat::{
-    Attachment, Bytes64, ChatEvent, DOMAIN, MESSAGE, MemberRole, MessageKind, READER, ROOM, Sealed,
-    Visibility,
+    Attachment, Bytes64, ChatEvent, DOMAIN, FlagSource, MESSAGE, MemberRole, MessageKind,
+    NotePriority, READER, ROOM, Sealed, Visibility,
 };
 use events::{Event, StreamId};
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::{Actor, Decision, KeyOp, Rejection, StateSet};
+
+mod moderation;
 
 /// The stream of room `id`.
 pub fn room_stream(id: Uuid) -> StreamId {
@@ -66,6 +68,29 @@ pub struct Room {
     pub banned: BTreeSet<Uuid>,
     /// Current data key version.
     pub key_version: i32,
+    /// Flagged messages still open for review.
+    #[serde(default)]
+    pub flags: BTreeMap<Uuid, Flag>,
+    /// Per sender: classifier flags since their last mute (a cleared flag no longer counts).
+    #[serde(default)]
+    pub strikes: BTreeMap<Uuid, u32>,
+    /// Muted members and the end of their mute.
+    #[serde(default)]
+    pub muted: BTreeMap<Uuid, DateTime<Utc>>,
+    /// Pinned notes and their authors.
+    #[serde(default)]
+    pub notes: BTreeMap<Uuid, Uuid>,
+}
+
+/// A message's open flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flag {
+    /// The message's sender.
+    pub sender: Uuid,
+    /// The classifier flagged it (and it counted as a strike).
+    pub classifier: bool,
+    /// Members who reported it.
+    pub reporters: BTreeSet<Uuid>,
 }
 
 impl Room {
@@ -121,8 +146,60 @@ impl Room {
                     *r = *role;
                 }
             }
+            ChatEvent::MessageFlagged {
+                message_id,
+                sender,
+                source,
+                by,
+                ..
+            } => {
+                let flag = self.flags.entry(*message_id).or_insert_with(|| Flag {
+                    sender: *sender,
+                    ..Flag::default()
+                });
+                match source {
+                    FlagSource::Classifier => {
+                        flag.classifier = true;
+                        *self.strikes.entry(*sender).or_default() += 1;
+                    }
+                    FlagSource::Report => {
+                        flag.reporters.extend(*by);
+                    }
+                }
+            }
+            ChatEvent::FlagCleared { message_id, .. } => {
+                if let Some(flag) = self.flags.remove(message_id)
+                    && flag.classifier
+                    && let Some(n) = self.strikes.get_mut(&flag.sender)
+                {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.strikes.remove(&flag.sender);
+                    }
+                }
+            }
+            ChatEvent::MemberMuted { user_id, until, .. } => {
+                self.muted.insert(*user_id, *until);
+                self.strikes.remove(user_id);
+            }
+            ChatEvent::MemberUnmuted { user_id, .. } => {
+                self.muted.remove(user_id);
+            }
+            ChatEvent::NotePinned {
+                note_id, author, ..
+            } => {
+                self.notes.insert(*note_id, *author);
+            }
+            ChatEvent::NoteUnpinned { note_id, .. } => {
+                self.notes.remove(note_id);
+            }
             _ => {}
         }
+    }
+
+    /// The end of `user`'s mute, if it is still running at `now`.
+    pub fn muted_until(&self, user: Uuid, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.muted.get(&user).copied().filter(|until| *until > now)
     }
 
     fn live(&self) -> bool {
@@ -367,6 +444,105 @@ pub enum ChatCommand {
         /// Last message read.
         message_id: Uuid,
     },
+    /// The screening classifier flags a message (the system only).
+    FlagMessage {
+        /// Room.
+        room_id: Uuid,
+        /// Message.
+        message_id: Uuid,
+        /// The category.
+        label: String,
+        /// Confidence in thousandths.
+        score: u16,
+        /// Mute the sender when this flag makes that many strikes (0: never).
+        mute_after: u32,
+        /// For how long, in seconds.
+        mute_for_secs: i64,
+        /// When the classifier decided.
+        at: DateTime<Utc>,
+    },
+    /// A member reports someone else's message to the moderators.
+    ReportMessage {
+        /// Room.
+        room_id: Uuid,
+        /// Message.
+        message_id: Uuid,
+        /// Why (one of the report reasons).
+        reason: String,
+    },
+    /// A moderator clears every flag of a message after review.
+    ClearFlag {
+        /// Room.
+        room_id: Uuid,
+        /// Message.
+        message_id: Uuid,
+    },
+    /// A moderator mutes a member until a time.
+    Mute {
+        /// Room.
+        room_id: Uuid,
+        /// Who.
+        user_id: Uuid,
+        /// Until when.
+        until: DateTime<Utc>,
+        /// When the moderator asked (the gateway's clock).
+        at: DateTime<Utc>,
+    },
+    /// A moderator lifts a mute.
+    Unmute {
+        /// Room.
+        room_id: Uuid,
+        /// Who.
+        user_id: Uuid,
+    },
+    /// Pin a note to the room (any member).
+    PinNote {
+        /// Room.
+        room_id: Uuid,
+        /// New note id.
+        note_id: Uuid,
+        /// Priority.
+        priority: NotePriority,
+        /// The text, sealed under the note key.
+        body: Sealed,
+        /// Room key version wrapping `note_key`.
+        key_version: i32,
+        /// The note key, wrapped by the room key.
+        note_key: Bytes64,
+    },
+    /// Change a note's text or priority (its author, or a moderator).
+    EditNote {
+        /// Room.
+        room_id: Uuid,
+        /// Note.
+        note_id: Uuid,
+        /// New sealed text.
+        body: Option<Sealed>,
+        /// New priority.
+        priority: Option<NotePriority>,
+    },
+    /// Unpin a note and destroy its key (its author, or a moderator).
+    UnpinNote {
+        /// Room.
+        room_id: Uuid,
+        /// Note.
+        note_id: Uuid,
+    },
+}
+
+/// The reasons a member may give when reporting a message.
+pub const REPORT_REASONS: [&str; 7] = [
+    "spam",
+    "harassment",
+    "hate",
+    "violence",
+    "sexual",
+    "self_harm",
+    "other",
+];
+
+fn note_not_found() -> Rejection {
+    Rejection::new(404, "note_not_found", "no such note in this room")
 }
 
 fn room_not_found() -> Rejection {
@@ -383,6 +559,15 @@ fn forbidden(what: &str) -> Rejection {
         "forbidden",
         format!("your role in this room cannot {what}"),
     )
+}
+
+fn muted(until: DateTime<Utc>) -> Rejection {
+    Rejection::new(
+        403,
+        "muted",
+        format!("you are muted in this room until {}", until.to_rfc3339()),
+    )
+    .with_details(json!({ "muted_until": until }))
 }
 
 fn archived() -> Rejection {
@@ -432,6 +617,14 @@ impl ChatCommand {
             ChatCommand::RedactMessage { .. } => "chat.RedactMessage",
             ChatCommand::React { .. } => "chat.React",
             ChatCommand::MarkRead { .. } => "chat.MarkRead",
+            ChatCommand::FlagMessage { .. } => "chat.FlagMessage",
+            ChatCommand::ReportMessage { .. } => "chat.ReportMessage",
+            ChatCommand::ClearFlag { .. } => "chat.ClearFlag",
+            ChatCommand::Mute { .. } => "chat.Mute",
+            ChatCommand::Unmute { .. } => "chat.Unmute",
+            ChatCommand::PinNote { .. } => "chat.PinNote",
+            ChatCommand::EditNote { .. } => "chat.EditNote",
+            ChatCommand::UnpinNote { .. } => "chat.UnpinNote",
         }
     }
 
@@ -454,7 +647,15 @@ impl ChatCommand {
             | ChatCommand::EditMessage { room_id, .. }
             | ChatCommand::RedactMessage { room_id, .. }
             | ChatCommand::React { room_id, .. }
-            | ChatCommand::MarkRead { room_id, .. } => *room_id,
+            | ChatCommand::MarkRead { room_id, .. }
+            | ChatCommand::FlagMessage { room_id, .. }
+            | ChatCommand::ReportMessage { room_id, .. }
+            | ChatCommand::ClearFlag { room_id, .. }
+            | ChatCommand::Mute { room_id, .. }
+            | ChatCommand::Unmute { room_id, .. }
+            | ChatCommand::PinNote { room_id, .. }
+            | ChatCommand::EditNote { room_id, .. }
+            | ChatCommand::UnpinNote { room_id, .. } => *room_id,
         }
     }
 
@@ -489,6 +690,11 @@ impl ChatCommand {
             ChatCommand::EditMessage { message_id, .. }
             | ChatCommand::RedactMessage { message_id, .. }
             | ChatCommand::React { message_id, .. } => vec![message_stream(*message_id), room],
+            // Flags live on the room (they count toward a mute there) and read the message.
+            ChatCommand::FlagMessage { message_id, .. }
+            | ChatCommand::ReportMessage { message_id, .. } => {
+                vec![room, message_stream(*message_id)]
+            }
             ChatCommand::MarkRead {
                 reader,
                 message_id,
@@ -868,6 +1074,9 @@ impl ChatCommand {
                 if room.archived {
                     return Err(archived());
                 }
+                if let Some(until) = room.muted_until(me, *sent_at) {
+                    return Err(muted(until));
+                }
                 let ms = message_stream(*message_id);
                 let existing = states.message(&ms);
                 if existing.exists {
@@ -918,6 +1127,17 @@ impl ChatCommand {
                         ));
                     }
                 }
+                // A text has no attachment; an attachment or a voice note has one.
+                if (*kind == MessageKind::Text) != attachment.is_none()
+                    || (*kind == MessageKind::Voice)
+                        != attachment.as_ref().is_some_and(|a| a.duration_ms.is_some())
+                {
+                    return Err(Rejection::new(
+                        422,
+                        "invalid_attachment",
+                        "the message kind does not match its attachment",
+                    ));
+                }
                 if *key_version != room.key_version {
                     return Err(Rejection::new(
                         409,
@@ -961,12 +1181,17 @@ impl ChatCommand {
                         "client_message_id": client_message_id,
                         "sent_at": sent_at,
                     }),
-                    vec![KeyOp::PutMessageKey {
+                    std::iter::once(KeyOp::PutMessageKey {
                         message_id: *message_id,
                         room_id,
                         key_version: *key_version,
                         wrapped: message_key.clone(),
-                    }],
+                    })
+                    .chain(attachment.as_ref().map(|a| KeyOp::BindUpload {
+                        storage_key: a.storage_key.clone(),
+                        message_id: *message_id,
+                    }))
+                    .collect(),
                 ))
             }
             ChatCommand::EditMessage {
@@ -1104,6 +1329,14 @@ impl ChatCommand {
                     vec![],
                 ))
             }
+            ChatCommand::FlagMessage { .. }
+            | ChatCommand::ReportMessage { .. }
+            | ChatCommand::ClearFlag { .. }
+            | ChatCommand::Mute { .. }
+            | ChatCommand::Unmute { .. }
+            | ChatCommand::PinNote { .. }
+            | ChatCommand::EditNote { .. }
+            | ChatCommand::UnpinNote { .. } => self.decide_moderation(actor, states, &room),
         }
     }
 
@@ -1372,6 +1605,55 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code, "message_not_found");
+    }
+
+    #[test]
+    fn an_attachment_binds_its_upload_and_must_match_the_kind() {
+        let owner = Uuid::now_v7();
+        let mut s = StateSet::default();
+        let r = room(&mut s, owner, Visibility::Private);
+        let attachment = |duration_ms| Attachment {
+            sealed: sealed(),
+            content_type: "audio/ogg".into(),
+            size: 10,
+            sha256: "00".repeat(32),
+            storage_key: format!("{r}/u1"),
+            duration_ms,
+        };
+        let post = |kind, attachment| ChatCommand::SendMessage {
+            message_id: Uuid::now_v7(),
+            room_id: r,
+            kind,
+            body: sealed(),
+            attachment,
+            thread_root: None,
+            quote: None,
+            mentions: vec![],
+            mentions_assistant: false,
+            client_message_id: None,
+            key_version: 1,
+            message_key: Bytes64(vec![3; 60]),
+            sent_at: Utc::now(),
+        };
+        for (kind, a) in [
+            (MessageKind::Text, Some(attachment(None))),
+            (MessageKind::Attachment, None),
+            (MessageKind::Voice, Some(attachment(None))),
+            (MessageKind::Attachment, Some(attachment(Some(5)))),
+        ] {
+            let e = run(&mut s, owner, post(kind, a)).unwrap_err();
+            assert_eq!(e.code, "invalid_attachment");
+        }
+        let cmd = post(MessageKind::Voice, Some(attachment(Some(5))));
+        let ChatCommand::SendMessage { message_id, .. } = &cmd else {
+            unreachable!()
+        };
+        let m = *message_id;
+        let d = run(&mut s, owner, cmd).unwrap();
+        assert!(d.keys.contains(&KeyOp::BindUpload {
+            storage_key: format!("{r}/u1"),
+            message_id: m,
+        }));
     }
 
     #[test]

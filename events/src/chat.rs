@@ -150,6 +150,50 @@ pub struct Attachment {
     pub duration_ms: Option<i64>,
 }
 
+/// Where a flag came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlagSource {
+    /// The screening classifier: counts toward an automatic mute.
+    Classifier,
+    /// A member's report: waits for a moderator, never mutes by itself.
+    Report,
+}
+
+impl FlagSource {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlagSource::Classifier => "classifier",
+            FlagSource::Report => "report",
+        }
+    }
+}
+
+/// How much a room note matters. High-priority notes follow their author
+/// into every room they are in (the assistant reads them there too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotePriority {
+    /// Background.
+    Low,
+    /// The default.
+    Normal,
+    /// Shown across the author's rooms.
+    High,
+}
+
+impl NotePriority {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotePriority::Low => "low",
+            NotePriority::Normal => "normal",
+            NotePriority::High => "high",
+        }
+    }
+}
+
 /// Events of chat streams (rooms, messages, readers).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -246,6 +290,78 @@ pub enum ChatEvent {
         /// The new role.
         role: MemberRole,
     },
+    /// A message was flagged for review, by the classifier or by a member's report.
+    MessageFlagged {
+        /// The message.
+        message_id: Uuid,
+        /// Its sender (from the message, never from the flagger).
+        sender: Uuid,
+        /// Classifier or report.
+        source: FlagSource,
+        /// The classifier's category, or the reporter's reason.
+        reason: String,
+        /// The classifier's confidence in thousandths; none for a report.
+        score: Option<u16>,
+        /// The reporter; none for the classifier.
+        by: Option<Uuid>,
+    },
+    /// A moderator reviewed a flagged message and cleared every flag on it.
+    FlagCleared {
+        /// The message.
+        message_id: Uuid,
+        /// The moderator.
+        by: Uuid,
+    },
+    /// A member may not post until `until`.
+    MemberMuted {
+        /// Who.
+        user_id: Uuid,
+        /// End of the mute.
+        until: DateTime<Utc>,
+        /// The moderator; none for the automatic mute after too many flags.
+        by: Option<Uuid>,
+        /// Why (e.g. `flags`, `moderator`).
+        reason: String,
+    },
+    /// A mute was lifted early.
+    MemberUnmuted {
+        /// Who.
+        user_id: Uuid,
+        /// The moderator.
+        by: Uuid,
+    },
+    /// A note was pinned to the room. Its text is sealed under a key of its own
+    /// (kept like a message key): unpinning or deleting the room erases it.
+    NotePinned {
+        /// Note id.
+        note_id: Uuid,
+        /// Who wrote it.
+        author: Uuid,
+        /// How much it matters.
+        priority: NotePriority,
+        /// The text, sealed.
+        body: Sealed,
+        /// Room key version wrapping the note key.
+        key_version: i32,
+    },
+    /// A note's text or priority changed.
+    NoteEdited {
+        /// Note id.
+        note_id: Uuid,
+        /// The new text, if changed (same key).
+        body: Option<Sealed>,
+        /// The new priority, if changed.
+        priority: Option<NotePriority>,
+        /// Who.
+        by: Uuid,
+    },
+    /// A note was unpinned; its key was destroyed in the same transaction.
+    NoteUnpinned {
+        /// Note id.
+        note_id: Uuid,
+        /// Who.
+        by: Uuid,
+    },
     // --- message streams ---
     /// A message was posted.
     MessagePosted {
@@ -332,6 +448,13 @@ impl ChatEvent {
             ChatEvent::MemberBanned { .. } => "MemberBanned",
             ChatEvent::MemberUnbanned { .. } => "MemberUnbanned",
             ChatEvent::MemberRoleChanged { .. } => "MemberRoleChanged",
+            ChatEvent::MessageFlagged { .. } => "MessageFlagged",
+            ChatEvent::FlagCleared { .. } => "FlagCleared",
+            ChatEvent::MemberMuted { .. } => "MemberMuted",
+            ChatEvent::MemberUnmuted { .. } => "MemberUnmuted",
+            ChatEvent::NotePinned { .. } => "NotePinned",
+            ChatEvent::NoteEdited { .. } => "NoteEdited",
+            ChatEvent::NoteUnpinned { .. } => "NoteUnpinned",
             ChatEvent::MessagePosted { .. } => "MessagePosted",
             ChatEvent::MessageEdited { .. } => "MessageEdited",
             ChatEvent::MessageRedacted { .. } => "MessageRedacted",

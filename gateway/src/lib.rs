@@ -12,6 +12,7 @@
 //! - [`dispatch`]: the idempotent write path (Idempotency-Key, ledger, waiting).
 //! - [`consistency`]: read-your-writes (`after_position`).
 //! - [`ratelimit`]: per-principal and per-IP limits in Redis.
+//! - [`objects`]: where uploaded files rest (sealed), behind an [`objects::ObjectStore`].
 //! - [`routes`]: one module per resource.
 
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod consistency;
 pub mod dispatch;
 pub mod error;
 pub mod extract;
+pub mod objects;
 pub mod openapi;
 pub mod ratelimit;
 pub mod routes;

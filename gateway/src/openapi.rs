@@ -7,7 +7,9 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::routes::{accounts, admin, commands, health, messages, rooms, wallets};
+use crate::routes::{
+    accounts, admin, attachments, commands, health, messages, moderation, notes, rooms, wallets,
+};
 use crate::state::AppState;
 
 #[derive(OpenApi)]
@@ -23,7 +25,7 @@ use crate::state::AppState;
     tags(
         (name = "accounts", description = "Register, log in, tokens"),
         (name = "wallet", description = "Double-entry wallets: open, deposit, transfer, withdraw, balances, history"),
-        (name = "chat", description = "Rooms, members, messages (sealed at rest), threads, receipts, unread counts, search"),
+        (name = "chat", description = "Rooms, members, messages (sealed at rest), threads, receipts, unread counts, search, moderation, notes"),
         (name = "commands", description = "Poll a command answered 202"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
@@ -88,11 +90,21 @@ pub fn router() -> OpenApiRouter<AppState> {
             messages::redact
         ))
         .routes(routes!(messages::history))
+        .routes(routes!(attachments::upload))
+        .routes(routes!(attachments::download))
         .routes(routes!(messages::add_reaction, messages::remove_reaction))
         .routes(routes!(messages::receipt))
         .routes(routes!(messages::threads))
         .routes(routes!(messages::thread))
         .routes(routes!(messages::search))
+        .routes(routes!(moderation::report))
+        .routes(routes!(moderation::list_flags))
+        .routes(routes!(moderation::clear_flag))
+        .routes(routes!(moderation::mute, moderation::unmute))
+        .routes(routes!(moderation::list_mutes))
+        .routes(routes!(moderation::admin_flags))
+        .routes(routes!(notes::pin_note, notes::list_notes))
+        .routes(routes!(notes::edit_note, notes::unpin_note))
         .routes(routes!(commands::get_command))
         .routes(routes!(admin::status))
 }

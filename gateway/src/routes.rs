@@ -2,9 +2,12 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod attachments;
 pub mod commands;
 pub mod health;
 pub mod messages;
+pub mod moderation;
+pub mod notes;
 pub mod rooms;
 pub mod wallets;
 

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::auth::Keys;
+use crate::objects::{LocalDisk, ObjectStore};
 
 /// The gateway's settings (the `mathia` binary fills them from its config).
 #[derive(Debug, Clone)]
@@ -44,6 +45,12 @@ pub struct Settings {
     pub chat_messages_per_day: u32,
     /// Searches per user per day.
     pub searches_per_day: u32,
+    /// Uploads per user per day (0: no limit).
+    pub uploads_per_day: u32,
+    /// Largest upload, in bytes (SPEC §2: 50 MB).
+    pub upload_max_bytes: u64,
+    /// The directory of the default (local-disk) object store.
+    pub upload_dir: std::path::PathBuf,
 }
 
 impl Default for Settings {
@@ -62,6 +69,9 @@ impl Default for Settings {
             chat_messages_per_min: 30,
             chat_messages_per_day: 1000,
             searches_per_day: 100,
+            uploads_per_day: 20,
+            upload_max_bytes: 50 * 1024 * 1024,
+            upload_dir: ".data/uploads".into(),
         }
     }
 }
@@ -91,6 +101,8 @@ pub struct AppState {
     pub keys: Arc<Keys>,
     /// Opens room and message keys.
     pub keystore: handlers::keystore::Keystore,
+    /// Where uploaded files rest, sealed (a [`LocalDisk`] under `upload_dir` unless replaced).
+    pub objects: Arc<dyn ObjectStore>,
     /// This instance's id: handlers answer on `_outcome.<id>.<command_id>`.
     pub instance: Uuid,
     waiters: Arc<Mutex<HashMap<Uuid, Waiter>>>,
@@ -117,6 +129,7 @@ impl AppState {
         keys: Keys,
         keystore: handlers::keystore::Keystore,
     ) -> Self {
+        let objects = Arc::new(LocalDisk::new(settings.upload_dir.clone()));
         AppState {
             pool,
             js: jetstream::new(nats.clone()),
@@ -126,9 +139,16 @@ impl AppState {
             settings: Arc::new(settings),
             keys: Arc::new(keys),
             keystore,
+            objects,
             instance: Uuid::new_v4(),
             waiters: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// The same state with another object store (a bucket, say).
+    pub fn with_object_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
+        self.objects = store;
+        self
     }
 
     /// The subject the handlers answer `command_id` on.

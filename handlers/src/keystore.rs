@@ -228,7 +228,25 @@ pub async fn apply(tx: &mut PgConnection, ops: &[KeyOp]) -> Result<(), sqlx::Err
                     .execute(&mut *tx)
                     .await?;
             }
+            KeyOp::BindUpload {
+                storage_key,
+                message_id,
+            } => {
+                // The file key now lives only in the message's sealed attachment.
+                sqlx::query(
+                    "UPDATE chat_uploads SET wrapped_key = NULL, key_version = NULL, message_id = $2
+                     WHERE storage_key = $1",
+                )
+                .bind(storage_key)
+                .bind(message_id)
+                .execute(&mut *tx)
+                .await?;
+            }
             KeyOp::DestroyRoomKeys { room_id } => {
+                sqlx::query("DELETE FROM chat_uploads WHERE room_id = $1")
+                    .bind(room_id)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("DELETE FROM chat_message_keys WHERE room_id = $1")
                     .bind(room_id)
                     .execute(&mut *tx)

@@ -15,6 +15,8 @@ use handlers::handler::{HandlerConfig, Handlers};
 use handlers::infra;
 use handlers::relay::Relay;
 use projections::chat::ChatProjector;
+use projections::classifier::{Classifier, HttpClassifier, RuleClassifier};
+use projections::screen::{ScreenConfig, ScreenQueue, Screener};
 use projections::runner::Runner;
 use projections::wallet::WalletProjector;
 use tokio::net::TcpListener;
@@ -62,6 +64,15 @@ pub struct Config {
     /// Searches per user per day (0: no limit).
     #[arg(long, env = "MATHIA_SEARCHES_PER_DAY", default_value_t = 100)]
     pub searches_per_day: u32,
+    /// Uploads per user per day (0: no limit).
+    #[arg(long, env = "MATHIA_UPLOADS_PER_DAY", default_value_t = 20)]
+    pub uploads_per_day: u32,
+    /// Largest upload, in bytes (50 MiB by default).
+    #[arg(long, env = "MATHIA_UPLOAD_MAX_BYTES", default_value_t = 50 * 1024 * 1024)]
+    pub upload_max_bytes: u64,
+    /// Directory of the local-disk object store: uploaded files, sealed.
+    #[arg(long, env = "MATHIA_UPLOAD_DIR", default_value = ".data/uploads")]
+    pub upload_dir: std::path::PathBuf,
     /// Prefix of every subject and stream name (empty in a deployment).
     #[arg(long, env = "MATHIA_NATS_PREFIX", default_value = "")]
     pub nats_prefix: String,
@@ -93,9 +104,58 @@ pub struct Config {
     /// moderate load on 2 cores.
     #[arg(long, env = "MATHIA_ROLE_THREADS", default_value_t = false, action = clap::ArgAction::Set)]
     pub role_threads: bool,
+    /// Moderation classifier: `rules` (a local word list, the default), `http`
+    /// (an OpenAI-compatible `/v1/moderations` API) or `off` (no screening).
+    #[arg(long, env = "MATHIA_MODERATION_CLASSIFIER", default_value = "rules",
+          value_parser = ["rules", "http", "off"])]
+    pub moderation_classifier: String,
+    /// The rules classifier's list, `category:word,word;category:word` (`-` joins
+    /// the words of a phrase); unset: the built-in list.
+    #[arg(long, env = "MATHIA_MODERATION_WORDS")]
+    pub moderation_words: Option<String>,
+    /// Base URL of the HTTP classifier (without `/v1/moderations`).
+    #[arg(long, env = "MATHIA_MODERATION_URL")]
+    pub moderation_url: Option<String>,
+    /// Model the HTTP classifier asks for.
+    #[arg(long, env = "MATHIA_MODERATION_MODEL", default_value = "omni-moderation-latest")]
+    pub moderation_model: String,
+    /// Bearer key of the HTTP classifier.
+    #[arg(long, env = "MATHIA_MODERATION_API_KEY", hide_env_values = true)]
+    pub moderation_api_key: Option<String>,
+    /// The HTTP classifier also flags a text whose best category score reaches this (0 to 1).
+    #[arg(long, env = "MATHIA_MODERATION_THRESHOLD", default_value_t = 0.8)]
+    pub moderation_threshold: f64,
+    /// Timeout of one HTTP classifier call.
+    #[arg(long, env = "MATHIA_MODERATION_TIMEOUT_MS", default_value_t = 5000)]
+    pub moderation_timeout_ms: u64,
+    /// Messages per classifier batch.
+    #[arg(long, env = "MATHIA_MODERATION_BATCH", default_value_t = 10)]
+    pub moderation_batch: u32,
+    /// Longest a message waits for its batch to fill before it is screened anyway.
+    #[arg(long, env = "MATHIA_MODERATION_FLUSH_MS", default_value_t = 5000)]
+    pub moderation_flush_ms: u64,
+    /// Classifier flags that mute a sender in a room (0: never mute).
+    #[arg(long, env = "MATHIA_MUTE_AFTER_FLAGS", default_value_t = 3)]
+    pub mute_after_flags: u32,
+    /// How long that mute lasts, in minutes.
+    #[arg(long, env = "MATHIA_MUTE_MINUTES", default_value_t = 60)]
+    pub mute_minutes: u64,
     /// Argon2 memory cost in KiB.
     #[arg(long, env = "MATHIA_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
     pub argon2_memory_kib: u32,
+}
+
+impl Config {
+    /// The defaults of every flag (and the `MATHIA_*` variables that are set),
+    /// for programs that build a configuration in code (tests, the load generator).
+    pub fn defaults() -> Config {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: Config,
+        }
+        <Defaults as clap::Parser>::parse_from(["mathia"]).config
+    }
 }
 
 /// Which roles a process runs.
@@ -265,6 +325,34 @@ fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> 
     }
 }
 
+/// The configured moderation classifier; none when screening is off.
+pub fn classifier(config: &Config) -> anyhow::Result<Option<Arc<dyn Classifier>>> {
+    Ok(match config.moderation_classifier.as_str() {
+        "off" => None,
+        "http" => {
+            let url = config
+                .moderation_url
+                .as_deref()
+                .context("MATHIA_MODERATION_CLASSIFIER=http needs MATHIA_MODERATION_URL")?;
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&config.moderation_threshold),
+                "MATHIA_MODERATION_THRESHOLD must be between 0 and 1"
+            );
+            Some(Arc::new(HttpClassifier::new(
+                url,
+                &config.moderation_model,
+                config.moderation_api_key.clone(),
+                Duration::from_millis(config.moderation_timeout_ms),
+                config.moderation_threshold,
+            )?))
+        }
+        _ => Some(Arc::new(match &config.moderation_words {
+            Some(spec) => RuleClassifier::parse(spec).context("MATHIA_MODERATION_WORDS")?,
+            None => RuleClassifier::default(),
+        })),
+    })
+}
+
 /// Run `roles` until `shutdown` is cancelled. `listener` is required when the gateway runs.
 pub async fn run(
     config: Config,
@@ -353,12 +441,10 @@ pub async fn run(
         );
     }
     if roles.projections {
-        let (stop, keystore) = (
-            shutdown.clone(),
-            keystore
-                .clone()
-                .context("projections need the master key")?,
-        );
+        let keystore = keystore
+            .clone()
+            .context("projections need the master key")?;
+        let (stop, chat_keys) = (shutdown.clone(), keystore.clone());
         spawn(
             "proj-chat",
             role(&config, &infra, "proj-chat", 4, move |infra| async move {
@@ -367,9 +453,47 @@ pub async fn run(
                     js: async_nats::jetstream::new(infra.nats.clone()),
                     subjects: infra.subjects.clone(),
                 };
-                runner.run(Arc::new(ChatProjector { keystore }), stop).await
+                runner
+                    .run(Arc::new(ChatProjector { keystore: chat_keys }), stop)
+                    .await
             }),
         );
+        if let Some(classifier) = classifier(&config)? {
+            let stop = shutdown.clone();
+            spawn(
+                "proj-screen",
+                role(&config, &infra, "proj-screen", 2, move |infra| async move {
+                    let runner = Runner {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        subjects: infra.subjects.clone(),
+                    };
+                    runner.run(Arc::new(ScreenQueue), stop).await
+                }),
+            );
+            let stop = shutdown.clone();
+            let screen = ScreenConfig {
+                batch: config.moderation_batch.max(1).into(),
+                flush: Duration::from_millis(config.moderation_flush_ms),
+                mute_after: config.mute_after_flags,
+                mute_for: Duration::from_secs(config.mute_minutes * 60),
+                ..ScreenConfig::default()
+            };
+            spawn(
+                "screener",
+                role(&config, &infra, "screener", 2, move |infra| async move {
+                    let screener = Screener {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        subjects: infra.subjects.clone(),
+                        keystore,
+                        classifier,
+                        config: screen,
+                    };
+                    screener.run(stop).await
+                }),
+            );
+        }
         let shutdown = shutdown.clone();
         spawn(
             "proj-wallet",
@@ -401,6 +525,9 @@ pub async fn run(
             chat_messages_per_min: config.chat_messages_per_min,
             chat_messages_per_day: config.chat_messages_per_day,
             searches_per_day: config.searches_per_day,
+            uploads_per_day: config.uploads_per_day,
+            upload_max_bytes: config.upload_max_bytes,
+            upload_dir: config.upload_dir.clone(),
             ..Default::default()
         };
         let state = gateway::AppState::new(

@@ -23,6 +23,9 @@ use uuid::Uuid;
 
 use crate::Projector;
 
+mod moderation;
+mod posts;
+
 /// The main timeline's key in `proj_chat_unread.thread_root`.
 pub const MAIN: Uuid = Uuid::nil();
 
@@ -43,13 +46,21 @@ impl Projector for ChatProjector {
     }
 
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
+        // Runs of consecutive main-timeline posts go in set-based (module `posts`).
+        let mut run = Vec::new();
         for env in batch {
             let Event::Chat(event) = env.event()? else {
                 continue;
             };
-            self.apply_one(tx, env, event).await?;
+            match posts::Post::main_timeline(env, event)? {
+                Ok(post) => run.push(post),
+                Err(event) => {
+                    self.apply_posts(tx, &std::mem::take(&mut run)).await?;
+                    self.apply_one(tx, env, event).await?;
+                }
+            }
         }
-        Ok(())
+        self.apply_posts(tx, &run).await
     }
 }
 
@@ -127,6 +138,9 @@ impl ChatProjector {
                     "DELETE FROM proj_chat_members WHERE room_id = $1",
                     "DELETE FROM proj_chat_email_invites WHERE room_id = $1",
                     "DELETE FROM proj_chat_rooms WHERE room_id = $1",
+                    "DELETE FROM proj_chat_flags WHERE room_id = $1",
+                    "DELETE FROM proj_chat_mutes WHERE room_id = $1",
+                    "DELETE FROM proj_chat_notes WHERE room_id = $1",
                 ] {
                     sqlx::query(table).bind(room).execute(&mut *tx).await?;
                 }
@@ -191,6 +205,8 @@ impl ChatProjector {
                 .await?;
                 self.room_version(tx, env, "").await?;
             }
+            // Main-timeline posts usually arrive in runs and go through
+            // `posts::apply_posts` instead: keep the two in step.
             ChatEvent::MessagePosted {
                 message_id,
                 room_id,
@@ -333,6 +349,13 @@ impl ChatProjector {
                 self.receipt(tx, reader, room_id, thread_root, message_id)
                     .await?
             }
+            e @ (ChatEvent::MessageFlagged { .. }
+            | ChatEvent::FlagCleared { .. }
+            | ChatEvent::MemberMuted { .. }
+            | ChatEvent::MemberUnmuted { .. }
+            | ChatEvent::NotePinned { .. }
+            | ChatEvent::NoteEdited { .. }
+            | ChatEvent::NoteUnpinned { .. }) => moderation::apply(tx, env, e).await?,
         }
         Ok(())
     }

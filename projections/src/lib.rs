@@ -12,11 +12,15 @@
 //! time. A tick also catches up to the head of the log when the bus is silent.
 //!
 //! Read models: [`wallet`] (balances and history), [`chat`] (rooms, timeline,
-//! unread counts, search index).
+//! unread counts, search index, flags, mutes, notes). [`screen`] is the
+//! moderation reactor: a queue projector and the screener that judges it with a
+//! [`classifier`].
 #![warn(missing_docs)]
 
 pub mod chat;
+pub mod classifier;
 pub mod runner;
+pub mod screen;
 pub mod status;
 pub mod wallet;
 

@@ -12,13 +12,13 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-fn id(v: &Value) -> Uuid {
+pub(crate) fn id(v: &Value) -> Uuid {
     v.as_str()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not a uuid: {v}"))
 }
 
-async fn room(app: &TestApp, token: &str, name: &str, visibility: &str) -> Uuid {
+pub(crate) async fn room(app: &TestApp, token: &str, name: &str, visibility: &str) -> Uuid {
     let r = app
         .post(
             "/v1/rooms",
@@ -31,7 +31,7 @@ async fn room(app: &TestApp, token: &str, name: &str, visibility: &str) -> Uuid 
     id(&r.body["room_id"])
 }
 
-async fn send(app: &TestApp, token: &str, room: Uuid, body: Value) -> Reply {
+pub(crate) async fn send(app: &TestApp, token: &str, room: Uuid, body: Value) -> Reply {
     app.post(
         &format!("/v1/rooms/{room}/messages"),
         Some(token),
@@ -41,7 +41,7 @@ async fn send(app: &TestApp, token: &str, room: Uuid, body: Value) -> Reply {
     .await
 }
 
-async fn say(app: &TestApp, token: &str, room: Uuid, text: &str) -> (Uuid, i64) {
+pub(crate) async fn say(app: &TestApp, token: &str, room: Uuid, text: &str) -> (Uuid, i64) {
     let r = send(app, token, room, json!({"body": text})).await;
     assert_eq!(r.status, 201, "send: {}", r.body);
     (
@@ -50,7 +50,7 @@ async fn say(app: &TestApp, token: &str, room: Uuid, text: &str) -> (Uuid, i64) 
     )
 }
 
-async fn invite_and_join(app: &TestApp, owner: &str, room: Uuid, user: Uuid, token: &str) {
+pub(crate) async fn invite_and_join(app: &TestApp, owner: &str, room: Uuid, user: Uuid, token: &str) {
     let r = app
         .post(
             &format!("/v1/rooms/{room}/invites"),
@@ -809,6 +809,9 @@ async fn dump(app: &TestApp) -> Vec<String> {
         ("proj_chat_edits", "message_id, edit_no"),
         ("proj_chat_unread", "user_id, room_id, thread_root"),
         ("proj_chat_search", "room_id, token, position"),
+        ("proj_chat_flags", "message_id"),
+        ("proj_chat_mutes", "room_id, user_id"),
+        ("proj_chat_notes", "note_id"),
     ] {
         let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT x::text FROM {t} x ORDER BY {order}"
@@ -869,6 +872,15 @@ async fn rebuilding_the_chat_projection_from_zero_gives_identical_read_models() 
         &[],
     )
     .await;
+    // Moderation and notes are part of the read model too.
+    for (method, path, token, body) in [
+        ("POST", format!("/v1/rooms/{r}/messages/{root}/reports"), &bob, json!({"reason": "spam"})),
+        ("POST", format!("/v1/rooms/{r}/notes"), &alice, json!({"body": "pinned words", "priority": "high"})),
+        ("PUT", format!("/v1/rooms/{r}/members/{bob_id}/mute"), &alice, json!({"minutes": 10})),
+    ] {
+        let done = app.call(method, &path, Some(token), Some(&body), &[]).await;
+        assert!(done.status < 300, "{path}: {}", done.body);
+    }
     app.settle("chat").await;
     let live = dump(&app).await;
     assert!(live.len() > 10);
@@ -887,6 +899,9 @@ async fn rebuilding_the_chat_projection_from_zero_gives_identical_read_models() 
         "proj_chat_edits",
         "proj_chat_unread",
         "proj_chat_search",
+        "proj_chat_flags",
+        "proj_chat_mutes",
+        "proj_chat_notes",
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {t}")))
             .execute(&mut *tx)

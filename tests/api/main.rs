@@ -2,9 +2,11 @@
 //! One binary (z2p style); each test isolates itself (see `mathia_tests`).
 
 mod accounts;
+mod attachments;
 mod chat;
 mod crash;
 mod input;
+mod moderation;
 mod nats;
 mod openapi;
 mod store;

@@ -28,6 +28,7 @@ use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
 use crate::ratelimit;
+use crate::routes::attachments::{self, AttachmentRequest, AttachmentView};
 use crate::routes::rooms::{MODEL, require_member, room_not_found};
 use crate::state::AppState;
 
@@ -38,9 +39,13 @@ pub const MAX_BODY: usize = 16 * 1024;
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendRequest {
-    /// The text, ≤ 16 KiB of UTF-8 (may be empty for an attachment).
+    /// The text, ≤ 16 KiB of UTF-8 (may be empty or left out with an attachment).
     #[schema(example = "Shall we take the 7 am ferry?")]
+    #[serde(default)]
     pub body: String,
+    /// A file uploaded to this room (`POST /v1/rooms/{room_id}/uploads`); with
+    /// `duration_ms` a voice note.
+    pub attachment: Option<AttachmentRequest>,
     /// Reply in this thread (its root message).
     pub thread_root: Option<Uuid>,
     /// Quote this message of the same room.
@@ -84,6 +89,8 @@ pub struct MessageView {
     pub kind: String,
     /// The text; null once redacted.
     pub body: Option<String>,
+    /// The file or voice note; null for a text, and once redacted.
+    pub attachment: Option<AttachmentView>,
     /// Thread root, for a reply.
     pub thread_root: Option<Uuid>,
     /// Quoted message.
@@ -253,16 +260,30 @@ struct SendShape<'a> {
     quote: Option<Uuid>,
     mentions: &'a [Uuid],
     client_message_id: Option<&'a str>,
+    // Absent for a text, so a text's hash is what it always was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attachment: Option<AttachmentShape<'a>>,
+}
+
+/// What the idempotency hash sees of an attachment: its names only as a keyed fingerprint.
+#[derive(Serialize)]
+struct AttachmentShape<'a> {
+    upload_id: Uuid,
+    content_type: Option<&'a str>,
+    duration_ms: Option<i64>,
+    names: String,
 }
 
 /// Send a message. The text is sealed under a fresh message key before it
-/// leaves the gateway; 30 messages a minute and 1,000 a day per user.
+/// leaves the gateway; 30 messages a minute and 1,000 a day per user. With an
+/// `attachment` (an upload of yours to this room) it is a file, or with
+/// `duration_ms` a voice note (the upload must be `audio/*`); the body may then be empty.
 #[utoipa::path(post, path = "/v1/rooms/{room_id}/messages", tag = "chat", security(("bearer" = [])), request_body = SendRequest,
     params(("room_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "or use client_message_id")),
     responses((status = 201, description = "sent", example = json!({"message_id": "0193…", "room_id": "0193…", "sender": "0193…", "kind": "text", "position": 42, "version": 1, "sent_at": "2026-11-22T10:00:00Z"})),
         (status = 202, description = "poll Location"), (status = 400, body = Problem), (status = 401, body = Problem),
-        (status = 404, description = "no such room (or not a member), thread root or quote", body = Problem),
-        (status = 409, description = "archived room, duplicate client_message_id", body = Problem),
+        (status = 404, description = "no such room (or not a member), thread root, quote or upload (`upload_not_found`)", body = Problem),
+        (status = 409, description = "archived room, duplicate client_message_id, upload already sent with another message", body = Problem),
         (status = 413, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
 pub async fn send(
     State(state): State<AppState>,
@@ -274,8 +295,11 @@ pub async fn send(
     AppJson(req): AppJson<SendRequest>,
 ) -> ApiResult<Response> {
     body_text("body", &req.body)?;
-    if req.body.trim().is_empty() {
+    if req.body.trim().is_empty() && req.attachment.is_none() {
         return Err(ApiError::field("body", "must not be empty"));
+    }
+    if let Some(a) = &req.attachment {
+        attachments::validate(a)?;
     }
     if let Some(c) = &req.client_message_id
         && (c.is_empty() || c.len() > 64 || !c.bytes().all(|b| (0x21..=0x7e).contains(&b)))
@@ -309,6 +333,10 @@ pub async fn send(
     let Some(keys) = state.keystore.room_keys(&state.pool, room_id).await? else {
         return Err(room_not_found());
     };
+    let staged = match &req.attachment {
+        Some(a) => Some(attachments::staged(&state, room_id, principal.user_id, a).await?),
+        None => None,
+    };
     // A client transaction id is an idempotency key scoped to the room.
     if options.idempotency_key.is_none() {
         options.idempotency_key = req.client_message_id.clone().map(|c| format!("txn:{c}"));
@@ -320,6 +348,15 @@ pub async fn send(
             quote: req.quote,
             mentions: &req.mentions,
             client_message_id: req.client_message_id.as_deref(),
+            attachment: req.attachment.as_ref().map(|a| AttachmentShape {
+                upload_id: a.upload_id,
+                content_type: a.content_type.as_deref(),
+                duration_ms: a.duration_ms,
+                names: crypto::fingerprint(
+                    &keys.search,
+                    serde_json::json!([a.name, a.transcript]).to_string().as_bytes(),
+                ),
+            }),
         },
     };
     let sender = principal.user_id;
@@ -343,12 +380,23 @@ pub async fn send(
                 &crypto::field_aad(message_id, "body"),
                 req.body.as_bytes(),
             );
+            let (kind, attachment) = match (&req.attachment, &staged) {
+                (Some(a), Some(s)) => (
+                    if a.duration_ms.is_some() {
+                        MessageKind::Voice
+                    } else {
+                        MessageKind::Attachment
+                    },
+                    Some(attachments::seal(s, a, &message_key, message_id)?),
+                ),
+                _ => (MessageKind::Text, None),
+            };
             Ok(Command::Chat(ChatCommand::SendMessage {
                 message_id,
                 room_id,
-                kind: MessageKind::Text,
+                kind,
                 body,
-                attachment: None,
+                attachment,
                 thread_root: req.thread_root,
                 quote: req.quote,
                 mentions: req.mentions.clone(),
@@ -363,7 +411,7 @@ pub async fn send(
     .await
 }
 
-const MESSAGE_COLUMNS: &str = "message_id, room_id, position, thread_root, sender, kind, body, quote, mentions,
+const MESSAGE_COLUMNS: &str = "message_id, room_id, position, thread_root, sender, kind, body, attachment, quote, mentions,
     client_message_id, sent_at, edited_at, edits, redacted_at, reactions, reply_count, latest_reply";
 
 /// Open the rows' bodies with their message keys.
@@ -384,12 +432,15 @@ fn view(r: &sqlx::postgres::PgRow, keys: &HashMap<Uuid, Key>) -> MessageView {
             crypto::open(key, &crypto::field_aad(id, "body"), &s).ok()
         })
         .map(|b| String::from_utf8_lossy(&b).into_owned());
+    let room_id: Uuid = r.get("room_id");
+    let attachment = attachments::view(r.get("attachment"), keys.get(&id), room_id, id);
     MessageView {
         message_id: id,
-        room_id: r.get("room_id"),
+        room_id,
         sender: r.get("sender"),
         kind: r.get("kind"),
         body,
+        attachment,
         thread_root: r.get("thread_root"),
         quote: r.get("quote"),
         mentions: r.get("mentions"),
@@ -603,7 +654,7 @@ pub async fn timeline(
     Ok((position_header(position), Json(page)).into_response())
 }
 
-async fn one(state: &AppState, room_id: Uuid, message_id: Uuid) -> ApiResult<MessageView> {
+pub(crate) async fn one(state: &AppState, room_id: Uuid, message_id: Uuid) -> ApiResult<MessageView> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE message_id = $1 AND room_id = $2"
     )))
@@ -743,8 +794,8 @@ pub async fn edit(
     .await
 }
 
-/// Redact a message: its key is destroyed, so its text, edits and attachment
-/// names are unrecoverable anywhere (sender, moderators, owners).
+/// Redact a message: its key is destroyed, so its text, edits, attachment
+/// names and attachment bytes are unrecoverable anywhere (sender, moderators, owners).
 #[utoipa::path(delete, path = "/v1/rooms/{room_id}/messages/{message_id}", tag = "chat", security(("bearer" = [])),
     params(("room_id" = Uuid, Path), ("message_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header)),
     responses((status = 200, description = "redacted"), (status = 401, body = Problem), (status = 403, body = Problem),
@@ -757,7 +808,8 @@ pub async fn redact(
     uri: http::Uri,
     AppPath((room_id, message_id)): AppPath<(Uuid, Uuid)>,
 ) -> ApiResult<Response> {
-    dispatch(
+    let stored = attachments::storage_key_of(&state, message_id).await?;
+    let res = dispatch(
         &state,
         &principal,
         Route {
@@ -774,7 +826,14 @@ pub async fn redact(
             }))
         },
     )
-    .await
+    .await?;
+    // The file key died with the message key; the ciphertext may go too.
+    if res.status() == http::StatusCode::OK
+        && let Some(k) = stored
+    {
+        attachments::discard(&state, &k).await;
+    }
+    Ok(res)
 }
 
 fn emoji(e: &str) -> ApiResult<String> {

@@ -208,7 +208,7 @@ pub fn room_not_found() -> ApiError {
 
 /// Send a room command.
 #[allow(clippy::too_many_arguments)]
-async fn room_command<B: Serialize>(
+pub(crate) async fn room_command<B: Serialize>(
     state: &AppState,
     principal: &Principal,
     method: &str,

@@ -316,6 +316,8 @@ async fn main() -> anyhow::Result<()> {
         chat_messages_per_min: 0,
         chat_messages_per_day: 0,
         searches_per_day: 0,
+        uploads_per_day: 0,
+        ..Config::defaults()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

@@ -1,0 +1,274 @@
+//! Moderation screening: every posted message is judged by a [`Classifier`]
+//! in batches, and a flagged one becomes a `chat.FlagMessage` command.
+//!
+//! Two parts, so that screening is state derived from events and flagging is a
+//! command like any other:
+//! - [`ScreenQueue`], projector `screen`: each `MessagePosted` adds a row to
+//!   `chat_screen_queue` (with the body as sealed in the event); a redaction
+//!   removes it. Its checkpoint is its own, so rebuilding the chat read model
+//!   never screens anything again.
+//! - [`Screener`]: claims up to `batch` rows (`FOR UPDATE SKIP LOCKED`, so
+//!   several screeners share the queue), but only once the batch is full or its
+//!   oldest row has waited `flush`; opens the bodies with the keystore, asks the
+//!   classifier, publishes one command per flagged message, and deletes the rows
+//!   in the same transaction that held the claim. The command id is derived
+//!   from the message id, so a screener that dies after publishing and screens
+//!   the batch again is answered from the command ledger: one flag per message.
+//!
+//! A classifier that fails leaves the rows queued and is retried with backoff:
+//! chat keeps flowing, screening catches up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use commands::chat::ChatCommand;
+use commands::{Actor, Command, Role, crypto};
+use events::chat::{ChatEvent, Sealed};
+use events::{Event, EventEnvelope, Subjects};
+use handlers::bus::{self, CommandEnvelope, Published};
+use handlers::keystore::Keystore;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::Projector;
+use crate::classifier::Classifier;
+
+/// Projector `screen`: the queue of messages waiting to be screened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScreenQueue;
+
+impl Projector for ScreenQueue {
+    fn name(&self) -> &'static str {
+        "screen"
+    }
+
+    fn domains(&self) -> &'static [&'static str] {
+        &[events::chat::DOMAIN]
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
+        for env in batch {
+            match env.event()? {
+                Event::Chat(ChatEvent::MessagePosted {
+                    message_id,
+                    room_id,
+                    body,
+                    ..
+                }) => {
+                    sqlx::query(
+                        "INSERT INTO chat_screen_queue (message_id, room_id, position, body, queued_at)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(message_id)
+                    .bind(room_id)
+                    .bind(env.position)
+                    .bind(serde_json::to_value(&body)?)
+                    .bind(env.occurred_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Event::Chat(ChatEvent::MessageRedacted { .. }) => {
+                    let id: Uuid = env.stream_id.id().parse()?;
+                    sqlx::query("DELETE FROM chat_screen_queue WHERE message_id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tuning of the screener (SPEC §2: batches of 10, flushed within 5 s, 3 flags mute).
+#[derive(Debug, Clone)]
+pub struct ScreenConfig {
+    /// Most messages per classifier call.
+    pub batch: i64,
+    /// Longest a message waits for its batch to fill.
+    pub flush: Duration,
+    /// Classifier flags that mute the sender in that room (0: never).
+    pub mute_after: u32,
+    /// How long such a mute lasts.
+    pub mute_for: Duration,
+    /// How often an idle screener looks at the queue.
+    pub poll: Duration,
+}
+
+impl Default for ScreenConfig {
+    fn default() -> Self {
+        ScreenConfig {
+            batch: 10,
+            flush: Duration::from_secs(5),
+            mute_after: 3,
+            mute_for: Duration::from_secs(3600),
+            poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The screening worker.
+pub struct Screener {
+    /// Queue and keystore.
+    pub pool: PgPool,
+    /// Where flags are published.
+    pub js: async_nats::jetstream::Context,
+    /// Subject and stream names.
+    pub subjects: Subjects,
+    /// Opens the bodies.
+    pub keystore: Keystore,
+    /// Judges them.
+    pub classifier: Arc<dyn Classifier>,
+    /// Tuning.
+    pub config: ScreenConfig,
+}
+
+const SCREEN_NS: Uuid = Uuid::from_u128(0x6d61_7468_6961_5f73_6372_6565_6e00_0001);
+
+/// The id of the flag command for `message`: the same every time it is screened.
+pub fn flag_command_id(message: Uuid) -> Uuid {
+    Uuid::new_v5(&SCREEN_NS, message.as_bytes())
+}
+
+impl Screener {
+    /// Screen until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(
+            batch = self.config.batch,
+            flush_ms = self.config.flush.as_millis() as u64,
+            "screener started"
+        );
+        let mut backoff = Duration::from_millis(500);
+        while !shutdown.is_cancelled() {
+            let wait = match self.screen_once().await {
+                Ok(n) if n > 0 => {
+                    backoff = Duration::from_millis(500);
+                    continue;
+                }
+                Ok(_) => self.config.poll,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "screening failed; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Screen one batch if one is due; returns how many messages it screened.
+    pub async fn screen_once(&self) -> anyhow::Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT message_id, room_id, body, queued_at FROM chat_screen_queue
+             ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(self.config.batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(oldest) = rows.first().map(|r| r.get::<chrono::DateTime<Utc>, _>("queued_at"))
+        else {
+            return Ok(0);
+        };
+        let flush = chrono::Duration::from_std(self.config.flush)?;
+        if (rows.len() as i64) < self.config.batch && Utc::now() - oldest < flush {
+            return Ok(0);
+        }
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.get("message_id")).collect();
+        let keys = self.keystore.message_keys(&mut tx, &ids).await?;
+        // A message without a key was redacted meanwhile: nothing to judge.
+        let mut judged = Vec::with_capacity(rows.len());
+        let mut texts = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: Uuid = r.get("message_id");
+            let sealed: Sealed = serde_json::from_value(r.get("body"))?;
+            if let Some(text) = keys
+                .get(&id)
+                .and_then(|k| crypto::open(k, &crypto::field_aad(id, "body"), &sealed).ok())
+            {
+                judged.push((id, r.get::<Uuid, _>("room_id")));
+                texts.push(String::from_utf8_lossy(&text).into_owned());
+            }
+        }
+        let verdicts = if texts.is_empty() {
+            vec![]
+        } else {
+            self.classifier.classify(&texts).await?
+        };
+        anyhow::ensure!(
+            verdicts.len() == texts.len(),
+            "the classifier judged {} of {} texts",
+            verdicts.len(),
+            texts.len()
+        );
+        drop(texts);
+        let mut flagged = 0;
+        for ((message_id, room_id), v) in judged.into_iter().zip(verdicts) {
+            if !v.flagged {
+                continue;
+            }
+            flagged += 1;
+            self.flag(room_id, message_id, v.label, v.score).await?;
+        }
+        sqlx::query("DELETE FROM chat_screen_queue WHERE message_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        metrics::counter!("mathia_moderation_screened_total").increment(ids.len() as u64);
+        metrics::counter!("mathia_moderation_flagged_total").increment(flagged);
+        tracing::debug!(screened = ids.len(), flagged, "screened a batch");
+        Ok(ids.len())
+    }
+
+    async fn flag(
+        &self,
+        room_id: Uuid,
+        message_id: Uuid,
+        label: String,
+        score: u16,
+    ) -> anyhow::Result<()> {
+        let command_id = flag_command_id(message_id);
+        let hash = Sha256::digest(format!("screen|{message_id}|{label}|{score}").as_bytes());
+        let envelope = CommandEnvelope {
+            command_id,
+            correlation_id: command_id,
+            actor: Actor {
+                user_id: None,
+                role: Role::System,
+            },
+            issued_at: Utc::now(),
+            request_hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
+            command: Command::Chat(ChatCommand::FlagMessage {
+                room_id,
+                message_id,
+                label,
+                score,
+                mute_after: self.config.mute_after,
+                mute_for_secs: self.config.mute_for.as_secs() as i64,
+                at: Utc::now(),
+            }),
+            expected_version: None,
+        };
+        match bus::publish_command(
+            &self.js,
+            &self.subjects,
+            &envelope,
+            &self.subjects.outcome_inbox("screener"),
+        )
+        .await?
+        {
+            Published::Stored { .. } => Ok(()),
+            // Not known to be stored: keep the batch queued; the same id makes a retry safe.
+            Published::Unknown => anyhow::bail!("COMMANDS did not acknowledge a flag"),
+        }
+    }
+}
