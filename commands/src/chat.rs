@@ -1688,4 +1688,243 @@ mod tests {
         .unwrap();
         run(&mut s, owner, ChatCommand::Leave { room_id: r }).unwrap();
     }
+
+    fn join(states: &mut StateSet, owner: Uuid, room_id: Uuid, user: Uuid) {
+        run(
+            states,
+            owner,
+            ChatCommand::Invite {
+                room_id,
+                user_id: Some(user),
+                email: None,
+            },
+        )
+        .unwrap();
+        run(
+            states,
+            user,
+            ChatCommand::Join {
+                room_id,
+                email: None,
+            },
+        )
+        .unwrap();
+    }
+
+    fn flag(states: &mut StateSet, room_id: Uuid, message_id: Uuid) -> Result<Decision, Rejection> {
+        let cmd = ChatCommand::FlagMessage {
+            room_id,
+            message_id,
+            label: "spam".into(),
+            score: 990,
+            mute_after: 3,
+            mute_for_secs: 600,
+            at: Utc::now(),
+        };
+        let system = Actor {
+            user_id: None,
+            role: Role::System,
+        };
+        let d = cmd.decide(&system, states)?;
+        states.apply(&d.events);
+        Ok(d)
+    }
+
+    #[test]
+    fn the_third_classifier_flag_mutes_and_a_cleared_flag_takes_its_strike_back() {
+        let mut states = StateSet::default();
+        let (owner, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let r = room(&mut states, owner, Visibility::Private);
+        join(&mut states, owner, r, bob);
+        let msgs: Vec<Uuid> = (0..4)
+            .map(|_| send(&mut states, bob, r, None).unwrap())
+            .collect();
+        // Only the system may flag as the classifier.
+        let as_user = ChatCommand::FlagMessage {
+            room_id: r,
+            message_id: msgs[0],
+            label: "spam".into(),
+            score: 1,
+            mute_after: 3,
+            mute_for_secs: 1,
+            at: Utc::now(),
+        };
+        assert_eq!(
+            run(&mut states, owner, as_user).unwrap_err().code,
+            "forbidden"
+        );
+        flag(&mut states, r, msgs[0]).unwrap();
+        assert_eq!(
+            flag(&mut states, r, msgs[0]).unwrap_err().code,
+            "already_flagged"
+        );
+        flag(&mut states, r, msgs[1]).unwrap();
+        // A moderator clears one: two strikes become one, so the next flag does not mute.
+        run(
+            &mut states,
+            owner,
+            ChatCommand::ClearFlag {
+                room_id: r,
+                message_id: msgs[0],
+            },
+        )
+        .unwrap();
+        let d = flag(&mut states, r, msgs[2]).unwrap();
+        assert_eq!(d.events.len(), 1);
+        let d = flag(&mut states, r, msgs[3]).unwrap();
+        assert!(matches!(
+            d.events.last(),
+            Some((_, Event::Chat(ChatEvent::MemberMuted { user_id, by: None, .. }))) if *user_id == bob
+        ));
+        assert_eq!(send(&mut states, bob, r, None).unwrap_err().code, "muted");
+        let rs = room_stream(r);
+        assert!(
+            states.room(&rs).strikes.is_empty(),
+            "a mute resets the strikes"
+        );
+        run(
+            &mut states,
+            owner,
+            ChatCommand::Unmute {
+                room_id: r,
+                user_id: bob,
+            },
+        )
+        .unwrap();
+        send(&mut states, bob, r, None).unwrap();
+    }
+
+    #[test]
+    fn reports_are_for_review_and_never_mute() {
+        let mut states = StateSet::default();
+        let (owner, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let r = room(&mut states, owner, Visibility::Private);
+        join(&mut states, owner, r, bob);
+        let m = send(&mut states, owner, r, None).unwrap();
+        let mut reporters = vec![bob];
+        for _ in 0..3 {
+            let u = Uuid::now_v7();
+            join(&mut states, owner, r, u);
+            reporters.push(u);
+        }
+        for u in &reporters {
+            let cmd = ChatCommand::ReportMessage {
+                room_id: r,
+                message_id: m,
+                reason: "spam".into(),
+            };
+            run(&mut states, *u, cmd).unwrap();
+        }
+        let room_state = states.room(&room_stream(r));
+        assert_eq!(room_state.flags[&m].reporters.len(), 4);
+        assert!(room_state.strikes.is_empty() && room_state.muted.is_empty());
+        let again = ChatCommand::ReportMessage {
+            room_id: r,
+            message_id: m,
+            reason: "spam".into(),
+        };
+        assert_eq!(
+            run(&mut states, bob, again).unwrap_err().code,
+            "already_reported"
+        );
+        let own = ChatCommand::ReportMessage {
+            room_id: r,
+            message_id: m,
+            reason: "spam".into(),
+        };
+        assert_eq!(
+            run(&mut states, owner, own).unwrap_err().code,
+            "own_message"
+        );
+        let stranger = ChatCommand::ReportMessage {
+            room_id: r,
+            message_id: m,
+            reason: "spam".into(),
+        };
+        assert_eq!(
+            run(&mut states, Uuid::now_v7(), stranger).unwrap_err().code,
+            "room_not_found"
+        );
+        // A member cannot mute; a moderator cannot mute an owner.
+        let mute = |who| ChatCommand::Mute {
+            room_id: r,
+            user_id: who,
+            until: Utc::now() + chrono::Duration::minutes(5),
+            at: Utc::now(),
+        };
+        assert_eq!(
+            run(&mut states, bob, mute(reporters[1])).unwrap_err().code,
+            "forbidden"
+        );
+        run(
+            &mut states,
+            owner,
+            ChatCommand::SetRole {
+                room_id: r,
+                user_id: bob,
+                role: MemberRole::Moderator,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            run(&mut states, bob, mute(owner)).unwrap_err().code,
+            "forbidden"
+        );
+        run(&mut states, bob, mute(reporters[1])).unwrap();
+    }
+
+    #[test]
+    fn notes_belong_to_their_author_and_unpinning_destroys_their_key() {
+        let mut states = StateSet::default();
+        let (owner, bob) = (Uuid::now_v7(), Uuid::now_v7());
+        let r = room(&mut states, owner, Visibility::Private);
+        join(&mut states, owner, r, bob);
+        let note_id = Uuid::now_v7();
+        let pin = ChatCommand::PinNote {
+            room_id: r,
+            note_id,
+            priority: NotePriority::High,
+            body: sealed(),
+            key_version: 1,
+            note_key: Bytes64(vec![4; 60]),
+        };
+        let d = run(&mut states, owner, pin.clone()).unwrap();
+        assert!(
+            matches!(d.keys[..], [KeyOp::PutMessageKey { message_id, .. }] if message_id == note_id)
+        );
+        assert_eq!(
+            run(&mut states, owner, pin).unwrap_err().code,
+            "note_exists"
+        );
+        let edit = ChatCommand::EditNote {
+            room_id: r,
+            note_id,
+            body: Some(sealed()),
+            priority: None,
+        };
+        assert_eq!(
+            run(&mut states, bob, edit.clone()).unwrap_err().code,
+            "forbidden"
+        );
+        run(&mut states, owner, edit).unwrap();
+        let unpin = ChatCommand::UnpinNote {
+            room_id: r,
+            note_id,
+        };
+        assert_eq!(
+            run(&mut states, bob, unpin.clone()).unwrap_err().code,
+            "forbidden"
+        );
+        let d = run(&mut states, owner, unpin.clone()).unwrap();
+        assert_eq!(
+            d.keys,
+            vec![KeyOp::DestroyMessageKey {
+                message_id: note_id
+            }]
+        );
+        assert_eq!(
+            run(&mut states, owner, unpin).unwrap_err().code,
+            "note_not_found"
+        );
+    }
 }

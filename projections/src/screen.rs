@@ -174,7 +174,9 @@ impl Screener {
         .bind(self.config.batch)
         .fetch_all(&mut *tx)
         .await?;
-        let Some(oldest) = rows.first().map(|r| r.get::<chrono::DateTime<Utc>, _>("queued_at"))
+        let Some(oldest) = rows
+            .first()
+            .map(|r| r.get::<chrono::DateTime<Utc>, _>("queued_at"))
         else {
             return Ok(0);
         };
@@ -262,7 +264,7 @@ impl Screener {
             &self.js,
             &self.subjects,
             &envelope,
-            &self.subjects.outcome_inbox("screener"),
+            &format!("{}.{command_id}", self.subjects.outcome_inbox("screener")),
         )
         .await?
         {

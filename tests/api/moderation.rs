@@ -38,7 +38,11 @@ async fn moderations(
     }
     let texts: Vec<String> = req["input"]
         .as_array()
-        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let results: Vec<Value> = texts
         .iter()
@@ -70,7 +74,12 @@ async fn stub_classifier() -> (String, Seen) {
 }
 
 /// Poll `path` until `done` holds of its body (the screener works in the background).
-async fn eventually(app: &TestApp, path: &str, token: &str, done: impl Fn(&Value) -> bool) -> Value {
+async fn eventually(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     for _ in 0..400 {
         let r = app.get(path, Some(token)).await;
         assert_eq!(r.status, 200, "{path}: {}", r.body);
@@ -117,7 +126,10 @@ async fn the_classifier_screens_in_batches_and_three_flags_mute_the_sender() {
         }
     }
     let flags = format!("/v1/rooms/{r}/flags");
-    let page = eventually(&app, &flags, &alice, |b| b["items"].as_array().unwrap().len() == 3).await;
+    let page = eventually(&app, &flags, &alice, |b| {
+        b["items"].as_array().unwrap().len() == 3
+    })
+    .await;
     let mut flagged: Vec<Uuid> = page["items"]
         .as_array()
         .unwrap()
@@ -135,7 +147,11 @@ async fn the_classifier_screens_in_batches_and_three_flags_mute_the_sender() {
 
     let batches = seen.batches.lock().unwrap().clone();
     let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-    assert_eq!(sizes, [10, 2], "batches of at most 10, the rest flushed by time");
+    assert_eq!(
+        sizes,
+        [10, 2],
+        "batches of at most 10, the rest flushed by time"
+    );
     let mut all: Vec<String> = batches.concat();
     all.sort();
     all.dedup();
@@ -153,28 +169,59 @@ async fn the_classifier_screens_in_batches_and_three_flags_mute_the_sender() {
     assert_eq!(mutes.body[0]["reason"], "flags");
 
     // Only moderators review; strangers learn nothing.
-    app.get(&flags, Some(&bob)).await.assert_problem(403, "forbidden");
-    app.get(&flags, Some(&stranger)).await.assert_problem(404, "room_not_found");
-    let events = app.count("events").await;
-    app.call("DELETE", &format!("{flags}/{}", toxic[0]), Some(&stranger), None, &[])
+    app.get(&flags, Some(&bob))
+        .await
+        .assert_problem(403, "forbidden");
+    app.get(&flags, Some(&stranger))
         .await
         .assert_problem(404, "room_not_found");
+    let events = app.count("events").await;
+    app.call(
+        "DELETE",
+        &format!("{flags}/{}", toxic[0]),
+        Some(&stranger),
+        None,
+        &[],
+    )
+    .await
+    .assert_problem(404, "room_not_found");
     assert_eq!(app.count("events").await, events);
 
     // A moderator clears one flag after review, then lifts the mute.
     let r1 = app
-        .call("DELETE", &format!("{flags}/{}", toxic[0]), Some(&alice), None, &[])
+        .call(
+            "DELETE",
+            &format!("{flags}/{}", toxic[0]),
+            Some(&alice),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(r1.status, 200, "{}", r1.body);
-    app.call("DELETE", &format!("{flags}/{}", toxic[0]), Some(&alice), None, &[])
-        .await
-        .assert_problem(404, "flag_not_found");
+    app.call(
+        "DELETE",
+        &format!("{flags}/{}", toxic[0]),
+        Some(&alice),
+        None,
+        &[],
+    )
+    .await
+    .assert_problem(404, "flag_not_found");
     let unmute = app
-        .call("DELETE", &format!("/v1/rooms/{r}/members/{bob_id}/mute"), Some(&alice), None, &[])
+        .call(
+            "DELETE",
+            &format!("/v1/rooms/{r}/members/{bob_id}/mute"),
+            Some(&alice),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(unmute.status, 200, "{}", unmute.body);
     say(&app, &bob, r, "sorry, all good now").await;
-    let page = eventually(&app, &flags, &alice, |b| b["items"].as_array().unwrap().len() == 2).await;
+    let page = eventually(&app, &flags, &alice, |b| {
+        b["items"].as_array().unwrap().len() == 2
+    })
+    .await;
     assert!(page["next"].is_null());
     app.stop().await;
 }
@@ -220,7 +267,9 @@ async fn reports_wait_for_a_moderator_and_the_word_list_screens_by_default() {
 
     // Three reports are three reasons for review, not a mute.
     for (t, reason) in [(&carol, "spam"), (&dan, "harassment"), (&alice, "other")] {
-        let rep = app.post(&reports, Some(t), &json!({"reason": reason}), &[]).await;
+        let rep = app
+            .post(&reports, Some(t), &json!({"reason": reason}), &[])
+            .await;
         assert_eq!(rep.status, 201, "{}", rep.body);
     }
     app.post(&reports, Some(&carol), &json!({"reason": "spam"}), &[])
@@ -228,7 +277,10 @@ async fn reports_wait_for_a_moderator_and_the_word_list_screens_by_default() {
         .assert_problem(409, "already_reported");
     let flags = format!("/v1/rooms/{r}/flags");
     let page = eventually(&app, &flags, &alice, |b| b["items"][0]["reports"] == 3).await;
-    assert_eq!(page["items"][0]["report_reasons"], json!(["spam", "harassment", "other"]));
+    assert_eq!(
+        page["items"][0]["report_reasons"],
+        json!(["spam", "harassment", "other"])
+    );
     assert!(page["items"][0]["classifier_label"].is_null());
     say(&app, &bob, r, "still allowed to talk").await;
 
@@ -248,20 +300,40 @@ async fn reports_wait_for_a_moderator_and_the_word_list_screens_by_default() {
     let p1 = app.get(&format!("{flags}?limit=1"), Some(&alice)).await;
     assert_eq!(p1.body["items"][0]["message"]["message_id"], json!(scam));
     let next = p1.body["next"].as_str().expect("a next page").to_owned();
-    let p2 = app.get(&format!("{flags}?limit=1&cursor={next}"), Some(&alice)).await;
+    let p2 = app
+        .get(&format!("{flags}?limit=1&cursor={next}"), Some(&alice))
+        .await;
     assert_eq!(p2.body["items"][0]["message"]["message_id"], json!(m));
     assert!(p2.body["next"].is_null());
 
     // Manual mutes: moderators only, over lower roles, for a bounded time.
     let mute = |who: Uuid| format!("/v1/rooms/{r}/members/{who}/mute");
-    app.call("PUT", &mute(dan_id), Some(&carol), Some(&json!({"minutes": 5})), &[])
-        .await
-        .assert_problem(403, "forbidden");
-    app.call("PUT", &mute(dan_id), Some(&alice), Some(&json!({"minutes": 0})), &[])
-        .await
-        .assert_problem(422, "invalid_input");
+    app.call(
+        "PUT",
+        &mute(dan_id),
+        Some(&carol),
+        Some(&json!({"minutes": 5})),
+        &[],
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    app.call(
+        "PUT",
+        &mute(dan_id),
+        Some(&alice),
+        Some(&json!({"minutes": 0})),
+        &[],
+    )
+    .await
+    .assert_problem(422, "invalid_input");
     let ok = app
-        .call("PUT", &mute(dan_id), Some(&alice), Some(&json!({"minutes": 5})), &[])
+        .call(
+            "PUT",
+            &mute(dan_id),
+            Some(&alice),
+            Some(&json!({"minutes": 5})),
+            &[],
+        )
         .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
     send(&app, &dan, r, json!({"body": "can I talk?"}))
@@ -316,7 +388,9 @@ async fn notes_are_sealed_and_high_priority_ones_follow_their_author() {
     app.settle("chat").await;
 
     // In its own room, the note shows to every member, high priority first.
-    let notes = app.get(&format!("/v1/rooms/{lamu}/notes"), Some(&bob)).await;
+    let notes = app
+        .get(&format!("/v1/rooms/{lamu}/notes"), Some(&bob))
+        .await;
     assert_eq!(notes.status, 200, "{}", notes.body);
     let items = notes.body["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
@@ -325,65 +399,98 @@ async fn notes_are_sealed_and_high_priority_ones_follow_their_author() {
     assert_eq!(items[0]["from_other_room"], false);
     assert_eq!(items[1]["body"], "bring sunscreen");
     // In the author's other rooms, only to the author.
-    let mine = app.get(&format!("/v1/rooms/{work}/notes"), Some(&alice)).await;
+    let mine = app
+        .get(&format!("/v1/rooms/{work}/notes"), Some(&alice))
+        .await;
     assert_eq!(mine.body["items"].as_array().unwrap().len(), 1);
     assert_eq!(mine.body["items"][0]["note_id"], json!(high_id));
     assert_eq!(mine.body["items"][0]["from_other_room"], true);
     assert_eq!(mine.body["items"][0]["room_id"], json!(lamu));
-    let theirs = app.get(&format!("/v1/rooms/{work}/notes"), Some(&bob)).await;
+    let theirs = app
+        .get(&format!("/v1/rooms/{work}/notes"), Some(&bob))
+        .await;
     assert_eq!(theirs.body["items"], json!([]));
     app.get(&format!("/v1/rooms/{lamu}/notes"), Some(&stranger))
         .await
         .assert_problem(404, "room_not_found");
 
     // Nothing rests in clear.
-    let clear: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE payload::text LIKE '%Mokowe%'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    let clear_rm: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM proj_chat_notes WHERE body::text LIKE '%Mokowe%'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let clear: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE payload::text LIKE '%Mokowe%'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let clear_rm: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM proj_chat_notes WHERE body::text LIKE '%Mokowe%'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!((clear, clear_rm), (0, 0));
 
     // Edits: the author or a moderator; another member may not.
     let edit = |note: Uuid| format!("/v1/rooms/{lamu}/notes/{note}");
-    app.call("PATCH", &edit(high_id), Some(&bob), Some(&json!({"body": "mine now"})), &[])
-        .await
-        .assert_problem(403, "forbidden");
+    app.call(
+        "PATCH",
+        &edit(high_id),
+        Some(&bob),
+        Some(&json!({"body": "mine now"})),
+        &[],
+    )
+    .await
+    .assert_problem(403, "forbidden");
     let e = app
-        .call("PATCH", &edit(normal_id), Some(&alice), Some(&json!({"body": "bring SPF 50", "priority": "low"})), &[])
+        .call(
+            "PATCH",
+            &edit(normal_id),
+            Some(&alice),
+            Some(&json!({"body": "bring SPF 50", "priority": "low"})),
+            &[],
+        )
         .await;
     assert_eq!(e.status, 200, "{}", e.body);
-    app.call("PATCH", &edit(Uuid::now_v7()), Some(&alice), Some(&json!({"body": "?"})), &[])
-        .await
-        .assert_problem(404, "note_not_found");
-    app.call("PATCH", &edit(high_id), Some(&stranger), Some(&json!({"body": "?"})), &[])
-        .await
-        .assert_problem(404, "room_not_found");
+    app.call(
+        "PATCH",
+        &edit(Uuid::now_v7()),
+        Some(&alice),
+        Some(&json!({"body": "?"})),
+        &[],
+    )
+    .await
+    .assert_problem(404, "note_not_found");
+    app.call(
+        "PATCH",
+        &edit(high_id),
+        Some(&stranger),
+        Some(&json!({"body": "?"})),
+        &[],
+    )
+    .await
+    .assert_problem(404, "room_not_found");
     app.settle("chat").await;
-    let notes = app.get(&format!("/v1/rooms/{lamu}/notes"), Some(&bob)).await;
+    let notes = app
+        .get(&format!("/v1/rooms/{lamu}/notes"), Some(&bob))
+        .await;
     assert_eq!(notes.body["items"][1]["body"], "bring SPF 50");
     assert_eq!(notes.body["items"][1]["priority"], "low");
 
     // Unpinning destroys the note's key: the sealed text in the log opens for no one.
     let keys_before = app.count("chat_message_keys").await;
-    let u = app.call("DELETE", &edit(high_id), Some(&alice), None, &[]).await;
+    let u = app
+        .call("DELETE", &edit(high_id), Some(&alice), None, &[])
+        .await;
     assert_eq!(u.status, 200, "{}", u.body);
     assert_eq!(app.count("chat_message_keys").await, keys_before - 1);
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM chat_message_keys WHERE message_id = $1")
-        .bind(high_id)
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM chat_message_keys WHERE message_id = $1")
+            .bind(high_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(left, 0);
     app.settle("chat").await;
-    let mine = app.get(&format!("/v1/rooms/{work}/notes"), Some(&alice)).await;
+    let mine = app
+        .get(&format!("/v1/rooms/{work}/notes"), Some(&alice))
+        .await;
     assert_eq!(mine.body["items"], json!([]));
     app.stop().await;
 }

@@ -56,6 +56,11 @@ async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
         projector["config"]["filter_subject"],
         format!("{p}.evt.wallet.>")
     );
+    for chat in ["proj-chat", "proj-screen"] {
+        let c = consumer_info(&app, &events, chat).await;
+        assert_eq!(c["config"]["filter_subject"], format!("{p}.evt.chat.>"), "{chat}");
+        assert_eq!(c["config"]["ack_policy"], "all", "{chat}");
+    }
 
     // nats sub 'evt.wallet.>' sees an event with the documented subject and headers.
     let mut sub = app

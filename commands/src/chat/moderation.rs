@@ -12,8 +12,8 @@ use events::chat::{ChatEvent, FlagSource, MemberRole};
 use serde_json::json;
 
 use super::{
-    ChatCommand, REPORT_REASONS, Room, archived, decision, forbidden,
-    note_not_found, room_not_found, room_stream,
+    ChatCommand, REPORT_REASONS, Room, archived, decision, forbidden, note_not_found,
+    room_not_found, room_stream,
 };
 use crate::{Actor, Decision, KeyOp, Rejection, Role, StateSet};
 
@@ -210,11 +210,7 @@ impl ChatCommand {
             ChatCommand::Unmute { room_id, user_id } => {
                 moderator("lift mutes")?;
                 if !room.muted.contains_key(user_id) {
-                    return Err(Rejection::new(
-                        404,
-                        "not_muted",
-                        "this user is not muted",
-                    ));
+                    return Err(Rejection::new(404, "not_muted", "this user is not muted"));
                 }
                 Ok(decision(
                     vec![(

@@ -229,7 +229,12 @@ pub async fn list_flags(
     AppQuery(params): AppQuery<FlagParams>,
     after: AfterPosition,
 ) -> ApiResult<Response> {
-    let position = wait_for(&state, MODEL, AfterPosition(params.after_position.or(after.0))).await?;
+    let position = wait_for(
+        &state,
+        MODEL,
+        AfterPosition(params.after_position.or(after.0)),
+    )
+    .await?;
     require_moderator(&state, room_id, principal.user_id).await?;
     let page = flag_page(&state, Some(room_id), &params).await?;
     Ok((position_header(position), Json(page)).into_response())
@@ -347,7 +352,12 @@ pub async fn admin_flags(
     if !principal.admin {
         return Err(ApiError::Forbidden("admins only".into()));
     }
-    let position = wait_for(&state, MODEL, AfterPosition(params.after_position.or(after.0))).await?;
+    let position = wait_for(
+        &state,
+        MODEL,
+        AfterPosition(params.after_position.or(after.0)),
+    )
+    .await?;
     sqlx::query("INSERT INTO audit_log (actor, action, subject) VALUES ($1, 'admin.flags', NULL)")
         .bind(principal.user_id)
         .execute(&state.pool)

@@ -191,9 +191,7 @@ pub async fn list_notes(
             let id: Uuid = r.get("note_id");
             let body = serde_json::from_value::<Sealed>(r.get("body"))
                 .ok()
-                .and_then(|s| {
-                    crypto::open(keys.get(&id)?, &crypto::field_aad(id, "note"), &s).ok()
-                })
+                .and_then(|s| crypto::open(keys.get(&id)?, &crypto::field_aad(id, "note"), &s).ok())
                 .map(|b| String::from_utf8_lossy(&b).into_owned());
             NoteView {
                 note_id: id,
