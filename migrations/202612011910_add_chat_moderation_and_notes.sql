@@ -52,3 +52,11 @@ CREATE TABLE chat_screen_queue (
     queued_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX chat_screen_queue_position ON chat_screen_queue (position);
+
+-- Which room each screened message is in: an edit (which does not name its room)
+-- is queued for screening again.
+CREATE TABLE chat_screen_rooms (
+    message_id UUID PRIMARY KEY,
+    room_id    UUID NOT NULL
+);
+CREATE INDEX chat_screen_rooms_room ON chat_screen_rooms (room_id);

@@ -12,8 +12,11 @@
 //!   oldest row has waited `flush`; opens the bodies with the keystore, asks the
 //!   classifier, publishes one command per flagged message, and deletes the rows
 //!   in the same transaction that held the claim. The command id is derived
-//!   from the message id, so a screener that dies after publishing and screens
-//!   the batch again is answered from the command ledger: one flag per message.
+//!   from the message and the position of the version judged, so a screener
+//!   that dies after publishing and screens the batch again is answered from the
+//!   command ledger: one flag per version. An edit queues the message again
+//!   (`chat_screen_rooms` remembers its room), so editing a harmless post into
+//!   an abusive one is screened too.
 //!
 //! A classifier that fails leaves the rows queued and is retried with backoff:
 //! chat keeps flowing, screening catches up.
@@ -69,13 +72,49 @@ impl Projector for ScreenQueue {
                     .bind(env.occurred_at)
                     .execute(&mut *tx)
                     .await?;
+                    sqlx::query(
+                        "INSERT INTO chat_screen_rooms (message_id, room_id) VALUES ($1, $2)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(message_id)
+                    .bind(room_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                // An edit is screened like a new post: posting something harmless
+                // and editing it afterwards must not slip past moderation.
+                Event::Chat(ChatEvent::MessageEdited { body, .. }) => {
+                    let id: Uuid = env.stream_id.id().parse()?;
+                    sqlx::query(
+                        "INSERT INTO chat_screen_queue (message_id, room_id, position, body, queued_at)
+                         SELECT $1, room_id, $2, $3, $4 FROM chat_screen_rooms WHERE message_id = $1
+                         ON CONFLICT (message_id) DO UPDATE
+                           SET position = EXCLUDED.position, body = EXCLUDED.body",
+                    )
+                    .bind(id)
+                    .bind(env.position)
+                    .bind(serde_json::to_value(&body)?)
+                    .bind(env.occurred_at)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 Event::Chat(ChatEvent::MessageRedacted { .. }) => {
                     let id: Uuid = env.stream_id.id().parse()?;
-                    sqlx::query("DELETE FROM chat_screen_queue WHERE message_id = $1")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
+                    for forget in [
+                        "DELETE FROM chat_screen_queue WHERE message_id = $1",
+                        "DELETE FROM chat_screen_rooms WHERE message_id = $1",
+                    ] {
+                        sqlx::query(forget).bind(id).execute(&mut *tx).await?;
+                    }
+                }
+                Event::Chat(ChatEvent::RoomDeleted) => {
+                    let room: Uuid = env.stream_id.id().parse()?;
+                    for forget in [
+                        "DELETE FROM chat_screen_queue WHERE room_id = $1",
+                        "DELETE FROM chat_screen_rooms WHERE room_id = $1",
+                    ] {
+                        sqlx::query(forget).bind(room).execute(&mut *tx).await?;
+                    }
                 }
                 _ => {}
             }
@@ -129,9 +168,10 @@ pub struct Screener {
 
 const SCREEN_NS: Uuid = Uuid::from_u128(0x6d61_7468_6961_5f73_6372_6565_6e00_0001);
 
-/// The id of the flag command for `message`: the same every time it is screened.
-pub fn flag_command_id(message: Uuid) -> Uuid {
-    Uuid::new_v5(&SCREEN_NS, message.as_bytes())
+/// The id of the flag command for the version of `message` that the event at
+/// `position` posted or edited: the same every time that version is screened.
+pub fn flag_command_id(message: Uuid, position: i64) -> Uuid {
+    Uuid::new_v5(&SCREEN_NS, format!("{message}|{position}").as_bytes())
 }
 
 impl Screener {
@@ -168,7 +208,7 @@ impl Screener {
     pub async fn screen_once(&self) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
-            "SELECT message_id, room_id, body, queued_at FROM chat_screen_queue
+            "SELECT message_id, room_id, position, body, queued_at FROM chat_screen_queue
              ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(self.config.batch)
@@ -196,7 +236,7 @@ impl Screener {
                 .get(&id)
                 .and_then(|k| crypto::open(k, &crypto::field_aad(id, "body"), &sealed).ok())
             {
-                judged.push((id, r.get::<Uuid, _>("room_id")));
+                judged.push((id, r.get::<Uuid, _>("room_id"), r.get::<i64, _>("position")));
                 texts.push(String::from_utf8_lossy(&text).into_owned());
             }
         }
@@ -213,12 +253,13 @@ impl Screener {
         );
         drop(texts);
         let mut flagged = 0;
-        for ((message_id, room_id), v) in judged.into_iter().zip(verdicts) {
+        for ((message_id, room_id, position), v) in judged.into_iter().zip(verdicts) {
             if !v.flagged {
                 continue;
             }
             flagged += 1;
-            self.flag(room_id, message_id, v.label, v.score).await?;
+            self.flag(room_id, message_id, position, v.label, v.score)
+                .await?;
         }
         sqlx::query("DELETE FROM chat_screen_queue WHERE message_id = ANY($1)")
             .bind(&ids)
@@ -235,11 +276,13 @@ impl Screener {
         &self,
         room_id: Uuid,
         message_id: Uuid,
+        position: i64,
         label: String,
         score: u16,
     ) -> anyhow::Result<()> {
-        let command_id = flag_command_id(message_id);
-        let hash = Sha256::digest(format!("screen|{message_id}|{label}|{score}").as_bytes());
+        let command_id = flag_command_id(message_id, position);
+        let hash =
+            Sha256::digest(format!("screen|{message_id}|{position}|{label}|{score}").as_bytes());
         let envelope = CommandEnvelope {
             command_id,
             correlation_id: command_id,

@@ -348,6 +348,24 @@ async fn reports_wait_for_a_moderator_and_the_word_list_screens_by_default() {
     let all = app.get("/v1/admin/flags", Some(&admin)).await;
     assert_eq!(all.status, 200, "{}", all.body);
     assert_eq!(all.body["items"].as_array().unwrap().len(), 2);
+
+    // An edit is screened like a post: harmless first, a scam after the edit.
+    let (sly, _) = say(&app, &carol, r, "what a view from the dhow").await;
+    let edited = app
+        .call(
+            "PATCH",
+            &format!("/v1/rooms/{r}/messages/{sly}"),
+            Some(&carol),
+            Some(&json!({"body": "what a view, now visit my casino"})),
+            &[],
+        )
+        .await;
+    assert_eq!(edited.status, 200, "{}", edited.body);
+    let page = eventually(&app, &format!("{flags}?source=classifier"), &alice, |b| {
+        b["items"].as_array().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(page["items"][0]["message"]["message_id"], json!(sly));
     app.stop().await;
 }
 
