@@ -203,16 +203,17 @@ async fn an_attachment_is_sealed_on_disk_shown_in_the_timeline_and_downloads_the
     assert!(!contains(&on_disk, b"PLAINTEXT-MARKER"));
     assert!(!contains(&on_disk, &data[100..140]));
 
-    let s = send(
-        &app,
-        &alice,
-        r,
-        json!({"attachment": {"upload_id": upload_id, "name": "zanzibar-itinerary.pdf"}}),
-    )
-    .await;
+    let sent = json!({"client_message_id": "file-1",
+        "attachment": {"upload_id": upload_id, "name": "zanzibar-itinerary.pdf"}});
+    let s = send(&app, &alice, r, sent.clone()).await;
     assert_eq!(s.status, 201, "{}", s.body);
     assert_eq!(s.body["kind"], "attachment");
     let m = id(&s.body["message_id"]);
+    // The same send again (a client retry) is the same message, not a conflict.
+    let again = send(&app, &alice, r, sent).await;
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(id(&again.body["message_id"]), m);
     let pos = s.body["position"].as_i64().unwrap();
 
     let t = app
@@ -555,6 +556,17 @@ async fn after_redaction_the_attachment_is_404_and_nothing_opens_its_bytes() {
     let (status, _, got) = download(&app, &bob, r, m, pos).await;
     assert_eq!((status, got == data), (200, true));
     let ciphertext = std::fs::read(&path).unwrap();
+    // Once sent, the message key is the only way to the file key.
+    let room_key_copies = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM chat_uploads WHERE upload_id = $1 AND wrapped_key IS NOT NULL",
+        )
+        .bind(upload_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(room_key_copies().await, 0);
 
     let d = app
         .call(
@@ -593,14 +605,7 @@ async fn after_redaction_the_attachment_is_404_and_nothing_opens_its_bytes() {
             .await
             .unwrap();
     assert_eq!(keys, 0);
-    let copies: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM chat_uploads WHERE upload_id = $1 AND wrapped_key IS NOT NULL",
-    )
-    .bind(upload_id)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(copies, 0);
+    assert_eq!(room_key_copies().await, 0);
     assert!(
         !path.exists(),
         "the redacted ciphertext is still in the store"
@@ -615,6 +620,19 @@ async fn after_redaction_the_attachment_is_404_and_nothing_opens_its_bytes() {
     .await
     .unwrap();
     assert_eq!(posted, 1);
+    // Deleting the room erases the keys of uploads it still had waiting.
+    let waiting = upload(&app, &alice, r, Some("image/png"), file_bytes(100)).await;
+    assert_eq!(waiting.status, 201);
+    let d = app
+        .call("DELETE", &format!("/v1/rooms/{r}"), Some(&alice), None, &[])
+        .await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM chat_uploads WHERE room_id = $1")
+        .bind(r)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
     app.stop().await;
 }
 
