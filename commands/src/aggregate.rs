@@ -4,7 +4,7 @@ use events::{Event, StreamId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{chat, wallet};
+use crate::{chat, itinerary, wallet};
 
 /// The folded state of one stream, by domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +18,10 @@ pub enum State {
     Message(chat::Message),
     /// A reader's receipts (the decisions read rooms and messages, not this).
     Reader,
+    /// An itinerary with its items and shares.
+    Trip(itinerary::Trip),
+    /// An events-catalogue entry.
+    Listing(itinerary::Listing),
 }
 
 impl State {
@@ -30,6 +34,12 @@ impl State {
                 Some(State::Message(chat::Message::default()))
             }
             (events::chat::DOMAIN, events::chat::READER) => Some(State::Reader),
+            (events::itinerary::DOMAIN, events::itinerary::TRIP) => {
+                Some(State::Trip(itinerary::Trip::default()))
+            }
+            (events::itinerary::DOMAIN, events::itinerary::LISTING) => {
+                Some(State::Listing(itinerary::Listing::default()))
+            }
             _ => None,
         }
     }
@@ -41,6 +51,8 @@ impl State {
             (State::Wallet(s), Event::Wallet(e)) => s.evolve(e),
             (State::Room(s), Event::Chat(e)) => s.evolve(e),
             (State::Message(s), Event::Chat(e)) => s.evolve(e),
+            (State::Trip(s), Event::Itinerary(e)) => s.evolve(e),
+            (State::Listing(s), Event::Itinerary(e)) => s.evolve(e),
             _ => {}
         }
     }
@@ -107,6 +119,28 @@ impl StateSet {
                 ..
             }) => m.clone(),
             _ => chat::Message::default(),
+        }
+    }
+
+    /// The trip in `stream`, or an empty (non-existent) one.
+    pub fn trip(&self, stream: &StreamId) -> itinerary::Trip {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::Trip(t),
+                ..
+            }) => t.clone(),
+            _ => itinerary::Trip::default(),
+        }
+    }
+
+    /// The catalogue entry in `stream`, or an empty one.
+    pub fn listing(&self, stream: &StreamId) -> itinerary::Listing {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::Listing(l),
+                ..
+            }) => l.clone(),
+            _ => itinerary::Listing::default(),
         }
     }
 

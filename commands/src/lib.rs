@@ -11,6 +11,7 @@
 mod aggregate;
 pub mod chat;
 pub mod crypto;
+pub mod itinerary;
 pub mod money;
 pub mod wallet;
 
@@ -29,6 +30,8 @@ pub enum Command {
     Wallet(wallet::WalletCommand),
     /// Rooms, members, messages, receipts.
     Chat(chat::ChatCommand),
+    /// Itineraries, items, sharing, the trip room, the events catalogue.
+    Itinerary(itinerary::ItineraryCommand),
 }
 
 impl Command {
@@ -37,6 +40,7 @@ impl Command {
         match self {
             Command::Wallet(c) => c.name(),
             Command::Chat(c) => c.name(),
+            Command::Itinerary(c) => c.name(),
         }
     }
 
@@ -45,6 +49,7 @@ impl Command {
         match self {
             Command::Wallet(c) => c.target(),
             Command::Chat(c) => c.target(),
+            Command::Itinerary(c) => c.target(),
         }
     }
 
@@ -53,6 +58,7 @@ impl Command {
         match self {
             Command::Wallet(c) => c.streams(),
             Command::Chat(c) => c.streams(),
+            Command::Itinerary(c) => c.streams(),
         }
     }
 
@@ -62,6 +68,7 @@ impl Command {
         match self {
             Command::Wallet(c) => c.decide(actor, states),
             Command::Chat(c) => c.decide(actor, states),
+            Command::Itinerary(c) => c.decide(actor, states),
         }
     }
 }

@@ -5,13 +5,14 @@
 //!
 //! - [`StreamId`]: the name of one aggregate's event stream, `<domain>.<aggregate>.<id>`.
 //! - [`Event`]: every event type of every domain, versioned, serialised with a
-//!   `type` tag; [`wallet::WalletEvent`] and [`chat::ChatEvent`] are the domains.
+//!   `type` tag; [`wallet::WalletEvent`] and [`chat::ChatEvent`] and [`itinerary::ItineraryEvent`] are the domains.
 //! - [`EventEnvelope`]: an event with its metadata as stored and as published.
 //! - [`Subjects`]: the only place NATS subjects and stream names are built.
 #![warn(missing_docs)]
 
 pub mod chat;
 mod envelope;
+pub mod itinerary;
 mod stream_id;
 mod subjects;
 pub mod wallet;
@@ -33,6 +34,8 @@ pub enum Event {
     Wallet(wallet::WalletEvent),
     /// Rooms, members, messages, receipts.
     Chat(chat::ChatEvent),
+    /// Itineraries, their items and sharing, and the events catalogue.
+    Itinerary(itinerary::ItineraryEvent),
 }
 
 /// Errors turning stored bytes back into a typed event.
@@ -57,6 +60,7 @@ impl Event {
         match self {
             Event::Wallet(e) => e.event_type(),
             Event::Chat(e) => e.event_type(),
+            Event::Itinerary(e) => e.event_type(),
         }
     }
 
@@ -70,6 +74,7 @@ impl Event {
         match self {
             Event::Wallet(_) => wallet::DOMAIN,
             Event::Chat(_) => chat::DOMAIN,
+            Event::Itinerary(_) => itinerary::DOMAIN,
         }
     }
 
@@ -89,6 +94,9 @@ impl Event {
             )),
             chat::DOMAIN => Ok(Event::Chat(
                 chat::ChatEvent::deserialize(payload).map_err(payload_err)?,
+            )),
+            itinerary::DOMAIN => Ok(Event::Itinerary(
+                itinerary::ItineraryEvent::deserialize(payload).map_err(payload_err)?,
             )),
             other => Err(DecodeError::UnknownDomain(other.to_owned())),
         }

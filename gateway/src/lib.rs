@@ -23,9 +23,12 @@ pub mod extract;
 pub mod objects;
 pub mod openapi;
 pub mod ratelimit;
+pub mod realtime;
 pub mod routes;
+pub mod signals;
 pub mod state;
 pub mod telemetry;
+pub mod travel;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -78,6 +81,10 @@ pub async fn run(
     // Install the metrics recorder before any role records a figure.
     routes::health::prometheus();
     let outcomes = state.clone().listen_for_outcomes().await?;
+    // Realtime: the feed tailer and the signal listener live as long as the server.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tail = tokio::spawn(realtime::tail(state.clone(), stop.clone()));
+    let signals = tokio::spawn(signals::listen(state.clone(), state.signals.clone()));
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     axum::serve(
         listener,
@@ -86,6 +93,9 @@ pub async fn run(
     .with_graceful_shutdown(shutdown)
     .await?;
     outcomes.abort();
+    stop.cancel();
+    signals.abort();
+    let _ = tail.await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
 }

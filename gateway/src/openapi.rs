@@ -8,7 +8,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::routes::{
-    accounts, admin, attachments, commands, health, messages, moderation, notes, rooms, wallets,
+    accounts, admin, attachments, commands, health, itineraries, messages, moderation, notes, rooms,
+    sync,
+    wallets, ws,
 };
 use crate::state::AppState;
 
@@ -26,7 +28,9 @@ use crate::state::AppState;
         (name = "accounts", description = "Register, log in, tokens"),
         (name = "wallet", description = "Double-entry wallets: open, deposit, transfer, withdraw, balances, history"),
         (name = "chat", description = "Rooms, members, messages (sealed at rest), threads, receipts, unread counts, search, moderation, notes"),
+        (name = "itineraries", description = "Trips with typed reservations in local time + IANA zone, sharing, day plan, budget, conflicts, trip room, events catalogue, travel search"),
         (name = "commands", description = "Poll a command answered 202"),
+        (name = "realtime", description = "WebSocket subscriptions, long-poll sync with the same cursors, presence"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
@@ -105,6 +109,35 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(moderation::admin_flags))
         .routes(routes!(notes::pin_note, notes::list_notes))
         .routes(routes!(notes::edit_note, notes::unpin_note))
+        .routes(routes!(ws::ws))
+        .routes(routes!(sync::sync))
+        .routes(routes!(sync::presence))
+        .routes(routes!(
+            itineraries::create_itinerary,
+            itineraries::list_itineraries
+        ))
+        .routes(routes!(
+            itineraries::get_itinerary,
+            itineraries::update_itinerary,
+            itineraries::delete_itinerary
+        ))
+        .routes(routes!(itineraries::archive_itinerary))
+        .routes(routes!(itineraries::add_item))
+        .routes(routes!(itineraries::update_item, itineraries::remove_item))
+        .routes(routes!(itineraries::cancel_item))
+        .routes(routes!(itineraries::add_from_catalog))
+        .routes(routes!(itineraries::invite, itineraries::list_shares))
+        .routes(routes!(itineraries::accept))
+        .routes(routes!(itineraries::revoke))
+        .routes(routes!(itineraries::transfer))
+        .routes(routes!(itineraries::open_room))
+        .routes(routes!(itineraries::day_plan))
+        .routes(routes!(itineraries::budget))
+        .routes(routes!(itineraries::conflicts))
+        .routes(routes!(itineraries::public_itinerary))
+        .routes(routes!(itineraries::add_listing, itineraries::search_listings))
+        .routes(routes!(itineraries::search_flights))
+        .routes(routes!(itineraries::search_hotels))
         .routes(routes!(commands::get_command))
         .routes(routes!(admin::status))
 }

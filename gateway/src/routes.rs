@@ -5,11 +5,14 @@ pub mod admin;
 pub mod attachments;
 pub mod commands;
 pub mod health;
+pub mod itineraries;
 pub mod messages;
 pub mod moderation;
 pub mod notes;
 pub mod rooms;
+pub mod sync;
 pub mod wallets;
+pub mod ws;
 
 use crate::error::ApiError;
 

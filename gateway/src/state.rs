@@ -51,6 +51,30 @@ pub struct Settings {
     pub upload_max_bytes: u64,
     /// The directory of the default (local-disk) object store.
     pub upload_dir: std::path::PathBuf,
+    /// Base URL of the travel search provider (Amadeus-style API); none: no provider.
+    pub travel_url: Option<String>,
+    /// Its bearer key.
+    pub travel_api_key: Option<String>,
+    /// Timeout of one provider call.
+    pub travel_timeout: Duration,
+    /// Retries of a provider call that timed out or answered 429/5xx.
+    pub travel_retries: u32,
+    /// Answer a sample labelled `source: "fallback"` when no provider answers.
+    pub travel_fallback: bool,
+    /// Origins allowed to open the WebSocket (empty: any).
+    pub ws_origins: Vec<String>,
+    /// Largest WebSocket frame a client may send, in bytes.
+    pub ws_max_frame: usize,
+    /// Client frames per second per connection (burst: twice that).
+    pub ws_frames_per_sec: u32,
+    /// How often the server pings.
+    pub ws_heartbeat: Duration,
+    /// A connection silent for this long is closed.
+    pub ws_idle_timeout: Duration,
+    /// How long a connection may stay unauthenticated.
+    pub ws_auth_timeout: Duration,
+    /// Subscriptions per connection.
+    pub ws_max_subscriptions: usize,
 }
 
 impl Default for Settings {
@@ -72,6 +96,18 @@ impl Default for Settings {
             uploads_per_day: 20,
             upload_max_bytes: 50 * 1024 * 1024,
             upload_dir: ".data/uploads".into(),
+            travel_url: None,
+            travel_api_key: None,
+            travel_timeout: Duration::from_secs(5),
+            travel_retries: 2,
+            travel_fallback: false,
+            ws_origins: vec![],
+            ws_max_frame: 64 * 1024,
+            ws_frames_per_sec: 20,
+            ws_heartbeat: Duration::from_secs(25),
+            ws_idle_timeout: Duration::from_secs(60),
+            ws_auth_timeout: Duration::from_secs(10),
+            ws_max_subscriptions: 200,
         }
     }
 }
@@ -103,8 +139,16 @@ pub struct AppState {
     pub keystore: handlers::keystore::Keystore,
     /// Where uploaded files rest, sealed (a [`LocalDisk`] under `upload_dir` unless replaced).
     pub objects: Arc<dyn ObjectStore>,
+    /// Flight and hotel search.
+    pub travel: crate::travel::Travel,
     /// This instance's id: handlers answer on `_outcome.<id>.<command_id>`.
     pub instance: Uuid,
+    /// Realtime subscriptions on this instance and the feed tailer's position.
+    pub hub: Arc<crate::realtime::Hub>,
+    /// Typing, presence and assistant chunks for this instance's connections.
+    pub signals: tokio::sync::broadcast::Sender<Arc<crate::signals::Signal>>,
+    /// Compressors shared by WebSocket connections (permessage-deflate without context takeover).
+    pub deflate: yawc::DeflatePool,
     waiters: Arc<Mutex<HashMap<Uuid, Waiter>>>,
 }
 
@@ -130,6 +174,15 @@ impl AppState {
         keystore: handlers::keystore::Keystore,
     ) -> Self {
         let objects = Arc::new(LocalDisk::new(settings.upload_dir.clone()));
+        // Only a client that cannot be built fails here: then act as "no provider", never panic.
+        let travel = crate::travel::Travel::from_settings(&settings).unwrap_or_else(|e| {
+            tracing::error!(error = format!("{e:#}"), "travel search provider unusable");
+            crate::travel::Travel {
+                flights: Arc::new(crate::travel::Unconfigured),
+                hotels: Arc::new(crate::travel::Unconfigured),
+                fallback: settings.travel_fallback,
+            }
+        });
         AppState {
             pool,
             js: jetstream::new(nats.clone()),
@@ -140,7 +193,11 @@ impl AppState {
             keys: Arc::new(keys),
             keystore,
             objects,
+            travel,
             instance: Uuid::new_v4(),
+            hub: Arc::new(crate::realtime::Hub::default()),
+            signals: tokio::sync::broadcast::channel(4096).0,
+            deflate: yawc::DeflatePool::new(64),
             waiters: Arc::new(Mutex::new(HashMap::new())),
         }
     }

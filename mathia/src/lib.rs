@@ -15,7 +15,9 @@ use handlers::handler::{HandlerConfig, Handlers};
 use handlers::infra;
 use handlers::relay::Relay;
 use projections::chat::ChatProjector;
+use projections::feed::FeedProjector;
 use projections::classifier::{Classifier, HttpClassifier, RuleClassifier};
+use projections::itinerary::{FeedQueue, ItineraryProjector, Poster};
 use projections::screen::{ScreenConfig, ScreenQueue, Screener};
 use projections::runner::Runner;
 use projections::wallet::WalletProjector;
@@ -73,6 +75,25 @@ pub struct Config {
     /// Directory of the local-disk object store: uploaded files, sealed.
     #[arg(long, env = "MATHIA_UPLOAD_DIR", default_value = ".data/uploads")]
     pub upload_dir: std::path::PathBuf,
+    /// Origins allowed to open the WebSocket, comma-separated (empty: any; tokens
+    /// never ride in cookies, so this is defence in depth).
+    #[arg(long, env = "MATHIA_WS_ORIGINS", value_delimiter = ',', default_value = "")]
+    pub ws_origins: Vec<String>,
+    /// Largest WebSocket frame a client may send, in bytes.
+    #[arg(long, env = "MATHIA_WS_MAX_FRAME", default_value_t = 64 * 1024)]
+    pub ws_max_frame: usize,
+    /// Client frames per second per WebSocket (bursts of twice that).
+    #[arg(long, env = "MATHIA_WS_FRAMES_PER_SEC", default_value_t = 20)]
+    pub ws_frames_per_sec: u32,
+    /// Seconds between the server's pings.
+    #[arg(long, env = "MATHIA_WS_HEARTBEAT_SECS", default_value_t = 25)]
+    pub ws_heartbeat_secs: u64,
+    /// Seconds of silence after which a WebSocket is closed (4000).
+    #[arg(long, env = "MATHIA_WS_IDLE_SECS", default_value_t = 60)]
+    pub ws_idle_secs: u64,
+    /// Positions of the log whose feed rows are kept for resuming (older cursors get `recovered: false`).
+    #[arg(long, env = "MATHIA_FEED_RETENTION", default_value_t = 5_000_000)]
+    pub feed_retention: i64,
     /// Prefix of every subject and stream name (empty in a deployment).
     #[arg(long, env = "MATHIA_NATS_PREFIX", default_value = "")]
     pub nats_prefix: String,
@@ -140,6 +161,23 @@ pub struct Config {
     /// How long that mute lasts, in minutes.
     #[arg(long, env = "MATHIA_MUTE_MINUTES", default_value_t = 60)]
     pub mute_minutes: u64,
+    /// Base URL of the travel search provider, an Amadeus-style API
+    /// (`/v2/shopping/flight-offers`, `/v3/shopping/hotel-offers`); unset: no provider.
+    #[arg(long, env = "MATHIA_TRAVEL_URL")]
+    pub travel_url: Option<String>,
+    /// Bearer key of the travel provider.
+    #[arg(long, env = "MATHIA_TRAVEL_API_KEY", hide_env_values = true)]
+    pub travel_api_key: Option<String>,
+    /// Timeout of one travel provider call.
+    #[arg(long, env = "MATHIA_TRAVEL_TIMEOUT_MS", default_value_t = 5000)]
+    pub travel_timeout_ms: u64,
+    /// Retries of a travel provider call that timed out or answered 429/5xx.
+    #[arg(long, env = "MATHIA_TRAVEL_RETRIES", default_value_t = 2)]
+    pub travel_retries: u32,
+    /// When no provider answers, answer a sample labelled `source: "fallback"`
+    /// instead of 503. Off by default: nothing invented unless asked for.
+    #[arg(long, env = "MATHIA_TRAVEL_FALLBACK", default_value_t = false, action = clap::ArgAction::Set)]
+    pub travel_fallback: bool,
     /// Argon2 memory cost in KiB.
     #[arg(long, env = "MATHIA_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
     pub argon2_memory_kib: u32,
@@ -458,6 +496,45 @@ pub async fn run(
                     .await
             }),
         );
+        // Itineraries: the read models, and the trip-room reactor (queue + poster).
+        let stop = shutdown.clone();
+        spawn(
+            "proj-itinerary",
+            role(&config, &infra, "proj-itinerary", 2, move |infra| async move {
+                let runner = Runner {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                };
+                runner.run(Arc::new(ItineraryProjector), stop).await
+            }),
+        );
+        let stop = shutdown.clone();
+        spawn(
+            "proj-itinerary-feed",
+            role(&config, &infra, "proj-itinerary-feed", 2, move |infra| async move {
+                let runner = Runner {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                };
+                runner.run(Arc::new(FeedQueue), stop).await
+            }),
+        );
+        let (stop, poster_keys) = (shutdown.clone(), keystore.clone());
+        spawn(
+            "itinerary-poster",
+            role(&config, &infra, "itinerary-poster", 2, move |infra| async move {
+                let poster = Poster {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                    keystore: poster_keys,
+                    poll: Duration::from_millis(200),
+                };
+                poster.run(stop).await
+            }),
+        );
         if let Some(classifier) = classifier(&config)? {
             let stop = shutdown.clone();
             spawn(
@@ -494,6 +571,33 @@ pub async fn run(
                 }),
             );
         }
+        let (stop, retention) = (shutdown.clone(), config.feed_retention.max(1));
+        spawn(
+            "proj-feed",
+            role(&config, &infra, "proj-feed", 2, move |infra| async move {
+                let runner = Runner {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                };
+                let pool = infra.pool.clone();
+                let prune_stop = stop.clone();
+                // Keep the feed to its retention: older cursors are refused whole.
+                let pruner = async move {
+                    while !prune_stop.is_cancelled() {
+                        if let Err(e) = projections::feed::prune(&pool, retention).await {
+                            tracing::warn!(error = format!("{e:#}"), "feed pruning failed");
+                        }
+                        tokio::select! {
+                            _ = prune_stop.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                };
+                let (ran, ()) = tokio::join!(runner.run(Arc::new(FeedProjector), stop), pruner);
+                ran
+            }),
+        );
         let shutdown = shutdown.clone();
         spawn(
             "proj-wallet",
@@ -528,6 +632,21 @@ pub async fn run(
             uploads_per_day: config.uploads_per_day,
             upload_max_bytes: config.upload_max_bytes,
             upload_dir: config.upload_dir.clone(),
+            travel_url: config.travel_url.clone(),
+            travel_api_key: config.travel_api_key.clone(),
+            travel_timeout: Duration::from_millis(config.travel_timeout_ms),
+            travel_retries: config.travel_retries,
+            travel_fallback: config.travel_fallback,
+            ws_origins: config
+                .ws_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            ws_max_frame: config.ws_max_frame,
+            ws_frames_per_sec: config.ws_frames_per_sec,
+            ws_heartbeat: Duration::from_secs(config.ws_heartbeat_secs.max(1)),
+            ws_idle_timeout: Duration::from_secs(config.ws_idle_secs.max(2)),
             ..Default::default()
         };
         let state = gateway::AppState::new(

@@ -14,11 +14,14 @@
 //! Read models: [`wallet`] (balances and history), [`chat`] (rooms, timeline,
 //! unread counts, search index, flags, mutes, notes). [`screen`] is the
 //! moderation reactor: a queue projector and the screener that judges it with a
-//! [`classifier`].
+//! [`classifier`]. [`itinerary`] holds the trip read models and the trip-room
+//! reactor (a queue projector and the poster that publishes system posts).
 #![warn(missing_docs)]
 
 pub mod chat;
 pub mod classifier;
+pub mod itinerary;
+pub mod feed;
 pub mod runner;
 pub mod screen;
 pub mod status;

@@ -354,7 +354,9 @@ pub async fn send(
                 duration_ms: a.duration_ms,
                 names: crypto::fingerprint(
                     &keys.search,
-                    serde_json::json!([a.name, a.transcript]).to_string().as_bytes(),
+                    serde_json::json!([a.name, a.transcript])
+                        .to_string()
+                        .as_bytes(),
                 ),
             }),
         },
@@ -540,8 +542,11 @@ async fn page(
         (forward, p, true)
     } else if let Some(at) = params.at {
         // The first message at or after `at`; forward includes it, backward stops before it.
+        // `OFFSET 0` keeps Postgres from turning min() into a walk of the timeline in
+        // position order; the main timeline has an index on (room_id, sent_at) INCLUDE (position).
         let p: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT min(position) FROM proj_chat_messages WHERE {filter} AND sent_at >= $2"
+            "SELECT min(position) FROM (SELECT position FROM proj_chat_messages
+             WHERE {filter} AND sent_at >= $2 OFFSET 0) x"
         )))
         .bind(timeline.id())
         .bind(at)
@@ -1124,33 +1129,50 @@ pub async fn search(
         }
     };
     let keys = state.keystore.search_keys(&state.pool, &rooms).await?;
-    let (mut q_rooms, mut q_tokens) = (vec![], vec![]);
+    // Newest hits first, room by room: the most specific term (the longest)
+    // walks its postings backwards from the cursor through the index's
+    // (room, token, position) order, each candidate is checked for the other
+    // terms at the same position, and the walk stops at `limit + 1` hits; then
+    // the rooms' hits merge. (Grouping every posting of every term first costs
+    // time in proportion to how common the terms are.)
+    let mut ordered: Vec<String> = terms.clone();
+    ordered.sort_by_key(|t| std::cmp::Reverse(t.chars().count()));
+    let (mut q_rooms, mut q_lead, mut q_others) = (vec![], vec![], vec![]);
+    let mut others = 0i64;
     for (room, key) in &keys {
-        for t in crypto::query_tokens(key, &terms) {
-            q_rooms.push(*room);
-            q_tokens.push(t.to_vec());
+        let mut tokens: Vec<[u8; 16]> = vec![];
+        for t in crypto::query_tokens(key, &ordered) {
+            if !tokens.contains(&t) {
+                tokens.push(t);
+            }
         }
+        let Some((lead, rest)) = tokens.split_first() else {
+            continue;
+        };
+        q_rooms.push(*room);
+        q_lead.push(lead.to_vec());
+        q_others.extend(rest.iter().map(|t| t.to_vec()));
+        others = rest.len() as i64;
     }
-    let distinct_terms = terms
-        .iter()
-        .collect::<std::collections::BTreeSet<_>>()
-        .len() as i64;
     let mut rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages m
-         JOIN (SELECT s.message_id AS hit_id FROM proj_chat_search s
-               JOIN UNNEST($1::uuid[], $2::bytea[]) AS q(room_id, token) ON s.room_id = q.room_id AND s.token = q.token
-               WHERE s.position < $3
-               GROUP BY s.message_id HAVING count(DISTINCT s.token) = $4) hit ON hit.hit_id = m.message_id
-         WHERE m.redacted_at IS NULL
-           AND ($5::uuid IS NULL OR m.sender = $5)
-           AND ($6::timestamptz IS NULL OR m.sent_at >= $6)
-           AND ($7::timestamptz IS NULL OR m.sent_at < $7)
-         ORDER BY m.position DESC LIMIT $8"
+        "SELECT {MESSAGE_COLUMNS} FROM UNNEST($1::uuid[], $2::bytea[]) AS q(q_room, q_token)
+         CROSS JOIN LATERAL (
+             SELECT m.* FROM proj_chat_search s JOIN proj_chat_messages m ON m.message_id = s.message_id
+             WHERE s.room_id = q.q_room AND s.token = q.q_token AND s.position < $3
+               AND (SELECT count(*) FROM proj_chat_search o
+                    WHERE o.room_id = q.q_room AND o.token = ANY($4::bytea[]) AND o.position = s.position) = $5
+               AND m.redacted_at IS NULL
+               AND ($6::uuid IS NULL OR m.sender = $6)
+               AND ($7::timestamptz IS NULL OR m.sent_at >= $7)
+               AND ($8::timestamptz IS NULL OR m.sent_at < $8)
+             ORDER BY s.position DESC LIMIT $9) h
+         ORDER BY h.position DESC LIMIT $9"
     )))
     .bind(&q_rooms)
-    .bind(&q_tokens)
+    .bind(&q_lead)
     .bind(before)
-    .bind(distinct_terms)
+    .bind(&q_others)
+    .bind(others)
     .bind(params.sender)
     .bind(params.from)
     .bind(params.to)

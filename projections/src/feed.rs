@@ -1,0 +1,260 @@
+//! Projector `feed`: what realtime subscribers replay and stream.
+//!
+//! Each event that a person watching a room, or a user watching their own
+//! stream, should see becomes a row of `proj_feed` under a topic
+//! (`room:<id>`, `user:<id>`) at the event's global position. Positions are
+//! gapless and commit-ordered, so "every row of my topics after cursor P, in
+//! position order" is a replay with no gap and no duplicate, and the gateway's
+//! tailer streams the rows that commit later in the same order. Bodies stay
+//! sealed as in the events; the gateway opens them for the subscriber.
+//!
+//! What goes where:
+//! - `room:<id>`: the room's life (created, renamed, archived, deleted, key
+//!   rotated), membership (invited, joined, left, kicked, banned, unbanned,
+//!   roles, mutes), messages (posted, edited, redacted, reactions) and notes.
+//!   Address invitations and moderation flags are not there: they are for the
+//!   inviter and the moderators only.
+//! - `user:<id>`: invitations to them, their removal from a room, mentions of
+//!   them, their own read receipts (for their other devices), and the movements
+//!   of their wallets.
+
+use events::chat::ChatEvent;
+use events::wallet::WalletEvent;
+use events::{Event, EventEnvelope};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::Projector;
+
+/// Projector `feed`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FeedProjector;
+
+/// The topic of a room.
+pub fn room_topic(room: Uuid) -> String {
+    format!("room:{room}")
+}
+
+/// The topic of a user's own stream.
+pub fn user_topic(user: Uuid) -> String {
+    format!("user:{user}")
+}
+
+impl Projector for FeedProjector {
+    fn name(&self) -> &'static str {
+        "feed"
+    }
+
+    fn domains(&self) -> &'static [&'static str] {
+        &[events::chat::DOMAIN, events::wallet::DOMAIN]
+    }
+
+    async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
+        let mut rows = Rows::default();
+        for env in batch {
+            match env.event()? {
+                Event::Chat(e) => self.chat(tx, env, e, &mut rows).await?,
+                Event::Wallet(e) => self.wallet(tx, env, e, &mut rows).await?,
+                // Not in `domains()`; itinerary changes reach rooms as system messages.
+                Event::Itinerary(_) => {}
+            }
+        }
+        rows.write(tx).await
+    }
+}
+
+/// Rows of one batch, written with one statement.
+#[derive(Default)]
+struct Rows {
+    topic: Vec<String>,
+    position: Vec<i64>,
+    kind: Vec<String>,
+    payload: Vec<serde_json::Value>,
+    at: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Rows {
+    fn push(&mut self, topic: String, env: &EventEnvelope, payload: serde_json::Value) {
+        self.topic.push(topic);
+        self.position.push(env.position);
+        self.kind.push(env.event_type.clone());
+        self.payload.push(payload);
+        self.at.push(env.occurred_at);
+    }
+
+    async fn write(self, tx: &mut PgConnection) -> anyhow::Result<()> {
+        if self.topic.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO proj_feed (topic, position, kind, payload, occurred_at)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::timestamptz[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.topic)
+        .bind(&self.position)
+        .bind(&self.kind)
+        .bind(&self.payload)
+        .bind(&self.at)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+}
+
+fn stream_uuid(env: &EventEnvelope) -> anyhow::Result<Uuid> {
+    Ok(env.stream_id.id().parse()?)
+}
+
+impl FeedProjector {
+    async fn chat(
+        &self,
+        tx: &mut PgConnection,
+        env: &EventEnvelope,
+        event: ChatEvent,
+        rows: &mut Rows,
+    ) -> anyhow::Result<()> {
+        let mut payload = serde_json::to_value(&event)?;
+        if let Some(o) = payload.as_object_mut() {
+            o.remove("type");
+        }
+        match &event {
+            ChatEvent::EmailInvited { .. }
+            | ChatEvent::MessageFlagged { .. }
+            | ChatEvent::FlagCleared { .. } => {}
+            ChatEvent::MessagePosted {
+                message_id,
+                room_id,
+                mentions,
+                ..
+            } => {
+                sqlx::query(
+                    "INSERT INTO feed_message_rooms (message_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(message_id)
+                .bind(room_id)
+                .execute(&mut *tx)
+                .await?;
+                for u in mentions {
+                    rows.push(
+                        user_topic(*u),
+                        env,
+                        serde_json::json!({ "room_id": room_id, "message_id": message_id }),
+                    );
+                }
+                rows.push(room_topic(*room_id), env, payload);
+            }
+            ChatEvent::MessageEdited { .. }
+            | ChatEvent::MessageRedacted { .. }
+            | ChatEvent::ReactionAdded { .. }
+            | ChatEvent::ReactionRemoved { .. } => {
+                let message_id = stream_uuid(env)?;
+                let room: Option<Uuid> =
+                    sqlx::query_scalar("SELECT room_id FROM feed_message_rooms WHERE message_id = $1")
+                        .bind(message_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if let (Some(room), Some(o)) = (room, payload.as_object_mut()) {
+                    o.insert("message_id".into(), serde_json::json!(message_id));
+                    o.insert("room_id".into(), serde_json::json!(room));
+                    rows.push(room_topic(room), env, payload);
+                }
+            }
+            ChatEvent::ReceiptMoved { room_id, .. } => {
+                let reader = stream_uuid(env)?;
+                if let Some(o) = payload.as_object_mut() {
+                    o.insert("room_id".into(), serde_json::json!(room_id));
+                }
+                rows.push(user_topic(reader), env, payload);
+            }
+            _ => {
+                // Room-stream events: the room's topic, and the user they concern.
+                let room = stream_uuid(env)?;
+                if let Some(o) = payload.as_object_mut() {
+                    o.insert("room_id".into(), serde_json::json!(room));
+                }
+                if let ChatEvent::MemberInvited { user_id, .. }
+                | ChatEvent::MemberKicked { user_id, .. }
+                | ChatEvent::MemberBanned { user_id, .. } = &event
+                {
+                    rows.push(user_topic(*user_id), env, payload.clone());
+                }
+                if matches!(event, ChatEvent::RoomDeleted) {
+                    sqlx::query("DELETE FROM feed_message_rooms WHERE room_id = $1")
+                        .bind(room)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                rows.push(room_topic(room), env, payload);
+            }
+        }
+        Ok(())
+    }
+
+    async fn wallet(
+        &self,
+        tx: &mut PgConnection,
+        env: &EventEnvelope,
+        event: WalletEvent,
+        rows: &mut Rows,
+    ) -> anyhow::Result<()> {
+        let account = stream_uuid(env)?;
+        let mut payload = serde_json::to_value(&event)?;
+        if let Some(o) = payload.as_object_mut() {
+            o.remove("type");
+            o.insert("account_id".into(), serde_json::json!(account));
+        }
+        match &event {
+            WalletEvent::AccountOpened {
+                owner_id: Some(owner),
+                ..
+            } => {
+                sqlx::query(
+                    "INSERT INTO feed_account_owners (account_id, owner_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(account)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
+                rows.push(user_topic(*owner), env, payload);
+            }
+            WalletEvent::AccountOpened { .. } => {}
+            WalletEvent::Debited(_) | WalletEvent::Credited(_) => {
+                let owner: Option<Uuid> = sqlx::query_scalar(
+                    "SELECT owner_id FROM feed_account_owners WHERE account_id = $1",
+                )
+                .bind(account)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(owner) = owner {
+                    rows.push(user_topic(owner), env, payload);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Delete feed rows older than the newest `keep` positions of the log; returns
+/// the new floor (rows at or below it are gone, so older cursors cannot replay).
+pub async fn prune(pool: &sqlx::PgPool, keep: i64) -> anyhow::Result<i64> {
+    let checkpoint = crate::checkpoint(pool, "feed").await?;
+    let floor = (checkpoint - keep).max(0);
+    let mut tx = pool.begin().await?;
+    let current: i64 =
+        sqlx::query_scalar("SELECT position FROM proj_feed_floor FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await?;
+    if floor > current {
+        sqlx::query("DELETE FROM proj_feed WHERE position <= $1")
+            .bind(floor)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE proj_feed_floor SET position = $1")
+            .bind(floor)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(floor.max(current))
+}
