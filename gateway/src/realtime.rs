@@ -290,7 +290,11 @@ async fn render(
             continue;
         };
         let key = keys.get(&id);
-        let field = if item.kind.starts_with("Note") { "note" } else { "body" };
+        let field = if item.kind.starts_with("Note") {
+            "note"
+        } else {
+            "body"
+        };
         let open = |v: Option<&Value>| -> Value {
             v.and_then(|v| serde_json::from_value::<Sealed>(v.clone()).ok())
                 .and_then(|s| crypto::open(key?, &crypto::field_aad(id, field), &s).ok())
@@ -306,7 +310,8 @@ async fn render(
         if let Some(o) = item.data.as_object_mut() {
             o.insert("body".into(), body);
             if let Some(a) = o.remove("attachment").filter(|a| !a.is_null()) {
-                let view = room.and_then(|room| crate::routes::attachments::view(Some(a), key, room, id));
+                let view =
+                    room.and_then(|room| crate::routes::attachments::view(Some(a), key, room, id));
                 o.insert("attachment".into(), serde_json::to_value(view)?);
             }
             o.remove("key_version");
@@ -345,7 +350,10 @@ pub async fn replay(
 
 /// Tail the feed until `shutdown`: deliver each committed row once to this
 /// instance's subscribers.
-pub async fn tail(state: AppState, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+pub async fn tail(
+    state: AppState,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let hub = state.hub.clone();
     let start = feed_checkpoint(&state.pool).await?;
     let ep = epoch(&state.pool).await?;
@@ -375,7 +383,11 @@ pub async fn tail(state: AppState, shutdown: tokio_util::sync::CancellationToken
                 // A full chunk may end inside one position's rows: deliver up to the
                 // last complete position and read the rest next.
                 let up_to = if items.len() == 2000 {
-                    items.last().map(|i| i.position - 1).unwrap_or(head).max(position)
+                    items
+                        .last()
+                        .map(|i| i.position - 1)
+                        .unwrap_or(head)
+                        .max(position)
                 } else {
                     head
                 };
@@ -435,7 +447,11 @@ mod tests {
                 occurred_at: Utc::now(),
             })
         };
-        hub.deliver(vec![item(11, "room:a"), item(12, "room:b"), item(13, "room:a")], 13, 1);
+        hub.deliver(
+            vec![item(11, "room:a"), item(12, "room:b"), item(13, "room:a")],
+            13,
+            1,
+        );
         assert_eq!(fast.rx.recv().await.unwrap().position, 11);
         assert_eq!(fast.rx.recv().await.unwrap().position, 13);
         assert_eq!(hub.now(), (13, 1));

@@ -149,11 +149,12 @@ impl FeedProjector {
             | ChatEvent::ReactionAdded { .. }
             | ChatEvent::ReactionRemoved { .. } => {
                 let message_id = stream_uuid(env)?;
-                let room: Option<Uuid> =
-                    sqlx::query_scalar("SELECT room_id FROM feed_message_rooms WHERE message_id = $1")
-                        .bind(message_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                let room: Option<Uuid> = sqlx::query_scalar(
+                    "SELECT room_id FROM feed_message_rooms WHERE message_id = $1",
+                )
+                .bind(message_id)
+                .fetch_optional(&mut *tx)
+                .await?;
                 if let (Some(room), Some(o)) = (room, payload.as_object_mut()) {
                     o.insert("message_id".into(), serde_json::json!(message_id));
                     o.insert("room_id".into(), serde_json::json!(room));
@@ -241,10 +242,9 @@ pub async fn prune(pool: &sqlx::PgPool, keep: i64) -> anyhow::Result<i64> {
     let checkpoint = crate::checkpoint(pool, "feed").await?;
     let floor = (checkpoint - keep).max(0);
     let mut tx = pool.begin().await?;
-    let current: i64 =
-        sqlx::query_scalar("SELECT position FROM proj_feed_floor FOR UPDATE")
-            .fetch_one(&mut *tx)
-            .await?;
+    let current: i64 = sqlx::query_scalar("SELECT position FROM proj_feed_floor FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await?;
     if floor > current {
         sqlx::query("DELETE FROM proj_feed WHERE position <= $1")
             .bind(floor)

@@ -147,7 +147,10 @@ async fn a_client_dropping_at_random_during_5000_messages_ends_with_each_once_in
     for s in senders {
         s.await.unwrap();
     }
-    assert!(reconnects > 5, "the test must really disconnect ({reconnects})");
+    assert!(
+        reconnects > 5,
+        "the test must really disconnect ({reconnects})"
+    );
     app.settle("chat").await;
     let timeline: Vec<Uuid> = sqlx::query_scalar(
         "SELECT message_id FROM proj_chat_messages WHERE room_id = $1 ORDER BY position",
@@ -183,9 +186,14 @@ async fn old_cursors_and_cursors_from_before_a_rebuild_are_refused_whole() {
     }
     let mut ws = connect(&app, &alice).await;
     let sub = subscribe(&mut ws, "r", &format!("room:{r}"), Some(&old)).await;
-    assert_eq!((sub["recovered"].clone(), sub["reason"].clone()), (json!(false), json!("retention")));
+    assert_eq!(
+        (sub["recovered"].clone(), sub["reason"].clone()),
+        (json!(false), json!("retention"))
+    );
     assert_eq!(sub["replayed"], 0, "never a partial replay");
-    let polled = app.get(&format!("/v1/sync?since={old}&timeout_ms=0"), Some(&alice)).await;
+    let polled = app
+        .get(&format!("/v1/sync?since={old}&timeout_ms=0"), Some(&alice))
+        .await;
     assert_eq!(polled.body["recovered"], false);
     assert_eq!(polled.body["items"], json!([]));
 
@@ -198,7 +206,10 @@ async fn old_cursors_and_cursors_from_before_a_rebuild_are_refused_whole() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM proj_feed").execute(&mut *tx).await.unwrap();
+    sqlx::query("DELETE FROM proj_feed")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     sqlx::query("UPDATE proj_checkpoints SET position = 0 WHERE model = 'feed'")
         .execute(&mut *tx)
         .await
@@ -208,8 +219,16 @@ async fn old_cursors_and_cursors_from_before_a_rebuild_are_refused_whole() {
     assert_eq!(cut["reason"], "epoch_changed", "{cut}");
     app.settle("feed").await;
     let again = subscribe(&mut ws, "again", &format!("room:{r}"), Some(&fresh)).await;
-    assert_eq!((again["recovered"].clone(), again["reason"].clone()), (json!(false), json!("epoch_changed")));
-    let polled = app.get(&format!("/v1/sync?since={fresh}&timeout_ms=0"), Some(&alice)).await;
+    assert_eq!(
+        (again["recovered"].clone(), again["reason"].clone()),
+        (json!(false), json!("epoch_changed"))
+    );
+    let polled = app
+        .get(
+            &format!("/v1/sync?since={fresh}&timeout_ms=0"),
+            Some(&alice),
+        )
+        .await;
     assert_eq!(polled.body["reason"], "epoch_changed");
     app.stop().await;
 }
@@ -226,15 +245,27 @@ async fn strangers_learn_nothing_and_bad_sockets_are_refused() {
     app.settle("chat").await;
     let mut ws = connect(&app, &eve).await;
     for room in [r, Uuid::now_v7()] {
-        send(&mut ws, json!({"type": "subscribe", "id": "x", "channel": format!("room:{room}")})).await;
+        send(
+            &mut ws,
+            json!({"type": "subscribe", "id": "x", "channel": format!("room:{room}")}),
+        )
+        .await;
         let e = next(&mut ws).await;
         assert_eq!(
             (e["type"].clone(), e["code"].clone(), e["message"].clone()),
-            (json!("error"), json!("room_not_found"), json!("no such room")),
+            (
+                json!("error"),
+                json!("room_not_found"),
+                json!("no such room")
+            ),
             "a real room and an invented one look the same"
         );
     }
-    send(&mut ws, json!({"type": "subscribe", "id": "u", "channel": "user", "since": "garbage"})).await;
+    send(
+        &mut ws,
+        json!({"type": "subscribe", "id": "u", "channel": "user", "since": "garbage"}),
+    )
+    .await;
     assert_eq!(next(&mut ws).await["code"], "invalid_cursor");
     send(&mut ws, json!({"type": "dance"})).await;
     assert_eq!(next(&mut ws).await["code"], "malformed_frame");
@@ -259,20 +290,33 @@ async fn strangers_learn_nothing_and_bad_sockets_are_refused() {
             .header("upgrade", "websocket")
             .header("sec-websocket-version", "13")
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .header("sec-websocket-extensions", "permessage-deflate; client_max_window_bits")
+            .header(
+                "sec-websocket-extensions",
+                "permessage-deflate; client_max_window_bits",
+            )
             .header("origin", origin.to_owned())
     };
     let foreign = upgrade("https://evil.example").send().await.unwrap();
     assert_eq!(foreign.status(), 403);
-    assert_eq!(foreign.headers()["content-type"], "application/problem+json");
-    let bearer = upgrade("https://app.mathia.test").bearer_auth("nope").send().await.unwrap();
+    assert_eq!(
+        foreign.headers()["content-type"],
+        "application/problem+json"
+    );
+    let bearer = upgrade("https://app.mathia.test")
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bearer.status(), 401);
     let plain = app.get("/v1/ws", None).await;
     plain.assert_problem(400, "malformed_request");
     // permessage-deflate is agreed when offered.
     let ok = upgrade("https://app.mathia.test").send().await.unwrap();
     assert_eq!(ok.status(), 101);
-    let ext = ok.headers()["sec-websocket-extensions"].to_str().unwrap().to_owned();
+    let ext = ok.headers()["sec-websocket-extensions"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert!(ext.starts_with("permessage-deflate"), "{ext}");
     app.stop().await;
 }
@@ -297,15 +341,24 @@ async fn typing_presence_and_assistant_chunks_reach_the_rooms_watchers_only() {
     // Alice comes online and types: Bob (watching the room) sees both.
     let mut a = connect(&app, &alice).await;
     let p = next_about(&mut b, "presence", alice_id).await;
-    assert_eq!((p["user_id"].clone(), p["status"].clone()), (json!(alice_id), json!("online")));
+    assert_eq!(
+        (p["user_id"].clone(), p["status"].clone()),
+        (json!(alice_id), json!("online"))
+    );
     send(&mut a, json!({"type": "typing", "room_id": r})).await;
     let t = next_about(&mut b, "typing", alice_id).await;
-    assert_eq!((t["user_id"].clone(), t["typing"].clone(), t["sub"].clone()), (json!(alice_id), json!(true), json!("r")));
+    assert_eq!(
+        (t["user_id"].clone(), t["typing"].clone(), t["sub"].clone()),
+        (json!(alice_id), json!(true), json!("r"))
+    );
     assert_eq!(t["expires_in"], 30);
     // A new watcher learns who is typing now.
     let mut b2 = connect(&app, &bob).await;
     subscribe(&mut b2, "r2", &format!("room:{r}"), None).await;
-    assert_eq!(next_of(&mut b2, "typing").await["user_ids"], json!([alice_id]));
+    assert_eq!(
+        next_of(&mut b2, "typing").await["user_ids"],
+        json!([alice_id])
+    );
     // Carol may not type into a room she is not in.
     send(&mut c, json!({"type": "typing", "room_id": r})).await;
     assert_eq!(next_of(&mut c, "error").await["code"], "room_not_found");
@@ -315,7 +368,9 @@ async fn typing_presence_and_assistant_chunks_reach_the_rooms_watchers_only() {
         app.nats
             .publish(
                 format!("{}.live.{r}.ai", app.subjects.prefix()),
-                json!({"request_id": "q1", "seq": seq, "delta": delta, "done": seq == 2}).to_string().into(),
+                json!({"request_id": "q1", "seq": seq, "delta": delta, "done": seq == 2})
+                    .to_string()
+                    .into(),
             )
             .await
             .unwrap();
@@ -333,16 +388,25 @@ async fn typing_presence_and_assistant_chunks_reach_the_rooms_watchers_only() {
 
     // Presence over REST: only people who share a room.
     let seen = app
-        .get(&format!("/v1/presence?user_ids={alice_id},{carol_id}"), Some(&bob))
+        .get(
+            &format!("/v1/presence?user_ids={alice_id},{carol_id}"),
+            Some(&bob),
+        )
         .await;
     assert_eq!(seen.status, 200, "{}", seen.body);
     assert_eq!(seen.body.as_array().unwrap().len(), 1);
     assert_eq!(seen.body[0]["status"], "online");
     assert_eq!(seen.body[0]["connections"], 1);
     send(&mut a, json!({"type": "presence", "status": "away"})).await;
-    assert_eq!(next_about(&mut b, "presence", alice_id).await["status"], "away");
+    assert_eq!(
+        next_about(&mut b, "presence", alice_id).await["status"],
+        "away"
+    );
     drop(a);
-    assert_eq!(next_about(&mut b, "presence", alice_id).await["status"], "offline");
+    assert_eq!(
+        next_about(&mut b, "presence", alice_id).await["status"],
+        "offline"
+    );
 
     // Carol saw nothing of Alice's room.
     send(&mut c, json!({"type": "ping"})).await;
@@ -351,7 +415,11 @@ async fn typing_presence_and_assistant_chunks_reach_the_rooms_watchers_only() {
         if f["type"] == "pong" {
             break;
         }
-        assert_ne!(f["room_id"], json!(r), "a signal of a room Carol is not in: {f}");
+        assert_ne!(
+            f["room_id"],
+            json!(r),
+            "a signal of a room Carol is not in: {f}"
+        );
         assert_ne!(f["user_id"], json!(alice_id), "{f}");
     }
     app.stop().await;
@@ -384,12 +452,22 @@ async fn sync_long_polls_with_the_sockets_cursors_and_a_second_gateway_serves_th
     let (m, _) = say(&app, &alice, r, "hello over sync").await;
     let page = poll.await.unwrap();
     assert_eq!(page["recovered"], true);
-    let posted: Vec<&Value> = page["items"].as_array().unwrap().iter().filter(|i| i["kind"] == "MessagePosted").collect();
+    let posted: Vec<&Value> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["kind"] == "MessagePosted")
+        .collect();
     assert_eq!(posted.len(), 1, "{page}");
     assert_eq!(posted[0]["data"]["message_id"], json!(m));
     assert_eq!(posted[0]["data"]["body"], "hello over sync");
     let next_cursor = page["next"].as_str().unwrap().to_owned();
-    let empty = app.get(&format!("/v1/sync?since={next_cursor}&timeout_ms=0"), Some(&bob)).await;
+    let empty = app
+        .get(
+            &format!("/v1/sync?since={next_cursor}&timeout_ms=0"),
+            Some(&bob),
+        )
+        .await;
     assert_eq!(empty.body["items"], json!([]));
     app.get("/v1/sync?timeout_ms=99999", Some(&bob))
         .await
@@ -423,5 +501,96 @@ async fn sync_long_polls_with_the_sockets_cursors_and_a_second_gateway_serves_th
     assert_eq!(live["data"]["body"], "and live");
     stop.cancel();
     let _ = second.await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_user_stream_carries_unread_counts_mentions_invitations_and_wallet_movements() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.user("alice@example.com").await;
+    let (bob_id, bob) = app.user("bob@example.com").await;
+    let r = room(&app, &alice, "Counts", "private").await;
+    invite_and_join(&app, &alice, r, bob_id, &bob).await;
+    app.settle("chat").await;
+    let mut b = connect(&app, &bob).await;
+    let sub = subscribe(&mut b, "me", "user", None).await;
+    assert_eq!(sub["recovered"], true);
+    let first = next_of(&mut b, "unread").await;
+    assert_eq!(
+        (first["room_id"].clone(), first["unread"].clone()),
+        (json!(r), json!(0))
+    );
+
+    for text in ["one", "two"] {
+        say(&app, &alice, r, text).await;
+    }
+    let mention = app
+        .post(
+            &format!("/v1/rooms/{r}/messages"),
+            Some(&alice),
+            &json!({"body": "three, @bob", "mentions": [bob_id]}),
+            &[],
+        )
+        .await;
+    assert_eq!(mention.status, 201);
+    let last = id(&mention.body["message_id"]);
+    // The mention arrives as an event of Bob's own stream...
+    let m = next_of(&mut b, "event").await;
+    assert_eq!(
+        (m["kind"].clone(), m["data"]["message_id"].clone()),
+        (json!("MessagePosted"), json!(last))
+    );
+    // ...and the counts settle at 3 unread, 1 mention (coalesced: maybe fewer frames).
+    loop {
+        let u = next_of(&mut b, "unread").await;
+        if u["unread"] == 3 {
+            assert_eq!(u["mentions"], 1);
+            break;
+        }
+    }
+    let read = app
+        .post(
+            &format!("/v1/rooms/{r}/receipts"),
+            Some(&bob),
+            &json!({"message_id": last}),
+            &[],
+        )
+        .await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    let receipt = next_of(&mut b, "event").await;
+    assert_eq!(receipt["kind"], "ReceiptMoved");
+    loop {
+        if next_of(&mut b, "unread").await["unread"] == 0 {
+            break;
+        }
+    }
+
+    // Invitations and wallet movements come on the same stream.
+    let other = room(&app, &alice, "Another", "private").await;
+    let inv = app
+        .post(
+            &format!("/v1/rooms/{other}/invites"),
+            Some(&alice),
+            &json!({"user_id": bob_id}),
+            &[],
+        )
+        .await;
+    assert_eq!(inv.status, 201);
+    let invited = next_of(&mut b, "event").await;
+    assert_eq!(
+        (invited["kind"].clone(), invited["data"]["room_id"].clone()),
+        (json!("MemberInvited"), json!(other))
+    );
+    let (_, admin) = app.admin().await;
+    app.funded_wallet(&bob, &admin, 700).await;
+    let mut kinds = vec![];
+    while !kinds.contains(&"Credited".to_owned()) {
+        let e = next_of(&mut b, "event").await;
+        kinds.push(e["kind"].as_str().unwrap().to_owned());
+        if e["kind"] == "Credited" {
+            assert_eq!(e["data"]["amount"], 700);
+        }
+    }
+    assert_eq!(kinds, ["AccountOpened", "Credited"]);
     app.stop().await;
 }

@@ -98,7 +98,8 @@ pub async fn sync(
     let since = match &params.since {
         None => None,
         Some(s) => Some(
-            Cursor::decode(s).ok_or_else(|| ApiError::field("since", "not a cursor of this server"))?,
+            Cursor::decode(s)
+                .ok_or_else(|| ApiError::field("since", "not a cursor of this server"))?,
         ),
     };
     let (position, epoch) = state.hub.now();
@@ -119,7 +120,11 @@ pub async fn sync(
             Err(reason) => {
                 return Ok(Json(SyncPage {
                     items: vec![],
-                    next: Cursor { epoch, position: up_to }.encode(),
+                    next: Cursor {
+                        epoch,
+                        position: up_to,
+                    }
+                    .encode(),
                     recovered: false,
                     reason: Some(reason),
                 }));
@@ -132,7 +137,11 @@ pub async fn sync(
             if now_epoch != epoch {
                 return Ok(Json(SyncPage {
                     items: vec![],
-                    next: Cursor { epoch: now_epoch, position: now }.encode(),
+                    next: Cursor {
+                        epoch: now_epoch,
+                        position: now,
+                    }
+                    .encode(),
                     recovered: false,
                     reason: Some(NotRecovered::EpochChanged),
                 }));

@@ -68,12 +68,18 @@ fn yes() -> bool {
 enum Out {
     Frame(String),
     /// A subscription fell too far behind, or its room went away for this user.
-    Ended { id: String, reason: &'static str },
+    Ended {
+        id: String,
+        reason: &'static str,
+    },
 }
 
 fn origin_allowed(state: &AppState, headers: &http::HeaderMap) -> bool {
     let allowed = &state.settings.ws_origins;
-    match headers.get(http::header::ORIGIN).and_then(|o| o.to_str().ok()) {
+    match headers
+        .get(http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    {
         _ if allowed.is_empty() => true,
         None => true,
         Some(origin) => allowed.iter().any(|a| a == origin),
@@ -155,6 +161,10 @@ struct Connection {
     tokens: f64,
     refilled: Instant,
     last_typing: HashMap<Uuid, Instant>,
+    /// With a `user` subscription: its id, and the counts last sent per (room, thread).
+    unread: Option<(String, HashMap<(Uuid, Uuid), (i32, i32)>)>,
+    /// The hub position when the counts were last looked at.
+    unread_at: i64,
 }
 
 impl Connection {
@@ -172,14 +182,16 @@ impl Connection {
             tokens: burst,
             refilled: Instant::now(),
             last_typing: HashMap::new(),
+            unread: None,
+            unread_at: -1,
         }
     }
 
     fn allow(&mut self) -> bool {
         let rate = f64::from(self.state.settings.ws_frames_per_sec.max(1));
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate)
-            .min(rate * 2.0);
+        self.tokens =
+            (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate).min(rate * 2.0);
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -200,6 +212,9 @@ impl Connection {
         let mut heartbeat = tokio::time::interval(settings.ws_heartbeat);
         heartbeat.tick().await;
         let mut signals = self.state.signals.subscribe();
+        // Unread counts for a `user` subscription: looked at once a second, only
+        // when the feed moved, and sent only where they changed.
+        let mut counts = tokio::time::interval(Duration::from_secs(1));
         if let Some(p) = &self.principal {
             let ready = self.ready(p.user_id).await;
             let _ = socket.send(Frame::text(ready)).await;
@@ -237,6 +252,9 @@ impl Connection {
                         Out::Frame(t) => t,
                         Out::Ended { id, reason } => {
                             self.subs.remove(&id);
+                            if self.unread.as_ref().is_some_and(|(s, _)| *s == id) {
+                                self.unread = None;
+                            }
                             self.rooms.retain(|_, s| *s != id);
                             json!({"type": "unsubscribed", "id": id, "reason": reason}).to_string()
                         }
@@ -256,6 +274,13 @@ impl Connection {
                         let _ = socket.send(Frame::text(frame.to_string())).await;
                     }
                 }
+                _ = counts.tick(), if self.unread.is_some() => {
+                    for frame in self.unread_changes().await {
+                        if socket.send(Frame::text(frame)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 _ = heartbeat.tick() => {
                     if self.principal.is_none() && started.elapsed() > settings.ws_auth_timeout {
                         break Some((4001, "authenticate first: send an auth frame"));
@@ -273,7 +298,9 @@ impl Connection {
             }
         };
         if let Some((code, reason)) = close {
-            let _ = socket.send(Frame::close(CloseCode::from(code), reason)).await;
+            let _ = socket
+                .send(Frame::close(CloseCode::from(code), reason))
+                .await;
         }
         let _ = socket.close().await;
         for (_, task) in self.subs.drain() {
@@ -283,6 +310,47 @@ impl Connection {
             signals::presence_gone(&self.state, p.user_id, self.id).await;
         }
         metrics::gauge!("mathia_ws_connections").decrement(1.0);
+    }
+
+    /// `unread` frames for the counts that changed since the last look.
+    async fn unread_changes(&mut self) -> Vec<String> {
+        let (Some(p), Some((sub, last))) = (&self.principal, &mut self.unread) else {
+            return vec![];
+        };
+        let (now, _) = self.state.hub.now();
+        if now == self.unread_at {
+            return vec![];
+        }
+        let rows: Vec<(Uuid, Uuid, i32, i32)> = match sqlx::query_as(
+            "SELECT room_id, thread_root, unread, mentions FROM proj_chat_unread WHERE user_id = $1",
+        )
+        .bind(p.user_id)
+        .fetch_all(&self.state.pool)
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "unread counts unavailable");
+                return vec![];
+            }
+        };
+        self.unread_at = now;
+        let mut frames = vec![];
+        let mut seen = std::collections::HashSet::new();
+        for (room, thread, unread, mentions) in rows {
+            seen.insert((room, thread));
+            if last.get(&(room, thread)) != Some(&(unread, mentions)) {
+                last.insert((room, thread), (unread, mentions));
+                frames.push(unread_frame(sub, room, thread, unread, mentions));
+            }
+        }
+        // A row that disappeared (the user left the room) is zero now.
+        let gone: Vec<(Uuid, Uuid)> = last.keys().filter(|k| !seen.contains(k)).copied().collect();
+        for (room, thread) in gone {
+            last.remove(&(room, thread));
+            frames.push(unread_frame(sub, room, thread, 0, 0));
+        }
+        frames
     }
 
     async fn ready(&mut self, user: Uuid) -> String {
@@ -321,7 +389,11 @@ impl Connection {
             }
             (None, _) => return Err((4001, "authenticate first: send an auth frame")),
             (Some(_), ClientFrame::Auth { .. }) => {
-                return Ok(vec![error_frame(None, "already_authenticated", "this connection is authenticated")]);
+                return Ok(vec![error_frame(
+                    None,
+                    "already_authenticated",
+                    "this connection is authenticated",
+                )]);
             }
             (Some(p), f) => (p.clone(), f),
         };
@@ -335,9 +407,16 @@ impl Connection {
                 Some(task) => {
                     task.abort();
                     self.rooms.retain(|_, s| *s != id);
+                    if self.unread.as_ref().is_some_and(|(s, _)| *s == id) {
+                        self.unread = None;
+                    }
                     vec![json!({"type": "unsubscribed", "id": id, "reason": "asked"}).to_string()]
                 }
-                None => vec![error_frame(Some(&id), "no_such_subscription", "no subscription has this id")],
+                None => vec![error_frame(
+                    Some(&id),
+                    "no_such_subscription",
+                    "no subscription has this id",
+                )],
             },
             ClientFrame::Typing { room_id, typing } => {
                 // Coalesced: a refresh within 3 s of the last one is not sent again.
@@ -349,7 +428,10 @@ impl Connection {
                 if typing && recent {
                     return Ok(vec![]);
                 }
-                if require_member(&self.state, room_id, p.user_id).await.is_err() {
+                if require_member(&self.state, room_id, p.user_id)
+                    .await
+                    .is_err()
+                {
                     return Ok(vec![error_frame(None, "room_not_found", "no such room")]);
                 }
                 if typing {
@@ -362,10 +444,15 @@ impl Connection {
             }
             ClientFrame::Presence { status } => match status.as_str() {
                 "online" | "away" => {
-                    signals::presence_beat(&self.state, p.user_id, self.id, Some(status == "away")).await;
+                    signals::presence_beat(&self.state, p.user_id, self.id, Some(status == "away"))
+                        .await;
                     vec![]
                 }
-                _ => vec![error_frame(None, "malformed_frame", "status is online or away")],
+                _ => vec![error_frame(
+                    None,
+                    "malformed_frame",
+                    "status is online or away",
+                )],
             },
             ClientFrame::Auth { .. } => vec![],
         })
@@ -379,13 +466,25 @@ impl Connection {
         since: Option<&str>,
     ) -> Vec<String> {
         if id.is_empty() || id.len() > 64 {
-            return vec![error_frame(None, "malformed_frame", "a subscription id is 1 to 64 characters")];
+            return vec![error_frame(
+                None,
+                "malformed_frame",
+                "a subscription id is 1 to 64 characters",
+            )];
         }
         if self.subs.contains_key(&id) {
-            return vec![error_frame(Some(&id), "duplicate_subscription", "this id is in use")];
+            return vec![error_frame(
+                Some(&id),
+                "duplicate_subscription",
+                "this id is in use",
+            )];
         }
         if self.subs.len() >= self.state.settings.ws_max_subscriptions {
-            return vec![error_frame(Some(&id), "too_many_subscriptions", "unsubscribe something first")];
+            return vec![error_frame(
+                Some(&id),
+                "too_many_subscriptions",
+                "unsubscribe something first",
+            )];
         }
         let (topic, room): (String, Option<Uuid>) = match channel {
             "user" => (projections::feed::user_topic(p.user_id), None),
@@ -398,14 +497,24 @@ impl Connection {
                     (projections::feed::room_topic(room), Some(room))
                 }
                 None => {
-                    return vec![error_frame(Some(&id), "malformed_frame", "channel is `user` or `room:<uuid>`")];
+                    return vec![error_frame(
+                        Some(&id),
+                        "malformed_frame",
+                        "channel is `user` or `room:<uuid>`",
+                    )];
                 }
             },
         };
         let since = match since.map(Cursor::decode) {
             None => None,
             Some(Some(c)) => Some(c),
-            Some(None) => return vec![error_frame(Some(&id), "invalid_cursor", "not a cursor of this server")],
+            Some(None) => {
+                return vec![error_frame(
+                    Some(&id),
+                    "invalid_cursor",
+                    "not a cursor of this server",
+                )];
+            }
         };
         // Join the live stream first: everything after `from` is queued for us
         // while we replay up to `from` ourselves.
@@ -413,7 +522,16 @@ impl Connection {
         let (from, epoch) = (sub.from, sub.epoch);
         let replayed = match since {
             None => Ok(vec![]),
-            Some(c) => match realtime::replay(&self.state, std::slice::from_ref(&topic), c, from, epoch, i64::MAX).await {
+            Some(c) => match realtime::replay(
+                &self.state,
+                std::slice::from_ref(&topic),
+                c,
+                from,
+                epoch,
+                i64::MAX,
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "replay failed");
@@ -426,13 +544,21 @@ impl Connection {
             Err(why) => (false, Some(why), vec![]),
         };
         let me = p.user_id;
-        let mut head = vec![json!({
-            "type": "subscribed", "id": id, "channel": channel, "recovered": recovered,
-            "reason": reason.map(|r: NotRecovered| r),
-            "cursor": Cursor { epoch, position: from }.encode(),
-            "replayed": items.len(),
-        })
-        .to_string()];
+        let mut head = vec![
+            json!({
+                "type": "subscribed", "id": id, "channel": channel, "recovered": recovered,
+                "reason": reason.map(|r: NotRecovered| r),
+                "cursor": Cursor { epoch, position: from }.encode(),
+                "replayed": items.len(),
+            })
+            .to_string(),
+        ];
+        if room.is_none() {
+            // The user stream carries unread counts: all of them now, then changes.
+            self.unread = Some((id.clone(), HashMap::new()));
+            self.unread_at = -1;
+            head.extend(self.unread_changes().await);
+        }
         if let Some(room) = room {
             head.push(
                 json!({"type": "typing", "sub": id, "room_id": room,
@@ -466,7 +592,11 @@ impl Connection {
             }
             // The hub cut us off: too slow, or a rebuild. Resuming from the last cursor is safe.
             let (_, now) = sub.hub_now();
-            let reason = if now != epoch { "epoch_changed" } else { "lagged" };
+            let reason = if now != epoch {
+                "epoch_changed"
+            } else {
+                "lagged"
+            };
             let _ = tx.send(Out::Ended { id: sub_id, reason }).await;
         });
         self.subs.insert(id, task);
@@ -496,6 +626,15 @@ fn event_frame(sub: &str, epoch: i64, item: &Item, me: Uuid) -> (String, Option<
         _ => None,
     };
     (frame, ended)
+}
+
+fn unread_frame(sub: &str, room: Uuid, thread: Uuid, unread: i32, mentions: i32) -> String {
+    json!({
+        "type": "unread", "sub": sub, "room_id": room,
+        "thread_root": if thread.is_nil() { None } else { Some(thread) },
+        "unread": unread, "mentions": mentions,
+    })
+    .to_string()
 }
 
 fn error_frame(id: Option<&str>, code: &str, message: &str) -> String {
