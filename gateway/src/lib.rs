@@ -88,14 +88,21 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     axum::serve(
         listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+        app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await?;
     outcomes.abort();
+    state.hub.closing.cancel();
     stop.cancel();
     signals.abort();
     let _ = tail.await;
+    // Connections die with the process: withdraw their presence now rather than
+    // leave them online until they go stale.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for (user, conn) in state.hub.take_connections() {
+        signals::presence_gone(&state, user, conn).await;
+    }
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
 }

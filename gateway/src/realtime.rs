@@ -111,6 +111,11 @@ struct HubState {
 /// This instance's subscriptions and the tailer that feeds them.
 pub struct Hub {
     state: Mutex<HubState>,
+    /// Authenticated connections of this instance (user, connection): their
+    /// presence is withdrawn when the gateway stops, so a restart leaves no ghosts.
+    connections: Mutex<std::collections::HashSet<(Uuid, Uuid)>>,
+    /// Cancelled when the gateway stops: every connection closes with 1001.
+    pub closing: tokio_util::sync::CancellationToken,
     /// The delivered position, for long-polls waiting for news.
     moved: watch::Sender<(i64, i64)>,
 }
@@ -125,6 +130,8 @@ impl Default for Hub {
                 topics: HashMap::new(),
             }),
             moved: watch::channel((0, 0)).0,
+            connections: Mutex::default(),
+            closing: tokio_util::sync::CancellationToken::new(),
         }
     }
 }
@@ -191,6 +198,21 @@ impl Hub {
     pub async fn wait_past(&self, after: i64, timeout: Duration) {
         let mut rx = self.moved.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|(p, _)| *p > after)).await;
+    }
+
+    /// A connection of `user` is open (true) or closed (false).
+    pub fn connection(&self, user: Uuid, conn: Uuid, open: bool) {
+        let mut c = self.connections.lock().expect("hub lock");
+        if open {
+            c.insert((user, conn));
+        } else {
+            c.remove(&(user, conn));
+        }
+    }
+
+    /// The authenticated connections still open, emptied.
+    pub fn take_connections(&self) -> Vec<(Uuid, Uuid)> {
+        self.connections.lock().expect("hub lock").drain().collect()
     }
 
     /// Subscribers on this instance.

@@ -70,11 +70,33 @@ async fn next_about(ws: &mut Socket, kind: &str, user: Uuid) -> Value {
     }
 }
 
-/// A starting cursor, taken before anything happens.
-async fn start_cursor(app: &TestApp, token: &str) -> String {
-    let r = app.get("/v1/sync", Some(token)).await;
+/// (connections, status) of `user` as `token` sees it.
+async fn presence_of(app: &TestApp, token: &str, user: Uuid) -> (u64, String) {
+    let r = app
+        .get(&format!("/v1/presence?user_ids={user}"), Some(token))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    r.body["next"].as_str().unwrap().to_owned()
+    (
+        r.body[0]["connections"].as_u64().unwrap(),
+        r.body[0]["status"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A starting cursor once the gateway has delivered everything committed so far.
+async fn start_cursor(app: &TestApp, token: &str) -> String {
+    app.settle("feed").await;
+    let feed = projections::checkpoint(&app.pool, "feed").await.unwrap();
+    for _ in 0..400 {
+        let r = app.get("/v1/sync", Some(token)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let cursor = r.body["next"].as_str().unwrap().to_owned();
+        let c = gateway::realtime::Cursor::decode(&cursor).expect("a cursor");
+        if c.position >= feed {
+            return cursor;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the gateway never caught up with the feed");
 }
 
 async fn subscribe(ws: &mut Socket, id: &str, channel: &str, since: Option<&str>) -> Value {
@@ -499,8 +521,24 @@ async fn sync_long_polls_with_the_sockets_cursors_and_a_second_gateway_serves_th
     let live = next_of(&mut ws, "event").await;
     assert_eq!(live["data"]["message_id"], json!(m2));
     assert_eq!(live["data"]["body"], "and live");
+    let (_, online) = presence_of(&app, &alice, bob_id).await;
+    assert_eq!(online, "online");
+
+    // The second gateway stops: Bob's socket is closed with 1001 and he leaves no ghost.
     stop.cancel();
+    let closed = loop {
+        let f = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a close within 10 s")
+            .expect("a close frame");
+        if f.opcode() == OpCode::Close {
+            break f;
+        }
+    };
+    assert_eq!(u16::from(closed.close_code().unwrap()), 1001);
     let _ = second.await;
+    let (_, gone) = presence_of(&app, &alice, bob_id).await;
+    assert_eq!(gone, "offline");
     app.stop().await;
 }
 

@@ -274,6 +274,9 @@ impl Connection {
                         let _ = socket.send(Frame::text(frame.to_string())).await;
                     }
                 }
+                _ = self.state.hub.closing.cancelled() => {
+                    break Some((1001, "the server is restarting: reconnect and resume"));
+                }
                 _ = counts.tick(), if self.unread.is_some() => {
                     for frame in self.unread_changes().await {
                         if socket.send(Frame::text(frame)).await.is_err() {
@@ -307,6 +310,7 @@ impl Connection {
             task.abort();
         }
         if let Some(p) = &self.principal {
+            self.state.hub.connection(p.user_id, self.id, false);
             signals::presence_gone(&self.state, p.user_id, self.id).await;
         }
         metrics::gauge!("mathia_ws_connections").decrement(1.0);
@@ -354,6 +358,7 @@ impl Connection {
     }
 
     async fn ready(&mut self, user: Uuid) -> String {
+        self.state.hub.connection(user, self.id, true);
         signals::presence_beat(&self.state, user, self.id, None).await;
         json!({
             "type": "ready",
