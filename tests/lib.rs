@@ -154,6 +154,7 @@ pub fn only(gateway: bool, handlers: bool, relay: bool, projections: bool) -> Ro
         handlers,
         relay,
         projections,
+        scheduler: false,
     }
 }
 

@@ -4,7 +4,7 @@ use events::{Event, StreamId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{chat, itinerary, wallet};
+use crate::{chat, itinerary, reminder, wallet, webhook};
 
 /// The folded state of one stream, by domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,6 +22,12 @@ pub enum State {
     Trip(itinerary::Trip),
     /// An events-catalogue entry.
     Listing(itinerary::Listing),
+    /// A reminder.
+    Reminder(reminder::Reminder),
+    /// A notification inbox (decisions need nothing of it).
+    Inbox,
+    /// An outbound webhook endpoint.
+    Webhook(webhook::Endpoint),
 }
 
 impl State {
@@ -40,6 +46,9 @@ impl State {
             (events::itinerary::DOMAIN, events::itinerary::LISTING) => {
                 Some(State::Listing(itinerary::Listing::default()))
             }
+            (events::reminder::DOMAIN, _) => Some(State::Reminder(reminder::Reminder::default())),
+            (events::notify::DOMAIN, _) => Some(State::Inbox),
+            (events::webhook::DOMAIN, _) => Some(State::Webhook(webhook::Endpoint::default())),
             _ => None,
         }
     }
@@ -53,6 +62,8 @@ impl State {
             (State::Message(s), Event::Chat(e)) => s.evolve(e),
             (State::Trip(s), Event::Itinerary(e)) => s.evolve(e),
             (State::Listing(s), Event::Itinerary(e)) => s.evolve(e),
+            (State::Reminder(s), Event::Reminder(e)) => s.evolve(e),
+            (State::Webhook(s), Event::Webhook(e)) => s.evolve(e),
             _ => {}
         }
     }
@@ -141,6 +152,28 @@ impl StateSet {
                 ..
             }) => l.clone(),
             _ => itinerary::Listing::default(),
+        }
+    }
+
+    /// The reminder in `stream`, or an empty one.
+    pub fn reminder(&self, stream: &StreamId) -> reminder::Reminder {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::Reminder(r),
+                ..
+            }) => r.clone(),
+            _ => reminder::Reminder::default(),
+        }
+    }
+
+    /// The webhook endpoint in `stream`, or an empty one.
+    pub fn webhook(&self, stream: &StreamId) -> webhook::Endpoint {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::Webhook(w),
+                ..
+            }) => w.clone(),
+            _ => webhook::Endpoint::default(),
         }
     }
 
@@ -238,6 +271,18 @@ pub enum KeyOp {
     DestroyRoomKeys {
         /// The room.
         room_id: Uuid,
+    },
+    /// Store a webhook endpoint's signing secret, sealed by the master key.
+    PutWebhookSecret {
+        /// The endpoint.
+        endpoint_id: Uuid,
+        /// nonce ‖ ciphertext (`commands::webhook::secret_aad`).
+        sealed: events::chat::Bytes64,
+    },
+    /// Destroy a webhook endpoint's secret (deletion).
+    DestroyWebhookSecret {
+        /// The endpoint.
+        endpoint_id: Uuid,
     },
     /// A message now carries an upload: erase the upload's own copy of its
     /// file key (the message's sealed attachment holds it, under the message key).

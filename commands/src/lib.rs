@@ -13,7 +13,9 @@ pub mod chat;
 pub mod crypto;
 pub mod itinerary;
 pub mod money;
+pub mod reminder;
 pub mod wallet;
+pub mod webhook;
 
 pub use aggregate::{Actor, Decision, KeyOp, Loaded, Rejection, Role, State, StateSet};
 
@@ -32,6 +34,10 @@ pub enum Command {
     Chat(chat::ChatCommand),
     /// Itineraries, items, sharing, the trip room, the events catalogue.
     Itinerary(itinerary::ItineraryCommand),
+    /// Reminders and notification inboxes.
+    Reminder(reminder::ReminderCommand),
+    /// Outbound webhook endpoints.
+    Webhook(webhook::WebhookCommand),
 }
 
 impl Command {
@@ -41,6 +47,8 @@ impl Command {
             Command::Wallet(c) => c.name(),
             Command::Chat(c) => c.name(),
             Command::Itinerary(c) => c.name(),
+            Command::Reminder(c) => c.name(),
+            Command::Webhook(c) => c.name(),
         }
     }
 
@@ -50,6 +58,8 @@ impl Command {
             Command::Wallet(c) => c.target(),
             Command::Chat(c) => c.target(),
             Command::Itinerary(c) => c.target(),
+            Command::Reminder(c) => c.target(),
+            Command::Webhook(c) => c.target(),
         }
     }
 
@@ -59,6 +69,8 @@ impl Command {
             Command::Wallet(c) => c.streams(),
             Command::Chat(c) => c.streams(),
             Command::Itinerary(c) => c.streams(),
+            Command::Reminder(c) => c.streams(),
+            Command::Webhook(c) => c.streams(),
         }
     }
 
@@ -69,6 +81,8 @@ impl Command {
             Command::Wallet(c) => c.decide(actor, states),
             Command::Chat(c) => c.decide(actor, states),
             Command::Itinerary(c) => c.decide(actor, states),
+            Command::Reminder(c) => c.decide(actor, states),
+            Command::Webhook(c) => c.decide(actor, states),
         }
     }
 }

@@ -13,9 +13,12 @@
 pub mod chat;
 mod envelope;
 pub mod itinerary;
+pub mod notify;
+pub mod reminder;
 mod stream_id;
 mod subjects;
 pub mod wallet;
+pub mod webhook;
 
 pub use envelope::{EventEnvelope, NewEvent};
 pub use stream_id::{StreamId, StreamIdError};
@@ -36,6 +39,12 @@ pub enum Event {
     Chat(chat::ChatEvent),
     /// Itineraries, their items and sharing, and the events catalogue.
     Itinerary(itinerary::ItineraryEvent),
+    /// Reminders and their firings.
+    Reminder(reminder::ReminderEvent),
+    /// Users' notification inboxes.
+    Notify(notify::NotifyEvent),
+    /// Outbound webhook endpoints.
+    Webhook(webhook::WebhookEvent),
 }
 
 /// Errors turning stored bytes back into a typed event.
@@ -61,6 +70,9 @@ impl Event {
             Event::Wallet(e) => e.event_type(),
             Event::Chat(e) => e.event_type(),
             Event::Itinerary(e) => e.event_type(),
+            Event::Reminder(e) => e.event_type(),
+            Event::Notify(e) => e.event_type(),
+            Event::Webhook(e) => e.event_type(),
         }
     }
 
@@ -75,6 +87,9 @@ impl Event {
             Event::Wallet(_) => wallet::DOMAIN,
             Event::Chat(_) => chat::DOMAIN,
             Event::Itinerary(_) => itinerary::DOMAIN,
+            Event::Reminder(_) => reminder::DOMAIN,
+            Event::Notify(_) => notify::DOMAIN,
+            Event::Webhook(_) => webhook::DOMAIN,
         }
     }
 
@@ -97,6 +112,15 @@ impl Event {
             )),
             itinerary::DOMAIN => Ok(Event::Itinerary(
                 itinerary::ItineraryEvent::deserialize(payload).map_err(payload_err)?,
+            )),
+            reminder::DOMAIN => Ok(Event::Reminder(
+                reminder::ReminderEvent::deserialize(payload).map_err(payload_err)?,
+            )),
+            notify::DOMAIN => Ok(Event::Notify(
+                notify::NotifyEvent::deserialize(payload).map_err(payload_err)?,
+            )),
+            webhook::DOMAIN => Ok(Event::Webhook(
+                webhook::WebhookEvent::deserialize(payload).map_err(payload_err)?,
             )),
             other => Err(DecodeError::UnknownDomain(other.to_owned())),
         }

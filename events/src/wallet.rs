@@ -5,6 +5,7 @@
 //! in the same transaction, with the same `transfer_id` and amount. Σ credits = Σ debits
 //! per currency therefore holds at every committed position.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -22,6 +23,8 @@ pub enum AccountKind {
     /// The provider float: where deposits come from and withdrawals go to.
     /// Split into shards so that it is never a hot spot.
     SystemFloat,
+    /// Where transfer fees go (Mathia's revenue), sharded like the float.
+    SystemFees,
 }
 
 impl AccountKind {
@@ -30,6 +33,7 @@ impl AccountKind {
         match self {
             AccountKind::User => "user",
             AccountKind::SystemFloat => "system_float",
+            AccountKind::SystemFees => "system_fees",
         }
     }
 }
@@ -44,6 +48,8 @@ pub enum EntryKind {
     Transfer,
     /// Money leaving the system to a payout destination.
     Withdrawal,
+    /// A fee on a transfer, to a fee account.
+    Fee,
 }
 
 impl EntryKind {
@@ -53,6 +59,7 @@ impl EntryKind {
             EntryKind::Deposit => "deposit",
             EntryKind::Transfer => "transfer",
             EntryKind::Withdrawal => "withdrawal",
+            EntryKind::Fee => "fee",
         }
     }
 }
@@ -72,6 +79,33 @@ pub struct Leg {
     pub reference: Option<String>,
     /// This account's posted balance after the leg.
     pub balance_after: i64,
+    /// When the command was issued (the gateway's clock): what the rolling
+    /// daily spend window counts from. Absent on legs written before limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// How a hold ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldEnd {
+    /// Captured, wholly or in part; the rest went back to available.
+    Posted,
+    /// Released by the payee or an admin.
+    Voided,
+    /// Its timeout passed; released by the expiry scheduler.
+    Expired,
+}
+
+impl HoldEnd {
+    /// The snake_case name used in read models and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldEnd::Posted => "posted",
+            HoldEnd::Voided => "voided",
+            HoldEnd::Expired => "expired",
+        }
+    }
 }
 
 /// Events of one ledger account.
@@ -95,6 +129,48 @@ pub enum WalletEvent {
     Debited(Leg),
     /// Money entered this account.
     Credited(Leg),
+    /// A pending transfer reserved money on this (the payer's) account: it
+    /// stays posted but is no longer available until the hold ends.
+    HoldPlaced {
+        /// The hold (the pending transfer's id, the command id).
+        hold_id: Uuid,
+        /// Reserved minor units.
+        amount: i64,
+        /// The account that may receive it.
+        counterparty: Uuid,
+        /// Free text.
+        reference: Option<String>,
+        /// When the expiry scheduler voids it.
+        expires_at: DateTime<Utc>,
+        /// When it was placed (counts towards the daily spend window).
+        at: DateTime<Utc>,
+        /// This account's pending debits after the hold.
+        pending_after: i64,
+    },
+    /// A hold ended: its whole amount left pending. When posted, the
+    /// `Debited`/`Credited` legs of the captured part follow in the same commit.
+    HoldReleased {
+        /// The hold.
+        hold_id: Uuid,
+        /// Minor units released from pending (the hold's whole amount).
+        amount: i64,
+        /// Of which captured (0 unless posted).
+        posted: i64,
+        /// Posted, voided or expired.
+        end: HoldEnd,
+        /// This account's pending debits after the release.
+        pending_after: i64,
+    },
+    /// The owner's spending limits, replacing the previous ones.
+    LimitsSet {
+        /// Largest single withdrawal; none: no cap.
+        max_withdraw_amount: Option<i64>,
+        /// Most that may leave the wallet (transfers, withdrawals, holds)
+        /// within any rolling 24 hours; none: no cap.
+        daily_spend_limit: Option<i64>,
+        /// Payout destinations withdrawals may go to; none: any.
+        payout_allow_list: Option<Vec<String>>,
+    },
 }
 
 impl WalletEvent {
@@ -104,6 +180,9 @@ impl WalletEvent {
             WalletEvent::AccountOpened { .. } => "AccountOpened",
             WalletEvent::Debited(_) => "Debited",
             WalletEvent::Credited(_) => "Credited",
+            WalletEvent::HoldPlaced { .. } => "HoldPlaced",
+            WalletEvent::HoldReleased { .. } => "HoldReleased",
+            WalletEvent::LimitsSet { .. } => "LimitsSet",
         }
     }
 }
@@ -121,6 +200,7 @@ mod tests {
             counterparty: Uuid::nil(),
             reference: None,
             balance_after: 10,
+            at: None,
         });
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["type"], "Debited");

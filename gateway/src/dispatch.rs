@@ -77,13 +77,20 @@ pub async fn dispatch<B: Serialize>(
     };
     let request_hash = request_hash(&route, body, options.if_match)?;
     let command = command(command_id)?;
+    // What a reused key's answer is compared with, to name the field that differs.
+    let fields = match &command {
+        Command::Wallet(c) => c.request_fields(),
+        _ => serde_json::Value::Null,
+    };
 
     // No ledger read here: a command decided before is answered from the ledger
     // by the handler (flagged `replayed`), or, inside JetStream's duplicate
     // window, found by polling the ledger in `wait`.
     let receiver = match state.register(command_id, &request_hash) {
-        Registration::Mismatch => return Err(key_reused()),
-        Registration::Joined(rx) => return wait(state, rx, command_id, &request_hash, true).await,
+        Registration::Mismatch => return Err(key_reused(None, &fields)),
+        Registration::Joined(rx) => {
+            return wait(state, rx, command_id, &request_hash, &fields, true).await;
+        }
         Registration::First(rx) => rx,
     };
 
@@ -125,7 +132,15 @@ pub async fn dispatch<B: Serialize>(
         return Ok(accepted(command_id));
     }
     // A duplicate publish means another instance sent it: its answer goes there, so poll the ledger.
-    let res = wait(state, receiver, command_id, &request_hash, duplicate).await;
+    let res = wait(
+        state,
+        receiver,
+        command_id,
+        &request_hash,
+        &fields,
+        duplicate,
+    )
+    .await;
     if matches!(&res, Ok(r) if r.status() == StatusCode::ACCEPTED) {
         mark_pending(state, command_id, principal.user_id).await;
     }
@@ -137,6 +152,7 @@ async fn wait(
     mut rx: watch::Receiver<Option<Outcome>>,
     command_id: Uuid,
     request_hash: &str,
+    fields: &serde_json::Value,
     replayed: bool,
 ) -> ApiResult<Response> {
     let deadline = tokio::time::Instant::now() + state.settings.command_timeout;
@@ -154,7 +170,7 @@ async fn wait(
                             // Always compare hashes: after JetStream's window a differently-bodied
                             // retry can be answered with the original's outcome.
                             if outcome.request_hash != request_hash {
-                                return Err(key_reused());
+                                return Err(key_reused(Some(&outcome), fields));
                             }
                             let was_replayed = replayed || outcome.replayed;
                             return Ok(answer(outcome, was_replayed));
@@ -166,7 +182,7 @@ async fn wait(
             _ = poll.tick(), if polling => {
                 if let Some(prior) = ledger::find(&state.pool, &[command_id]).await?.remove(&command_id) {
                     state.forget(command_id);
-                    return replay(prior, request_hash);
+                    return replay(prior, request_hash, fields);
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -177,18 +193,45 @@ async fn wait(
     }
 }
 
-fn key_reused() -> ApiError {
+/// 422 for a key reused with another body. When the first command's answer
+/// (or rejection) carries its request fields (wallet commands do), the problem
+/// names the first field that differs and its first value.
+fn key_reused(first: Option<&Outcome>, fields: &serde_json::Value) -> ApiError {
+    let original = first.and_then(|o| {
+        o.body
+            .get("request")
+            .or_else(|| o.body.get("details").and_then(|d| d.get("request")))
+    });
+    let differing = match (original, fields) {
+        (Some(serde_json::Value::Object(was)), serde_json::Value::Object(now)) => now
+            .iter()
+            .find(|(k, v)| was.get(*k).unwrap_or(&serde_json::Value::Null) != *v)
+            .map(|(k, _)| (k.clone(), was.get(k).cloned().unwrap_or_default())),
+        _ => None,
+    };
+    let mut extra = serde_json::Map::new();
+    let message = match differing {
+        Some((field, was)) => {
+            let message = format!(
+                "this Idempotency-Key was used with a different request: `{field}` differs (first request: {was})"
+            );
+            extra.insert("field".into(), field.clone().into());
+            extra.insert("original".into(), was);
+            message
+        }
+        None => "this Idempotency-Key was used with a different request body".into(),
+    };
     ApiError::Coded {
         status: StatusCode::UNPROCESSABLE_ENTITY,
         code: "idempotency_key_reused".into(),
-        message: "this Idempotency-Key was used with a different request body".into(),
-        extra: Default::default(),
+        message,
+        extra,
     }
 }
 
-fn replay(outcome: Outcome, request_hash: &str) -> ApiResult<Response> {
+fn replay(outcome: Outcome, request_hash: &str, fields: &serde_json::Value) -> ApiResult<Response> {
     if outcome.request_hash != request_hash {
-        return Err(key_reused());
+        return Err(key_reused(Some(&outcome), fields));
     }
     Ok(answer(outcome, true))
 }
@@ -208,6 +251,10 @@ pub fn answer(outcome: Outcome, replayed: bool) -> Response {
         if let serde_json::Value::Object(details) = rejection.details {
             extra = details;
         }
+        if replayed {
+            // TigerBeetle's contract: the id is spent on a failure; a new attempt needs a new id.
+            extra.insert("result".into(), "id_already_failed".into());
+        }
         let err = ApiError::Coded {
             status,
             code: rejection.code,
@@ -224,6 +271,13 @@ pub fn answer(outcome: Outcome, replayed: bool) -> Response {
     }
     if replayed {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+        // `exists`: the id was decided before and this is its first answer again.
+        let result = if status.is_success() {
+            "exists"
+        } else {
+            "id_already_failed"
+        };
+        headers.insert("mathia-result", HeaderValue::from_static(result));
     }
     if status.is_success()
         && let Some(v) = version.and_then(|v| HeaderValue::from_str(&format!("\"{v}\"")).ok())

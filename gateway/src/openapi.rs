@@ -8,9 +8,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::routes::{
-    accounts, admin, attachments, commands, health, itineraries, messages, moderation, notes, rooms,
-    sync,
-    wallets, ws,
+    accounts, admin, attachments, commands, health, itineraries, messages, moderation, notes,
+    reminders, rooms, sync, wallets, ws,
 };
 use crate::state::AppState;
 
@@ -26,10 +25,11 @@ use crate::state::AppState;
     modifiers(&Bearer),
     tags(
         (name = "accounts", description = "Register, log in, tokens"),
-        (name = "wallet", description = "Double-entry wallets: open, deposit, transfer, withdraw, balances, history"),
+        (name = "wallet", description = "Double-entry wallets: open, deposit, transfer, withdraw, holds (post, void, expiry), limits, balances, history"),
         (name = "chat", description = "Rooms, members, messages (sealed at rest), threads, receipts, unread counts, search, moderation, notes"),
         (name = "itineraries", description = "Trips with typed reservations in local time + IANA zone, sharing, day plan, budget, conflicts, trip room, events catalogue, travel search"),
         (name = "commands", description = "Poll a command answered 202"),
+        (name = "reminders", description = "Reminders fired by the scheduler, and the notification inbox"),
         (name = "realtime", description = "WebSocket subscriptions, long-poll sync with the same cursors, presence"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
@@ -70,6 +70,13 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(wallets::deposit))
         .routes(routes!(wallets::withdraw))
         .routes(routes!(wallets::transfer))
+        .routes(routes!(wallets::set_limits))
+        .routes(routes!(wallets::linked_transfer))
+        .routes(routes!(wallets::reconciliation))
+        .routes(routes!(wallets::place_hold))
+        .routes(routes!(wallets::get_hold))
+        .routes(routes!(wallets::post_hold))
+        .routes(routes!(wallets::void_hold))
         .routes(routes!(rooms::create_room, rooms::list_rooms))
         .routes(routes!(rooms::public_rooms))
         .routes(routes!(
@@ -109,6 +116,15 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(moderation::admin_flags))
         .routes(routes!(notes::pin_note, notes::list_notes))
         .routes(routes!(notes::edit_note, notes::unpin_note))
+        .routes(routes!(reminders::set_reminder, reminders::list_reminders))
+        .routes(routes!(
+            reminders::get_reminder,
+            reminders::edit_reminder,
+            reminders::cancel_reminder
+        ))
+        .routes(routes!(reminders::snooze_reminder))
+        .routes(routes!(reminders::list_notifications))
+        .routes(routes!(reminders::mark_read))
         .routes(routes!(ws::ws))
         .routes(routes!(sync::sync))
         .routes(routes!(sync::presence))
@@ -135,7 +151,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(itineraries::budget))
         .routes(routes!(itineraries::conflicts))
         .routes(routes!(itineraries::public_itinerary))
-        .routes(routes!(itineraries::add_listing, itineraries::search_listings))
+        .routes(routes!(
+            itineraries::add_listing,
+            itineraries::search_listings
+        ))
         .routes(routes!(itineraries::search_flights))
         .routes(routes!(itineraries::search_hotels))
         .routes(routes!(commands::get_command))

@@ -61,6 +61,10 @@ pub struct Settings {
     pub travel_retries: u32,
     /// Answer a sample labelled `source: "fallback"` when no provider answers.
     pub travel_fallback: bool,
+    /// Transfer fee in basis points of the amount (rounded down), paid by the sender.
+    pub wallet_fee_bps: u32,
+    /// Fixed transfer fee in minor units, added to the proportional part.
+    pub wallet_fee_fixed: i64,
     /// Origins allowed to open the WebSocket (empty: any).
     pub ws_origins: Vec<String>,
     /// Largest WebSocket frame a client may send, in bytes.
@@ -75,6 +79,8 @@ pub struct Settings {
     pub ws_auth_timeout: Duration,
     /// Subscriptions per connection.
     pub ws_max_subscriptions: usize,
+    /// Reminders a user may set per 12 hours (0: no limit).
+    pub reminders_per_12h: u32,
 }
 
 impl Default for Settings {
@@ -101,6 +107,8 @@ impl Default for Settings {
             travel_timeout: Duration::from_secs(5),
             travel_retries: 2,
             travel_fallback: false,
+            wallet_fee_bps: 0,
+            wallet_fee_fixed: 0,
             ws_origins: vec![],
             ws_max_frame: 64 * 1024,
             ws_frames_per_sec: 20,
@@ -108,6 +116,7 @@ impl Default for Settings {
             ws_idle_timeout: Duration::from_secs(60),
             ws_auth_timeout: Duration::from_secs(10),
             ws_max_subscriptions: 200,
+            reminders_per_12h: 10,
         }
     }
 }

@@ -122,13 +122,19 @@ pub enum SearchError {
 /// Searches flights.
 pub trait FlightSearch: Send + Sync + 'static {
     /// Offers for `q`.
-    fn flights<'a>(&'a self, q: &'a FlightQuery) -> BoxFuture<'a, Result<Vec<FlightOffer>, SearchError>>;
+    fn flights<'a>(
+        &'a self,
+        q: &'a FlightQuery,
+    ) -> BoxFuture<'a, Result<Vec<FlightOffer>, SearchError>>;
 }
 
 /// Searches hotels.
 pub trait HotelSearch: Send + Sync + 'static {
     /// Offers for `q`.
-    fn hotels<'a>(&'a self, q: &'a HotelQuery) -> BoxFuture<'a, Result<Vec<HotelOffer>, SearchError>>;
+    fn hotels<'a>(
+        &'a self,
+        q: &'a HotelQuery,
+    ) -> BoxFuture<'a, Result<Vec<HotelOffer>, SearchError>>;
 }
 
 /// The HTTP provider.
@@ -169,10 +175,21 @@ struct Data<T> {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct AmadeusPrice {
     currency: String,
-    #[serde(alias = "grandTotal")]
-    total: String,
+    total: Option<String>,
+    /// Total with every fee: what the traveller pays, when given.
+    grand_total: Option<String>,
+}
+
+impl AmadeusPrice {
+    fn price(&self) -> Option<Price> {
+        minor_units(
+            self.grand_total.as_ref().or(self.total.as_ref())?,
+            &self.currency,
+        )
+    }
 }
 
 #[derive(Deserialize)]
@@ -276,7 +293,13 @@ impl HttpTravel {
                     last = format!("HTTP {}", res.status());
                 }
                 Ok(res) => return Err(SearchError::Upstream(format!("HTTP {}", res.status()))),
-                Err(e) => last = if e.is_timeout() { "timed out".into() } else { "unreachable".into() },
+                Err(e) => {
+                    last = if e.is_timeout() {
+                        "timed out".into()
+                    } else {
+                        "unreachable".into()
+                    }
+                }
             }
             tracing::debug!(attempt, error = %last, "travel provider call failed");
         }
@@ -288,7 +311,10 @@ impl HttpTravel {
 }
 
 impl FlightSearch for HttpTravel {
-    fn flights<'a>(&'a self, q: &'a FlightQuery) -> BoxFuture<'a, Result<Vec<FlightOffer>, SearchError>> {
+    fn flights<'a>(
+        &'a self,
+        q: &'a FlightQuery,
+    ) -> BoxFuture<'a, Result<Vec<FlightOffer>, SearchError>> {
         Box::pin(async move {
             let answer: Data<AmadeusFlightOffer> = self
                 .get(
@@ -307,7 +333,7 @@ impl FlightSearch for HttpTravel {
                 .into_iter()
                 .map(|o| FlightOffer {
                     id: o.id,
-                    price: o.price.and_then(|p| minor_units(&p.total, &p.currency)),
+                    price: o.price.as_ref().and_then(AmadeusPrice::price),
                     segments: o
                         .itineraries
                         .into_iter()
@@ -328,7 +354,10 @@ impl FlightSearch for HttpTravel {
 }
 
 impl HotelSearch for HttpTravel {
-    fn hotels<'a>(&'a self, q: &'a HotelQuery) -> BoxFuture<'a, Result<Vec<HotelOffer>, SearchError>> {
+    fn hotels<'a>(
+        &'a self,
+        q: &'a HotelQuery,
+    ) -> BoxFuture<'a, Result<Vec<HotelOffer>, SearchError>> {
         Box::pin(async move {
             let answer: Data<AmadeusHotelOffers> = self
                 .get(
@@ -352,7 +381,7 @@ impl HotelSearch for HttpTravel {
                         offer_id: o.id,
                         check_in: o.check_in_date,
                         check_out: o.check_out_date,
-                        price: o.price.and_then(|p| minor_units(&p.total, &p.currency)),
+                        price: o.price.as_ref().and_then(AmadeusPrice::price),
                     })
                 })
                 .collect())
@@ -365,13 +394,19 @@ impl HotelSearch for HttpTravel {
 pub struct Unconfigured;
 
 impl FlightSearch for Unconfigured {
-    fn flights<'a>(&'a self, _: &'a FlightQuery) -> BoxFuture<'a, Result<Vec<FlightOffer>, SearchError>> {
+    fn flights<'a>(
+        &'a self,
+        _: &'a FlightQuery,
+    ) -> BoxFuture<'a, Result<Vec<FlightOffer>, SearchError>> {
         Box::pin(async { Err(SearchError::NotConfigured) })
     }
 }
 
 impl HotelSearch for Unconfigured {
-    fn hotels<'a>(&'a self, _: &'a HotelQuery) -> BoxFuture<'a, Result<Vec<HotelOffer>, SearchError>> {
+    fn hotels<'a>(
+        &'a self,
+        _: &'a HotelQuery,
+    ) -> BoxFuture<'a, Result<Vec<HotelOffer>, SearchError>> {
         Box::pin(async { Err(SearchError::NotConfigured) })
     }
 }

@@ -16,6 +16,8 @@ use handlers::infra;
 use handlers::relay::Relay;
 use projections::chat::ChatProjector;
 use projections::feed::FeedProjector;
+use projections::reminder::RemindersProjector;
+use projections::scheduler::Scheduler;
 use projections::classifier::{Classifier, HttpClassifier, RuleClassifier};
 use projections::itinerary::{FeedQueue, ItineraryProjector, Poster};
 use projections::screen::{ScreenConfig, ScreenQueue, Screener};
@@ -91,6 +93,12 @@ pub struct Config {
     /// Seconds of silence after which a WebSocket is closed (4000).
     #[arg(long, env = "MATHIA_WS_IDLE_SECS", default_value_t = 60)]
     pub ws_idle_secs: u64,
+    /// How often the scheduler looks for due work, in ms.
+    #[arg(long, env = "MATHIA_SCHEDULER_TICK_MS", default_value_t = 100)]
+    pub scheduler_tick_ms: u64,
+    /// Reminders a user may set per 12 hours (0: no limit).
+    #[arg(long, env = "MATHIA_REMINDERS_PER_12H", default_value_t = 10)]
+    pub reminders_per_12h: u32,
     /// Positions of the log whose feed rows are kept for resuming (older cursors get `recovered: false`).
     #[arg(long, env = "MATHIA_FEED_RETENTION", default_value_t = 5_000_000)]
     pub feed_retention: i64,
@@ -178,6 +186,13 @@ pub struct Config {
     /// instead of 503. Off by default: nothing invented unless asked for.
     #[arg(long, env = "MATHIA_TRAVEL_FALLBACK", default_value_t = false, action = clap::ArgAction::Set)]
     pub travel_fallback: bool,
+    /// Transfer fee in basis points of the amount (rounded down), paid by the
+    /// sender to a sharded fee account; 0 with a 0 fixed fee: no fee leg.
+    #[arg(long, env = "MATHIA_WALLET_FEE_BPS", default_value_t = 0)]
+    pub wallet_fee_bps: u32,
+    /// Fixed part of the transfer fee in minor units.
+    #[arg(long, env = "MATHIA_WALLET_FEE_FIXED", default_value_t = 0)]
+    pub wallet_fee_fixed: i64,
     /// Argon2 memory cost in KiB.
     #[arg(long, env = "MATHIA_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
     pub argon2_memory_kib: u32,
@@ -207,6 +222,8 @@ pub struct Roles {
     pub relay: bool,
     /// Projectors.
     pub projections: bool,
+    /// The scheduler (due reminders).
+    pub scheduler: bool,
 }
 
 impl Roles {
@@ -216,6 +233,7 @@ impl Roles {
         handlers: true,
         relay: true,
         projections: true,
+        scheduler: true,
     };
 }
 
@@ -402,7 +420,7 @@ pub async fn run(
         // Install the metrics recorder before any role records a figure.
         gateway::routes::health::prometheus();
     }
-    let keystore = if roles.gateway || roles.projections {
+    let keystore = if roles.gateway || roles.projections || roles.scheduler {
         Some(handlers::keystore::Keystore::new(master_key(
             &config, roles,
         )?))
@@ -598,6 +616,18 @@ pub async fn run(
                 ran
             }),
         );
+        let stop = shutdown.clone();
+        spawn(
+            "proj-reminders",
+            role(&config, &infra, "proj-reminders", 2, move |infra| async move {
+                let runner = Runner {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                };
+                runner.run(Arc::new(RemindersProjector), stop).await
+            }),
+        );
         let shutdown = shutdown.clone();
         spawn(
             "proj-wallet",
@@ -607,7 +637,36 @@ pub async fn run(
                     js: async_nats::jetstream::new(infra.nats.clone()),
                     subjects: infra.subjects.clone(),
                 };
-                runner.run(Arc::new(WalletProjector), shutdown).await
+                // Holds past their timeout are expired from here (no scheduler role yet).
+                let expirer = projections::wallet::HoldExpirer {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                    every: Duration::from_millis(500),
+                };
+                let (ran, expired) =
+                    tokio::join!(runner.run(Arc::new(WalletProjector), shutdown.clone()), expirer.run(shutdown));
+                ran.and(expired)
+            }),
+        );
+    }
+    if roles.scheduler {
+        let (stop, keystore) = (
+            shutdown.clone(),
+            keystore.clone().context("the scheduler needs the master key")?,
+        );
+        let tick = Duration::from_millis(config.scheduler_tick_ms.max(10));
+        spawn(
+            "scheduler",
+            role(&config, &infra, "scheduler", 2, move |infra| async move {
+                let s = Scheduler {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                    keystore,
+                    tick,
+                };
+                s.run(stop).await
             }),
         );
     }
@@ -637,6 +696,8 @@ pub async fn run(
             travel_timeout: Duration::from_millis(config.travel_timeout_ms),
             travel_retries: config.travel_retries,
             travel_fallback: config.travel_fallback,
+            wallet_fee_bps: config.wallet_fee_bps,
+            wallet_fee_fixed: config.wallet_fee_fixed,
             ws_origins: config
                 .ws_origins
                 .iter()
@@ -647,6 +708,7 @@ pub async fn run(
             ws_frames_per_sec: config.ws_frames_per_sec,
             ws_heartbeat: Duration::from_secs(config.ws_heartbeat_secs.max(1)),
             ws_idle_timeout: Duration::from_secs(config.ws_idle_secs.max(2)),
+            reminders_per_12h: config.reminders_per_12h,
             ..Default::default()
         };
         let state = gateway::AppState::new(

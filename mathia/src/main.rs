@@ -32,6 +32,9 @@ enum Cmd {
     Relay,
     /// The projectors only.
     Projections,
+    /// The scheduler only: fires due reminders (run two for failover; each
+    /// occurrence still fires once).
+    Scheduler,
     /// Apply database migrations and exit.
     Migrate,
     /// Read the event log: list or follow it with filters, or show one event.
@@ -121,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         handlers: false,
         relay: false,
         projections: false,
+        scheduler: false,
     };
     let roles = match cli.command {
         Cmd::Migrate => {
@@ -183,6 +187,10 @@ async fn main() -> anyhow::Result<()> {
         },
         Cmd::Projections => Roles {
             projections: true,
+            ..none
+        },
+        Cmd::Scheduler => Roles {
+            scheduler: true,
             ..none
         },
     };

@@ -46,7 +46,11 @@ impl Projector for FeedProjector {
     }
 
     fn domains(&self) -> &'static [&'static str] {
-        &[events::chat::DOMAIN, events::wallet::DOMAIN]
+        &[
+            events::chat::DOMAIN,
+            events::wallet::DOMAIN,
+            events::notify::DOMAIN,
+        ]
     }
 
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
@@ -56,7 +60,16 @@ impl Projector for FeedProjector {
                 Event::Chat(e) => self.chat(tx, env, e, &mut rows).await?,
                 Event::Wallet(e) => self.wallet(tx, env, e, &mut rows).await?,
                 // Not in `domains()`; itinerary changes reach rooms as system messages.
-                Event::Itinerary(_) => {}
+                Event::Notify(e) => {
+                    // Persisted first (the event), pushed on the user's stream.
+                    let user = stream_uuid(env)?;
+                    let mut payload = serde_json::to_value(&e)?;
+                    if let Some(o) = payload.as_object_mut() {
+                        o.remove("type");
+                    }
+                    rows.push(user_topic(user), env, payload);
+                }
+                Event::Itinerary(_) | Event::Reminder(_) | Event::Webhook(_) => {}
             }
         }
         rows.write(tx).await
@@ -220,7 +233,8 @@ impl FeedProjector {
                 rows.push(user_topic(*owner), env, payload);
             }
             WalletEvent::AccountOpened { .. } => {}
-            WalletEvent::Debited(_) | WalletEvent::Credited(_) => {
+            // Money movements, holds and limits: the owner sees them all.
+            _ => {
                 let owner: Option<Uuid> = sqlx::query_scalar(
                     "SELECT owner_id FROM feed_account_owners WHERE account_id = $1",
                 )

@@ -185,10 +185,12 @@ impl Projector for ItineraryProjector {
                     .await?;
                 }
                 E::ItineraryArchived => {
-                    sqlx::query("UPDATE proj_itineraries SET archived = true WHERE itinerary_id = $1")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE proj_itineraries SET archived = true WHERE itinerary_id = $1",
+                    )
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 E::ItineraryDeleted => {
                     for forget in [
@@ -273,11 +275,13 @@ impl Projector for ItineraryProjector {
                         .execute(&mut *tx)
                         .await?;
                     }
-                    sqlx::query("UPDATE proj_itineraries SET owner_id = $2 WHERE itinerary_id = $1")
-                        .bind(id)
-                        .bind(to)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE proj_itineraries SET owner_id = $2 WHERE itinerary_id = $1",
+                    )
+                    .bind(id)
+                    .bind(to)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 E::RoomOpened { room_id } => {
                     sqlx::query("UPDATE proj_itineraries SET room_id = $2 WHERE itinerary_id = $1")
@@ -475,7 +479,10 @@ impl Poster {
                 }
                 Ok(_) => self.poll,
                 Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "posting trip updates failed; retrying");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "posting trip updates failed; retrying"
+                    );
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     backoff
                 }
@@ -519,7 +526,11 @@ impl Poster {
             };
             let message_id = post_id(event_id);
             let (key, wrapped) = new_message_key(&keys.current, message_id);
-            let body = crypto::seal(&key, &crypto::field_aad(message_id, "body"), text.as_bytes());
+            let body = crypto::seal(
+                &key,
+                &crypto::field_aad(message_id, "body"),
+                text.as_bytes(),
+            );
             let hash = Sha256::digest(format!("itinerary-feed|{event_id}").as_bytes());
             let envelope = CommandEnvelope {
                 command_id: message_id,

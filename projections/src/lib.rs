@@ -22,6 +22,8 @@ pub mod chat;
 pub mod classifier;
 pub mod itinerary;
 pub mod feed;
+pub mod reminder;
+pub mod scheduler;
 pub mod runner;
 pub mod screen;
 pub mod status;

@@ -1,5 +1,6 @@
-//! The wallet read models: `proj_wallet_accounts` (balances) and
-//! `proj_wallet_entries` (one row per ledger leg, the history).
+//! The wallet read models: `proj_wallet_accounts` (balances: posted, pending,
+//! limits), `proj_wallet_entries` (one row per ledger leg, the history) and
+//! `proj_wallet_holds` (pending transfers; the expiry scheduler reads it).
 
 use std::collections::BTreeMap;
 
@@ -34,9 +35,8 @@ impl Projector for WalletProjector {
             Vec::new(),
         );
         let mut entries = EntryRows::default();
-        // Last (version, balance, time) per account in this batch.
-        let mut balances: BTreeMap<Uuid, (i64, i64, chrono::DateTime<chrono::Utc>)> =
-            BTreeMap::new();
+        // Last (version, posted, pending, time) per account in this batch.
+        let mut balances: BTreeMap<Uuid, Balance> = BTreeMap::new();
         for env in batch {
             let Event::Wallet(event) = env.event()? else {
                 continue;
@@ -58,6 +58,72 @@ impl Projector for WalletProjector {
                 }
                 WalletEvent::Debited(leg) => entries.push(env, &leg, -leg.amount, &mut balances),
                 WalletEvent::Credited(leg) => entries.push(env, &leg, leg.amount, &mut balances),
+                WalletEvent::HoldPlaced {
+                    hold_id,
+                    amount,
+                    counterparty,
+                    reference,
+                    expires_at,
+                    at,
+                    pending_after,
+                } => {
+                    let account = stream_uuid(env)?;
+                    sqlx::query(
+                        "INSERT INTO proj_wallet_holds (hold_id, from_account, to_account, amount, status, reference,
+                                                        expires_at, placed_at, position)
+                         VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8) ON CONFLICT (hold_id) DO NOTHING",
+                    )
+                    .bind(hold_id)
+                    .bind(account)
+                    .bind(counterparty)
+                    .bind(amount)
+                    .bind(reference)
+                    .bind(expires_at)
+                    .bind(at)
+                    .bind(env.position)
+                    .execute(&mut *tx)
+                    .await?;
+                    balance(&mut balances, account, env).pending = Some(pending_after);
+                }
+                WalletEvent::HoldReleased {
+                    hold_id,
+                    posted,
+                    end,
+                    pending_after,
+                    ..
+                } => {
+                    let account = stream_uuid(env)?;
+                    sqlx::query(
+                        "UPDATE proj_wallet_holds SET status = $2, posted = $3, ended_at = $4
+                         WHERE hold_id = $1 AND status = 'pending'",
+                    )
+                    .bind(hold_id)
+                    .bind(end.as_str())
+                    .bind(posted)
+                    .bind(env.occurred_at)
+                    .execute(&mut *tx)
+                    .await?;
+                    balance(&mut balances, account, env).pending = Some(pending_after);
+                }
+                WalletEvent::LimitsSet {
+                    max_withdraw_amount,
+                    daily_spend_limit,
+                    payout_allow_list,
+                } => {
+                    let account = stream_uuid(env)?;
+                    sqlx::query(
+                        "UPDATE proj_wallet_accounts SET limits = $2 WHERE account_id = $1",
+                    )
+                    .bind(account)
+                    .bind(serde_json::json!({
+                        "max_withdraw_amount": max_withdraw_amount,
+                        "daily_spend_limit": daily_spend_limit,
+                        "payout_allow_list": payout_allow_list,
+                    }))
+                    .execute(&mut *tx)
+                    .await?;
+                    balance(&mut balances, account, env);
+                }
             }
         }
         if !opened.0.is_empty() {
@@ -96,24 +162,61 @@ impl Projector for WalletProjector {
             .bind(&entries.at)
             .execute(&mut *tx)
             .await?;
+        }
+        if !balances.is_empty() {
             let ids: Vec<Uuid> = balances.keys().copied().collect();
-            let versions: Vec<i64> = balances.values().map(|b| b.0).collect();
-            let posted: Vec<i64> = balances.values().map(|b| b.1).collect();
-            let at: Vec<chrono::DateTime<chrono::Utc>> = balances.values().map(|b| b.2).collect();
+            let versions: Vec<i64> = balances.values().map(|b| b.version).collect();
+            let posted: Vec<Option<i64>> = balances.values().map(|b| b.posted).collect();
+            let pending: Vec<Option<i64>> = balances.values().map(|b| b.pending).collect();
+            let at: Vec<chrono::DateTime<chrono::Utc>> = balances.values().map(|b| b.at).collect();
             sqlx::query(
-                "UPDATE proj_wallet_accounts a SET posted = u.p, version = u.v, updated_at = u.t
-                 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::timestamptz[]) AS u(id, v, p, t)
+                "UPDATE proj_wallet_accounts a SET posted = coalesce(u.p, a.posted), pending = coalesce(u.pe, a.pending),
+                        version = u.v, updated_at = u.t
+                 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::timestamptz[]) AS u(id, v, p, pe, t)
                  WHERE a.account_id = u.id AND a.version < u.v",
             )
             .bind(&ids)
             .bind(&versions)
             .bind(&posted)
+            .bind(&pending)
             .bind(&at)
             .execute(&mut *tx)
             .await?;
         }
         Ok(())
     }
+}
+
+/// The last state of one account within a batch; none: unchanged by it.
+struct Balance {
+    version: i64,
+    posted: Option<i64>,
+    pending: Option<i64>,
+    at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `account`'s entry in `balances`, moved to `env`'s version.
+fn balance<'a>(
+    balances: &'a mut BTreeMap<Uuid, Balance>,
+    account: Uuid,
+    env: &EventEnvelope,
+) -> &'a mut Balance {
+    let b = balances.entry(account).or_insert(Balance {
+        version: env.version,
+        posted: None,
+        pending: None,
+        at: env.occurred_at,
+    });
+    b.version = env.version;
+    b.at = env.occurred_at;
+    b
+}
+
+fn stream_uuid(env: &EventEnvelope) -> anyhow::Result<Uuid> {
+    env.stream_id
+        .id()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("wallet stream {} is not a uuid: {e}", env.stream_id))
 }
 
 #[derive(Default)]
@@ -136,7 +239,7 @@ impl EntryRows {
         env: &EventEnvelope,
         leg: &events::wallet::Leg,
         signed: i64,
-        balances: &mut BTreeMap<Uuid, (i64, i64, chrono::DateTime<chrono::Utc>)>,
+        balances: &mut BTreeMap<Uuid, Balance>,
     ) {
         let Ok(account) = env.stream_id.id().parse::<Uuid>() else {
             return;
@@ -151,6 +254,104 @@ impl EntryRows {
         self.reference.push(leg.reference.clone());
         self.balance_after.push(leg.balance_after);
         self.at.push(env.occurred_at);
-        balances.insert(account, (env.version, leg.balance_after, env.occurred_at));
+        balance(balances, account, env).posted = Some(leg.balance_after);
+    }
+}
+
+/// Fires the expiry of holds whose timeout has passed: due work is state
+/// derived from events (`proj_wallet_holds`), firing is a `wallet.ExpireHold`
+/// command with a deterministic id ([`commands::wallet::expiry_command_id`]).
+///
+/// Exactly once, whatever fires twice: the command ledger answers a repeated
+/// id without deciding it again, and the decision refuses a hold that already
+/// ended. The command carries the same clock reading the due query used, so a
+/// fired expiry is never refused as "not due" (which the ledger would keep).
+/// There is no scheduler role yet: this loop runs inside the `proj-wallet` role.
+pub struct HoldExpirer {
+    /// The read model.
+    pub pool: sqlx::PgPool,
+    /// Where commands go.
+    pub js: async_nats::jetstream::Context,
+    /// Subject and stream names.
+    pub subjects: events::Subjects,
+    /// How often to look for due holds.
+    pub every: std::time::Duration,
+}
+
+impl HoldExpirer {
+    /// Run until `shutdown`.
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+        // Fired recently: the read model has not caught up with the release yet.
+        let mut fired: std::collections::HashMap<Uuid, std::time::Instant> = Default::default();
+        while !shutdown.is_cancelled() {
+            fired.retain(|_, at| at.elapsed() < std::time::Duration::from_secs(30));
+            if let Err(e) = self.expire_due(&mut fired).await {
+                tracing::warn!(error = format!("{e:#}"), "hold expiry failed; retrying");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(self.every) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Publish the expiry of every due hold not fired recently; how many.
+    pub async fn expire_due(
+        &self,
+        fired: &mut std::collections::HashMap<Uuid, std::time::Instant>,
+    ) -> anyhow::Result<usize> {
+        use sqlx::Row;
+        let now = chrono::Utc::now();
+        let rows = sqlx::query(
+            "SELECT hold_id, from_account FROM proj_wallet_holds
+             WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT 500",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut n = 0;
+        for r in rows {
+            let (hold_id, from): (Uuid, Uuid) = (r.get("hold_id"), r.get("from_account"));
+            if fired.contains_key(&hold_id) {
+                continue;
+            }
+            let command_id = commands::wallet::expiry_command_id(hold_id);
+            let envelope = handlers::bus::CommandEnvelope {
+                command_id,
+                correlation_id: command_id,
+                actor: commands::Actor {
+                    user_id: None,
+                    role: commands::Role::System,
+                },
+                issued_at: now,
+                request_hash: format!("expire-hold:{hold_id}"),
+                command: commands::Command::Wallet(commands::wallet::WalletCommand::ExpireHold {
+                    hold_id,
+                    from,
+                    at: now,
+                }),
+                expected_version: None,
+            };
+            let inbox = format!(
+                "{}.{command_id}",
+                self.subjects.outcome_inbox("hold-expirer")
+            );
+            match handlers::bus::publish_command(&self.js, &self.subjects, &envelope, &inbox)
+                .await?
+            {
+                handlers::bus::Published::Stored { .. } => {
+                    fired.insert(hold_id, std::time::Instant::now());
+                    n += 1;
+                }
+                handlers::bus::Published::Unknown => {
+                    anyhow::bail!("COMMANDS did not acknowledge a hold expiry")
+                }
+            }
+        }
+        if n > 0 {
+            metrics::counter!("mathia_wallet_holds_expired_total").increment(n as u64);
+        }
+        Ok(n)
     }
 }

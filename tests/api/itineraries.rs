@@ -49,8 +49,13 @@ fn item(kind: &str, title: &str, start: &str, end: &str, zone: &str) -> Value {
 }
 
 async fn add(app: &TestApp, token: &str, trip: Uuid, body: &Value) -> Reply {
-    app.post(&format!("/v1/itineraries/{trip}/items"), Some(token), body, &[])
-        .await
+    app.post(
+        &format!("/v1/itineraries/{trip}/items"),
+        Some(token),
+        body,
+        &[],
+    )
+    .await
 }
 
 async fn read(app: &TestApp, token: &str, path: &str, after: i64) -> Reply {
@@ -135,7 +140,10 @@ async fn a_2330_nairobi_flight_landing_0610_in_london_is_stored_ordered_and_on_t
         .map(|i| i["title"].as_str().unwrap())
         .collect();
     // 15:00Z dinner, 20:30Z flight, next day 14:00Z hotel: true chronological order.
-    assert_eq!(titles, ["Farewell dinner", "KQ 100 Nairobi → London", "The Savoy"]);
+    assert_eq!(
+        titles,
+        ["Farewell dinner", "KQ 100 Nairobi → London", "The Savoy"]
+    );
     assert_eq!(
         detail.header("etag"),
         Some(format!("\"{}\"", detail.body["version"]).as_str())
@@ -193,9 +201,12 @@ async fn a_2330_nairobi_flight_landing_0610_in_london_is_stored_ordered_and_on_t
     assert_eq!(days_of(&london.body, "The Savoy").len(), 4);
     assert_eq!(london.body["days"].as_array().unwrap().len(), 9);
     // An unknown zone is a problem, not a 500.
-    app.get(&format!("/v1/itineraries/{t}/days?zone=Mars/Base"), Some(&alice))
-        .await
-        .assert_problem(422, "invalid_zone");
+    app.get(
+        &format!("/v1/itineraries/{t}/days?zone=Mars/Base"),
+        Some(&alice),
+    )
+    .await
+    .assert_problem(422, "invalid_zone");
     app.stop().await;
 }
 
@@ -270,21 +281,14 @@ async fn two_editors_racing_with_the_same_if_match_get_one_success_and_one_412()
     let detail = read(&app, &a, &format!("/v1/itineraries/{t}"), pos(&f)).await;
     let etag = detail.header("etag").unwrap().to_owned();
     let path = format!("/v1/itineraries/{t}/items/{item_id}");
+    let (aisle, window) = (
+        json!({"notes": "aisle seat"}),
+        json!({"notes": "window seat"}),
+    );
+    let headers = [("if-match", etag.as_str())];
     let (ra, rb) = tokio::join!(
-        app.call(
-            "PATCH",
-            &path,
-            Some(&a),
-            Some(&json!({"notes": "aisle seat"})),
-            &[("if-match", &etag)]
-        ),
-        app.call(
-            "PATCH",
-            &path,
-            Some(&b),
-            Some(&json!({"notes": "window seat"})),
-            &[("if-match", &etag)]
-        ),
+        app.call("PATCH", &path, Some(&a), Some(&aisle), &headers),
+        app.call("PATCH", &path, Some(&b), Some(&window), &headers),
     );
     let mut statuses = [ra.status, rb.status];
     statuses.sort();
@@ -310,37 +314,107 @@ async fn viewers_cannot_write_strangers_get_404_and_a_revoked_editor_changes_not
     let ok = add(&app, &ed, t, &flight()).await;
     assert_eq!(ok.status, 201, "{}", ok.body);
     let before = app.count("events").await;
-    add(&app, &viewer, t, &item("note", "x", "2026-12-22T10:00:00", "2026-12-22T10:00:00", "Europe/London"))
-        .await
-        .assert_problem(403, "forbidden");
-    add(&app, &stranger, t, &item("note", "x", "2026-12-22T10:00:00", "2026-12-22T10:00:00", "Europe/London"))
+    add(
+        &app,
+        &viewer,
+        t,
+        &item(
+            "note",
+            "x",
+            "2026-12-22T10:00:00",
+            "2026-12-22T10:00:00",
+            "Europe/London",
+        ),
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    add(
+        &app,
+        &stranger,
+        t,
+        &item(
+            "note",
+            "x",
+            "2026-12-22T10:00:00",
+            "2026-12-22T10:00:00",
+            "Europe/London",
+        ),
+    )
+    .await
+    .assert_problem(404, "itinerary_not_found");
+    for read in ["", "/days", "/budget", "/conflicts", "/shares"] {
+        app.get(&format!("/v1/itineraries/{t}{read}"), Some(&stranger))
+            .await
+            .assert_problem(404, "itinerary_not_found");
+    }
+    for (method, write) in [
+        ("PATCH", ""),
+        ("DELETE", ""),
+        ("POST", "/archive"),
+        ("POST", "/room"),
+        ("POST", "/shares/accept"),
+    ] {
+        app.call(
+            method,
+            &format!("/v1/itineraries/{t}{write}"),
+            Some(&stranger),
+            Some(&json!({})),
+            &[],
+        )
         .await
         .assert_problem(404, "itinerary_not_found");
-    app.get(&format!("/v1/itineraries/{t}"), Some(&stranger))
-        .await
-        .assert_problem(404, "itinerary_not_found");
+    }
     // Editors cannot share; viewers read.
-    app.post(&format!("/v1/itineraries/{t}/shares"), Some(&ed), &json!({"user_id": Uuid::new_v4(), "role": "viewer"}), &[])
-        .await
-        .assert_problem(403, "forbidden");
+    app.post(
+        &format!("/v1/itineraries/{t}/shares"),
+        Some(&ed),
+        &json!({"user_id": Uuid::new_v4(), "role": "viewer"}),
+        &[],
+    )
+    .await
+    .assert_problem(403, "forbidden");
     assert_eq!(app.count("events").await, before);
     let seen = read(&app, &viewer, &format!("/v1/itineraries/{t}"), pos(&ok)).await;
     assert_eq!(seen.status, 200);
     assert_eq!(seen.body["role"], "viewer");
 
     let revoked = app
-        .call("DELETE", &format!("/v1/itineraries/{t}/shares/{ed_id}"), Some(&owner), None, &[])
+        .call(
+            "DELETE",
+            &format!("/v1/itineraries/{t}/shares/{ed_id}"),
+            Some(&owner),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(revoked.status, 200, "{}", revoked.body);
     let before = app.count("events").await;
-    let write = add(&app, &ed, t, &item("note", "sneaky", "2026-12-22T10:00:00", "2026-12-22T10:00:00", "Europe/London")).await;
+    let write = add(
+        &app,
+        &ed,
+        t,
+        &item(
+            "note",
+            "sneaky",
+            "2026-12-22T10:00:00",
+            "2026-12-22T10:00:00",
+            "Europe/London",
+        ),
+    )
+    .await;
     assert!(
         [403, 404].contains(&write.status),
         "a revoked editor wrote: {}",
         write.body
     );
     let patch = app
-        .call("PATCH", &format!("/v1/itineraries/{t}"), Some(&ed), Some(&json!({"title": "mine now"})), &[])
+        .call(
+            "PATCH",
+            &format!("/v1/itineraries/{t}"),
+            Some(&ed),
+            Some(&json!({"title": "mine now"})),
+            &[],
+        )
         .await;
     assert!([403, 404].contains(&patch.status), "{}", patch.body);
     assert_eq!(app.count("events").await, before, "nothing was written");
@@ -352,7 +426,12 @@ async fn viewers_cannot_write_strangers_get_404_and_a_revoked_editor_changes_not
 
     // Ownership moves to a collaborator only; the old owner stays as an editor.
     let moved = app
-        .post(&format!("/v1/itineraries/{t}/owner"), Some(&owner), &json!({"user_id": v_id}), &[])
+        .post(
+            &format!("/v1/itineraries/{t}/owner"),
+            Some(&owner),
+            &json!({"user_id": v_id}),
+            &[],
+        )
         .await;
     assert_eq!(moved.status, 200, "{}", moved.body);
     let now = read(&app, &owner, &format!("/v1/itineraries/{t}"), pos(&moved)).await;
@@ -374,7 +453,11 @@ async fn upserting_the_same_booking_twice_is_idempotent_and_a_public_link_reads_
     assert_eq!(again.status, 200, "{}", again.body);
     assert_eq!(again.body["upsert"], "unchanged");
     assert_eq!(again.body["item_id"], first.body["item_id"]);
-    assert_eq!(app.count("events").await, before, "an unchanged upsert appends nothing");
+    assert_eq!(
+        app.count("events").await,
+        before,
+        "an unchanged upsert appends nothing"
+    );
     let mut changed = flight();
     changed["price"]["amount"] = json!(79000);
     let upd = add(&app, &alice, t, &changed).await;
@@ -385,13 +468,21 @@ async fn upserting_the_same_booking_twice_is_idempotent_and_a_public_link_reads_
 
     // A public link: an unguessable token, read-only, no travellers.
     let r = app
-        .call("PATCH", &format!("/v1/itineraries/{t}"), Some(&alice), Some(&json!({"visibility": "public_link"})), &[])
+        .call(
+            "PATCH",
+            &format!("/v1/itineraries/{t}"),
+            Some(&alice),
+            Some(&json!({"visibility": "public_link"})),
+            &[],
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let token = r.body["link_token"].as_str().unwrap().to_owned();
     assert_eq!(token.len(), 43);
     app.settle("itinerary").await;
-    let public = app.get(&format!("/v1/public/itineraries/{token}"), None).await;
+    let public = app
+        .get(&format!("/v1/public/itineraries/{token}"), None)
+        .await;
     assert_eq!(public.status, 200, "{}", public.body);
     assert_eq!(public.body["items"].as_array().unwrap().len(), 1);
     assert!(public.body["link_token"].is_null());
@@ -399,11 +490,22 @@ async fn upserting_the_same_booking_twice_is_idempotent_and_a_public_link_reads_
         .await
         .assert_problem(404, "itinerary_not_found");
     let r = app
-        .call("PATCH", &format!("/v1/itineraries/{t}"), Some(&alice), Some(&json!({"visibility": "private"})), &[])
+        .call(
+            "PATCH",
+            &format!("/v1/itineraries/{t}"),
+            Some(&alice),
+            Some(&json!({"visibility": "private"})),
+            &[],
+        )
         .await;
     assert!(r.body["link_token"].is_null());
     app.settle("itinerary").await;
-    assert_eq!(app.get(&format!("/v1/public/itineraries/{token}"), None).await.status, 404);
+    assert_eq!(
+        app.get(&format!("/v1/public/itineraries/{token}"), None)
+            .await
+            .status,
+        404
+    );
     app.stop().await;
 }
 
@@ -419,7 +521,11 @@ async fn budget_planned_vs_booked_matches_a_recount_after_random_edits() {
     let statuses = ["pending", "confirmed", "cancelled"];
     let mut last = 0;
     for n in 0..40 {
-        let op = if model.is_empty() { 0 } else { rng.random_range(0..6) };
+        let op = if model.is_empty() {
+            0
+        } else {
+            rng.random_range(0..6)
+        };
         let pick = |rng: &mut rand::rngs::StdRng, model: &BTreeMap<Uuid, _>| {
             *model.keys().nth(rng.random_range(0..model.len())).unwrap()
         };
@@ -428,7 +534,13 @@ async fn budget_planned_vs_booked_matches_a_recount_after_random_edits() {
                 let c = currencies[rng.random_range(0..3)].to_owned();
                 let a = rng.random_range(0..500_000i64);
                 let s = statuses[rng.random_range(0..2)].to_owned();
-                let mut body = item("activity", &format!("thing {n}"), "2026-12-22T10:00:00", "2026-12-22T11:00:00", "Europe/London");
+                let mut body = item(
+                    "activity",
+                    &format!("thing {n}"),
+                    "2026-12-22T10:00:00",
+                    "2026-12-22T11:00:00",
+                    "Europe/London",
+                );
                 body["price"] = json!({"amount": a, "currency": c});
                 body["status"] = json!(s);
                 let r = add(&app, &alice, t, &body).await;
@@ -442,8 +554,13 @@ async fn budget_planned_vs_booked_matches_a_recount_after_random_edits() {
                 let s = statuses[rng.random_range(0..2)];
                 let c = model[&i].0.clone();
                 let r = app
-                    .call("PATCH", &format!("/v1/itineraries/{t}/items/{i}"), Some(&alice),
-                        Some(&json!({"price": {"amount": a, "currency": c}, "status": s})), &[])
+                    .call(
+                        "PATCH",
+                        &format!("/v1/itineraries/{t}/items/{i}"),
+                        Some(&alice),
+                        Some(&json!({"price": {"amount": a, "currency": c}, "status": s})),
+                        &[],
+                    )
                     .await;
                 assert_eq!(r.status, 200, "{}", r.body);
                 model.insert(i, (c, a, s.to_owned()));
@@ -452,7 +569,12 @@ async fn budget_planned_vs_booked_matches_a_recount_after_random_edits() {
             4 => {
                 let i = pick(&mut rng, &model);
                 let r = app
-                    .post(&format!("/v1/itineraries/{t}/items/{i}/cancel"), Some(&alice), &json!({}), &[])
+                    .post(
+                        &format!("/v1/itineraries/{t}/items/{i}/cancel"),
+                        Some(&alice),
+                        &json!({}),
+                        &[],
+                    )
                     .await;
                 if model[&i].2 == "cancelled" {
                     r.assert_problem(409, "already_cancelled");
@@ -465,7 +587,13 @@ async fn budget_planned_vs_booked_matches_a_recount_after_random_edits() {
             _ => {
                 let i = pick(&mut rng, &model);
                 let r = app
-                    .call("DELETE", &format!("/v1/itineraries/{t}/items/{i}"), Some(&alice), None, &[])
+                    .call(
+                        "DELETE",
+                        &format!("/v1/itineraries/{t}/items/{i}"),
+                        Some(&alice),
+                        None,
+                        &[],
+                    )
                     .await;
                 assert_eq!(r.status, 200, "{}", r.body);
                 model.remove(&i);
@@ -518,7 +646,12 @@ async fn my_itineraries_pages_owned_and_shared_newest_first_with_an_opaque_curso
     // An invitation waits apart until accepted.
     let (pending, _) = trip(&app, &bob, "not yet").await;
     let r = app
-        .post(&format!("/v1/itineraries/{pending}/shares"), Some(&bob), &json!({"user_id": alice_id, "role": "editor"}), &[])
+        .post(
+            &format!("/v1/itineraries/{pending}/shares"),
+            Some(&bob),
+            &json!({"user_id": alice_id, "role": "editor"}),
+            &[],
+        )
         .await;
     app.settle("itinerary").await;
     let mut seen = vec![];
@@ -562,20 +695,50 @@ async fn overlapping_items_of_the_same_traveller_are_flagged_with_both_named() {
     let (t, _) = trip(&app, &alice, "Clash").await;
     share(&app, &alice, t, b_id, &bob, "editor").await;
     let zone = "Europe/London";
-    let mut tour = item("activity", "Museum tour", "2026-12-23T09:00:00", "2026-12-23T12:00:00", zone);
+    let mut tour = item(
+        "activity",
+        "Museum tour",
+        "2026-12-23T09:00:00",
+        "2026-12-23T12:00:00",
+        zone,
+    );
     tour["travellers"] = json!([a_id]);
-    let mut train = item("train", "Train to Paris", "2026-12-23T11:00:00", "2026-12-23T14:30:00", zone);
+    let mut train = item(
+        "train",
+        "Train to Paris",
+        "2026-12-23T11:00:00",
+        "2026-12-23T14:30:00",
+        zone,
+    );
     train["travellers"] = json!([a_id, b_id]);
-    let mut football = item("event", "Football", "2026-12-23T10:00:00", "2026-12-23T11:00:00", zone);
+    let mut football = item(
+        "event",
+        "Football",
+        "2026-12-23T10:00:00",
+        "2026-12-23T11:00:00",
+        zone,
+    );
     football["travellers"] = json!([b_id]);
-    let hotel = item("hotel", "Hotel", "2026-12-21T14:00:00", "2026-12-24T11:00:00", zone);
+    let hotel = item(
+        "hotel",
+        "Hotel",
+        "2026-12-21T14:00:00",
+        "2026-12-24T11:00:00",
+        zone,
+    );
     let mut last = 0;
     for body in [&tour, &train, &football, &hotel] {
         let r = add(&app, &alice, t, body).await;
         assert_eq!(r.status, 201, "{}", r.body);
         last = pos(&r);
     }
-    let c = read(&app, &alice, &format!("/v1/itineraries/{t}/conflicts"), last).await;
+    let c = read(
+        &app,
+        &alice,
+        &format!("/v1/itineraries/{t}/conflicts"),
+        last,
+    )
+    .await;
     assert_eq!(c.status, 200, "{}", c.body);
     let items = c.body["items"].as_array().unwrap();
     // Tour × train (Alice, 11:00–12:00). Football ends as the train starts; the tour is Alice's only; the hotel is a stay.
@@ -588,8 +751,81 @@ async fn overlapping_items_of_the_same_traveller_are_flagged_with_both_named() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_itinerary_is_created_updated_archived_read_only_and_deleted() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let (t, created) = trip(&app, &alice, "Lifecycle").await;
+    assert_eq!(created.body["details"]["zone"], "Europe/London");
+    assert_eq!(created.body["details"]["budget"]["GBP"], 250000);
+    assert_eq!(created.header("etag"), Some("\"1\""));
+    let upd = app
+        .call(
+            "PATCH",
+            &format!("/v1/itineraries/{t}"),
+            Some(&alice),
+            Some(
+                &json!({"title": "Lifecycle II", "region": "", "zone": "Africa/Nairobi",
+                         "metadata": {"purpose": "family"}}),
+            ),
+            &[("if-match", "\"1\"")],
+        )
+        .await;
+    assert_eq!(upd.status, 200, "{}", upd.body);
+    let d = read(&app, &alice, &format!("/v1/itineraries/{t}"), pos(&upd)).await;
+    assert_eq!(d.body["title"], "Lifecycle II");
+    assert!(d.body["region"].is_null());
+    assert_eq!(d.body["zone"], "Africa/Nairobi");
+    assert_eq!(d.body["metadata"]["purpose"], "family");
+    assert_eq!(d.body["version"], 2);
+    let arch = app
+        .post(
+            &format!("/v1/itineraries/{t}/archive"),
+            Some(&alice),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(arch.status, 200, "{}", arch.body);
+    add(&app, &alice, t, &flight())
+        .await
+        .assert_problem(409, "itinerary_archived");
+    let d = read(&app, &alice, &format!("/v1/itineraries/{t}"), pos(&arch)).await;
+    assert_eq!(d.body["archived"], true);
+    let del = app
+        .call(
+            "DELETE",
+            &format!("/v1/itineraries/{t}"),
+            Some(&alice),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(del.status, 200, "{}", del.body);
+    read(&app, &alice, &format!("/v1/itineraries/{t}"), pos(&del))
+        .await
+        .assert_problem(404, "itinerary_not_found");
+    let mine = read(&app, &alice, "/v1/itineraries", pos(&del)).await;
+    assert_eq!(mine.body["items"].as_array().unwrap().len(), 0);
+    app.call(
+        "DELETE",
+        &format!("/v1/itineraries/{t}"),
+        Some(&alice),
+        None,
+        &[],
+    )
+    .await
+    .assert_problem(404, "itinerary_not_found");
+    app.stop().await;
+}
+
 /// Poll `path` until `done` holds of its body.
-async fn eventually(app: &TestApp, path: &str, token: &str, done: impl Fn(&Value) -> bool) -> Value {
+async fn eventually(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     for _ in 0..400 {
         let r = app.get(path, Some(token)).await;
         if r.status == 200 && done(&r.body) {
@@ -609,13 +845,23 @@ async fn the_trip_room_holds_the_trips_people_and_receives_changes_as_sealed_sys
     let (t, _) = trip(&app, &alice, "Roomy").await;
     share(&app, &alice, t, b_id, &bob, "viewer").await;
     let opened = app
-        .post(&format!("/v1/itineraries/{t}/room"), Some(&alice), &json!({}), &[])
+        .post(
+            &format!("/v1/itineraries/{t}/room"),
+            Some(&alice),
+            &json!({}),
+            &[],
+        )
         .await;
     assert_eq!(opened.status, 201, "{}", opened.body);
     let room = id(&opened.body["room_id"]);
-    app.post(&format!("/v1/itineraries/{t}/room"), Some(&alice), &json!({}), &[])
-        .await
-        .assert_problem(409, "room_exists");
+    app.post(
+        &format!("/v1/itineraries/{t}/room"),
+        Some(&alice),
+        &json!({}),
+        &[],
+    )
+    .await
+    .assert_problem(409, "room_exists");
     // Bob (a viewer) is a member; Carol joins when she accepts.
     share(&app, &alice, t, c_id, &carol, "editor").await;
     let f = add(&app, &carol, t, &flight()).await;
@@ -635,7 +881,10 @@ async fn the_trip_room_holds_the_trips_people_and_receives_changes_as_sealed_sys
         .find(|m| m["body"].as_str().is_some_and(|t| t.contains("KQ 100")))
         .unwrap();
     assert_eq!(post["sender"], json!(Uuid::nil()));
-    assert!(post["body"].as_str().unwrap().starts_with("T added flight"), "{post}");
+    assert!(
+        post["body"].as_str().unwrap().starts_with("T added flight"),
+        "{post}"
+    );
     // Sealed at rest like any message: the text is not in the event log.
     let leaked: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE event_type = 'MessagePosted' AND payload::text LIKE '%KQ 100%'",
@@ -646,16 +895,27 @@ async fn the_trip_room_holds_the_trips_people_and_receives_changes_as_sealed_sys
     assert_eq!(leaked, 0);
     // Revoking Carol removes her from the room too.
     let r = app
-        .call("DELETE", &format!("/v1/itineraries/{t}/shares/{c_id}"), Some(&alice), None, &[])
+        .call(
+            "DELETE",
+            &format!("/v1/itineraries/{t}/shares/{c_id}"),
+            Some(&alice),
+            None,
+            &[],
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     app.settle("chat").await;
     assert_eq!(app.get(&timeline, Some(&carol)).await.status, 404);
     // A viewer cannot open rooms of other trips, a stranger learns nothing.
     let (t2, _) = trip(&app, &alice, "Other").await;
-    app.post(&format!("/v1/itineraries/{t2}/room"), Some(&carol), &json!({}), &[])
-        .await
-        .assert_problem(404, "itinerary_not_found");
+    app.post(
+        &format!("/v1/itineraries/{t2}/room"),
+        Some(&carol),
+        &json!({}),
+        &[],
+    )
+    .await
+    .assert_problem(404, "itinerary_not_found");
     app.stop().await;
 }
 
@@ -672,36 +932,64 @@ async fn admins_add_catalogue_events_anyone_searches_by_place_and_dates_and_adds
     app.post("/v1/catalog/events", Some(&alice), &concert, &[])
         .await
         .assert_problem(403, "forbidden");
-    let added = app.post("/v1/catalog/events", Some(&admin), &concert, &[]).await;
+    let added = app
+        .post("/v1/catalog/events", Some(&admin), &concert, &[])
+        .await;
     assert_eq!(added.status, 201, "{}", added.body);
     let listing = id(&added.body["listing_id"]);
     let mut other = concert.clone();
     other["place"] = json!("Nairobi");
     other["title"] = json!("Blankets & Wine");
-    let r = app.post("/v1/catalog/events", Some(&admin), &other, &[]).await;
-    let found = read(&app, &alice, "/v1/catalog/events?place=london&from=2026-12-20&to=2026-12-28", pos(&r)).await;
+    let r = app
+        .post("/v1/catalog/events", Some(&admin), &other, &[])
+        .await;
+    let found = read(
+        &app,
+        &alice,
+        "/v1/catalog/events?place=london&from=2026-12-20&to=2026-12-28",
+        pos(&r),
+    )
+    .await;
     assert_eq!(found.status, 200, "{}", found.body);
     let items = found.body["items"].as_array().unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(items[0]["title"], "Sauti Sol");
     let none = app
-        .get("/v1/catalog/events?place=London&from=2027-01-01&to=2027-01-31", Some(&alice))
+        .get(
+            "/v1/catalog/events?place=London&from=2027-01-01&to=2027-01-31",
+            Some(&alice),
+        )
         .await;
     assert_eq!(none.body["items"].as_array().unwrap().len(), 0);
     let (t, _) = trip(&app, &alice, "Gig").await;
     let item = app
-        .post(&format!("/v1/itineraries/{t}/items/from-catalog"), Some(&alice), &json!({"listing_id": listing}), &[])
+        .post(
+            &format!("/v1/itineraries/{t}/items/from-catalog"),
+            Some(&alice),
+            &json!({"listing_id": listing}),
+            &[],
+        )
         .await;
     assert_eq!(item.status, 201, "{}", item.body);
     assert_eq!(item.body["kind"], "event");
     assert_eq!(item.body["price"]["amount"], 4500);
     assert_eq!(item.body["start"]["utc"], "2026-12-22T19:30:00Z");
-    app.post(&format!("/v1/itineraries/{t}/items/from-catalog"), Some(&alice), &json!({"listing_id": listing}), &[])
-        .await
-        .assert_problem(409, "listing_already_added");
-    app.post(&format!("/v1/itineraries/{t}/items/from-catalog"), Some(&alice), &json!({"listing_id": Uuid::new_v4()}), &[])
-        .await
-        .assert_problem(404, "listing_not_found");
+    app.post(
+        &format!("/v1/itineraries/{t}/items/from-catalog"),
+        Some(&alice),
+        &json!({"listing_id": listing}),
+        &[],
+    )
+    .await
+    .assert_problem(409, "listing_already_added");
+    app.post(
+        &format!("/v1/itineraries/{t}/items/from-catalog"),
+        Some(&alice),
+        &json!({"listing_id": Uuid::new_v4()}),
+        &[],
+    )
+    .await
+    .assert_problem(404, "listing_not_found");
     app.stop().await;
 }
 
@@ -720,14 +1008,27 @@ async fn flight_offers(
 ) -> (axum::http::StatusCode, Json<Value>) {
     stub.calls.fetch_add(1, Ordering::SeqCst);
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer stub-travel") {
-        return (axum::http::StatusCode::UNAUTHORIZED, Json(json!({"errors": [{"status": 401, "code": 38190, "title": "Invalid access token"}]})));
+        return (
+            axum::http::StatusCode::UNAUTHORIZED,
+            Json(
+                json!({"errors": [{"status": 401, "code": 38190, "title": "Invalid access token"}]}),
+            ),
+        );
     }
     if stub.fail_first.load(Ordering::SeqCst) > 0 {
         stub.fail_first.fetch_sub(1, Ordering::SeqCst);
-        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"errors": [{"status": 500, "code": 141, "title": "SYSTEM ERROR HAS OCCURRED"}]})));
+        return (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            Json(
+                json!({"errors": [{"status": 500, "code": 141, "title": "SYSTEM ERROR HAS OCCURRED"}]}),
+            ),
+        );
     }
     if q.get("originLocationCode").map(String::as_str) == Some("ERR") {
-        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(json!({"errors": []})));
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"errors": []})),
+        );
     }
     let date = q.get("departureDate").cloned().unwrap_or_default();
     (
@@ -760,8 +1061,14 @@ async fn hotel_offers(Query(q): Query<BTreeMap<String, String>>) -> Json<Value> 
 async fn stub_provider() -> (String, Stub) {
     let stub = Stub::default();
     let router = axum::Router::new()
-        .route("/v2/shopping/flight-offers", axum::routing::get(flight_offers))
-        .route("/v3/shopping/hotel-offers", axum::routing::get(hotel_offers))
+        .route(
+            "/v2/shopping/flight-offers",
+            axum::routing::get(flight_offers),
+        )
+        .route(
+            "/v3/shopping/hotel-offers",
+            axum::routing::get(hotel_offers),
+        )
         .with_state(stub.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -770,7 +1077,8 @@ async fn stub_provider() -> (String, Stub) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn travel_search_reads_the_provider_wire_format_retries_and_never_invents_without_the_fallback() {
+async fn travel_search_reads_the_provider_wire_format_retries_and_never_invents_without_the_fallback()
+ {
     let (url, stub) = stub_provider().await;
     let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
         c.travel_url = Some(url.clone());
@@ -783,7 +1091,10 @@ async fn travel_search_reads_the_provider_wire_format_retries_and_never_invents_
     // Two 500s, then an answer: retried within the budget of 2.
     stub.fail_first.store(2, Ordering::SeqCst);
     let r = app
-        .get("/v1/travel/flights?origin=nbo&destination=LHR&date=2026-12-20", Some(&alice))
+        .get(
+            "/v1/travel/flights?origin=nbo&destination=LHR&date=2026-12-20",
+            Some(&alice),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(stub.calls.load(Ordering::SeqCst), 3);
@@ -791,30 +1102,48 @@ async fn travel_search_reads_the_provider_wire_format_retries_and_never_invents_
     let offer = &r.body["offers"][0];
     assert_eq!(offer["price"], json!({"amount": 85000, "currency": "GBP"}));
     assert_eq!(offer["segments"][0]["from"], "NBO");
-    assert_eq!(offer["segments"][0]["departure_local"], "2026-12-20T23:30:00");
+    assert_eq!(
+        offer["segments"][0]["departure_local"],
+        "2026-12-20T23:30:00"
+    );
     let h = app
-        .get("/v1/travel/hotels?city=LON&check_in=2026-12-21&check_out=2026-12-24", Some(&alice))
+        .get(
+            "/v1/travel/hotels?city=LON&check_in=2026-12-21&check_out=2026-12-24",
+            Some(&alice),
+        )
         .await;
     assert_eq!(h.status, 200, "{}", h.body);
     assert_eq!(h.body["offers"][0]["name"], "THE SAVOY");
     assert_eq!(h.body["offers"][0]["price"]["amount"], 132050);
     // A provider that keeps failing: 503, nothing made up.
-    app.get("/v1/travel/flights?origin=ERR&destination=LHR&date=2026-12-20", Some(&alice))
-        .await
-        .assert_problem(503, "travel_search_unavailable");
-    app.get("/v1/travel/flights?origin=NAIROBI&destination=LHR&date=2026-12-20", Some(&alice))
-        .await
-        .assert_problem(422, "invalid_input");
-    app.get("/v1/travel/hotels?city=LON&check_in=2026-12-24&check_out=2026-12-21", Some(&alice))
-        .await
-        .assert_problem(422, "invalid_input");
+    app.get(
+        "/v1/travel/flights?origin=ERR&destination=LHR&date=2026-12-20",
+        Some(&alice),
+    )
+    .await
+    .assert_problem(503, "travel_search_unavailable");
+    app.get(
+        "/v1/travel/flights?origin=NAIROBI&destination=LHR&date=2026-12-20",
+        Some(&alice),
+    )
+    .await
+    .assert_problem(422, "invalid_input");
+    app.get(
+        "/v1/travel/hotels?city=LON&check_in=2026-12-24&check_out=2026-12-21",
+        Some(&alice),
+    )
+    .await
+    .assert_problem(422, "invalid_input");
     app.stop().await;
 
     // No provider at all: 503 unless the fallback is on, and then it says so.
     let app = TestApp::spawn_with(mathia::Roles::ALL, |c| c.travel_fallback = true).await;
     let (_, alice) = app.user("alice@test.local").await;
     let r = app
-        .get("/v1/travel/flights?origin=NBO&destination=LHR&date=2026-12-20", Some(&alice))
+        .get(
+            "/v1/travel/flights?origin=NBO&destination=LHR&date=2026-12-20",
+            Some(&alice),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["source"], "fallback");
@@ -822,9 +1151,12 @@ async fn travel_search_reads_the_provider_wire_format_retries_and_never_invents_
     app.stop().await;
     let app = TestApp::spawn().await;
     let (_, alice) = app.user("alice@test.local").await;
-    app.get("/v1/travel/hotels?city=LON&check_in=2026-12-21&check_out=2026-12-24", Some(&alice))
-        .await
-        .assert_problem(503, "travel_search_unavailable");
+    app.get(
+        "/v1/travel/hotels?city=LON&check_in=2026-12-21&check_out=2026-12-24",
+        Some(&alice),
+    )
+    .await
+    .assert_problem(503, "travel_search_unavailable");
     app.stop().await;
 }
 
@@ -845,12 +1177,20 @@ async fn bad_itinerary_input_is_a_4xx_problem_and_writes_nothing() {
         (with("end_date", json!("2026-01-01")), 422, "invalid_dates"),
         (with("budget", json!({"XXX": 5})), 422, "invalid_currency"),
         (with("budget", json!({"GBP": -5})), 422, "invalid_amount"),
-        (with("budget", json!({"GBP": 1e30})), 400, "malformed_request"),
+        (
+            with("budget", json!({"GBP": 1e30})),
+            400,
+            "malformed_request",
+        ),
         (with("title", json!("a\u{0}b")), 400, "malformed_request"),
         (with("title", json!("")), 422, "invalid_input"),
         (with("metadata", json!([1, 2])), 422, "invalid_input"),
         (with("surprise", json!(1)), 400, "malformed_request"),
-        (with("visibility", json!("everyone")), 400, "malformed_request"),
+        (
+            with("visibility", json!("everyone")),
+            400,
+            "malformed_request",
+        ),
     ] {
         app.post("/v1/itineraries", Some(&alice), &body, &[])
             .await
@@ -858,19 +1198,33 @@ async fn bad_itinerary_input_is_a_4xx_problem_and_writes_nothing() {
     }
     let mut f = flight();
     f["end"]["local"] = json!("2026-12-20T19:00:00");
-    add(&app, &alice, t, &f).await.assert_problem(422, "end_before_start");
+    add(&app, &alice, t, &f)
+        .await
+        .assert_problem(422, "end_before_start");
     let mut f = flight();
     f["kind"] = json!("spaceship");
-    add(&app, &alice, t, &f).await.assert_problem(400, "malformed_request");
-    let mut f = flight();
-    f["price"]["currency"] = json!("DOGE");
-    add(&app, &alice, t, &f).await.assert_problem(422, "invalid_currency");
-    let mut f = flight();
-    f["start"]["local"] = json!("2026-12-20 23:30");
-    add(&app, &alice, t, &f).await.assert_problem(400, "malformed_request");
-    app.call("PATCH", &format!("/v1/itineraries/{t}"), Some(&alice), Some(&json!({"title": "y"})), &[("if-match", "nope")])
+    add(&app, &alice, t, &f)
         .await
         .assert_problem(400, "malformed_request");
+    let mut f = flight();
+    f["price"]["currency"] = json!("DOGE");
+    add(&app, &alice, t, &f)
+        .await
+        .assert_problem(422, "invalid_currency");
+    let mut f = flight();
+    f["start"]["local"] = json!("2026-12-20 23:30");
+    add(&app, &alice, t, &f)
+        .await
+        .assert_problem(400, "malformed_request");
+    app.call(
+        "PATCH",
+        &format!("/v1/itineraries/{t}"),
+        Some(&alice),
+        Some(&json!({"title": "y"})),
+        &[("if-match", "nope")],
+    )
+    .await
+    .assert_problem(400, "malformed_request");
     app.get("/v1/itineraries/not-a-uuid", Some(&alice))
         .await
         .assert_problem(400, "malformed_request");
@@ -911,28 +1265,108 @@ async fn rebuilding_the_itinerary_projection_from_zero_gives_identical_read_mode
     share(&app, &alice, t, c_id, &carol, "viewer").await;
     let f = add(&app, &bob, t, &flight()).await;
     let fid = id(&f.body["item_id"]);
-    let h = add(&app, &alice, t, &item("hotel", "Savoy", "2026-12-21T14:00:00", "2026-12-24T11:00:00", "Europe/London")).await;
+    let h = add(
+        &app,
+        &alice,
+        t,
+        &item(
+            "hotel",
+            "Savoy",
+            "2026-12-21T14:00:00",
+            "2026-12-24T11:00:00",
+            "Europe/London",
+        ),
+    )
+    .await;
     let hid = id(&h.body["item_id"]);
-    let n = add(&app, &alice, t, &item("note", "Call mum", "2026-12-25T12:00:00", "2026-12-25T12:00:00", "Europe/London")).await;
+    let n = add(
+        &app,
+        &alice,
+        t,
+        &item(
+            "note",
+            "Call mum",
+            "2026-12-25T12:00:00",
+            "2026-12-25T12:00:00",
+            "Europe/London",
+        ),
+    )
+    .await;
     for (method, path, token, body) in [
-        ("PATCH", format!("/v1/itineraries/{t}/items/{fid}"), &bob, Some(json!({"notes": "window"}))),
-        ("POST", format!("/v1/itineraries/{t}/items/{hid}/cancel"), &alice, Some(json!({}))),
-        ("DELETE", format!("/v1/itineraries/{t}/items/{}", id(&n.body["item_id"])), &alice, None),
-        ("PATCH", format!("/v1/itineraries/{t}"), &alice, Some(json!({"budget": {"GBP": 1}, "visibility": "public_link"}))),
-        ("DELETE", format!("/v1/itineraries/{t}/shares/{c_id}"), &alice, None),
-        ("POST", format!("/v1/itineraries/{t}/owner"), &alice, Some(json!({"user_id": b_id}))),
-        ("POST", format!("/v1/itineraries/{t}/room"), &bob, Some(json!({}))),
+        (
+            "PATCH",
+            format!("/v1/itineraries/{t}/items/{fid}"),
+            &bob,
+            Some(json!({"notes": "window"})),
+        ),
+        (
+            "POST",
+            format!("/v1/itineraries/{t}/items/{hid}/cancel"),
+            &alice,
+            Some(json!({})),
+        ),
+        (
+            "DELETE",
+            format!("/v1/itineraries/{t}/items/{}", id(&n.body["item_id"])),
+            &alice,
+            None,
+        ),
+        (
+            "PATCH",
+            format!("/v1/itineraries/{t}"),
+            &alice,
+            Some(json!({"budget": {"GBP": 1}, "visibility": "public_link"})),
+        ),
+        (
+            "DELETE",
+            format!("/v1/itineraries/{t}/shares/{c_id}"),
+            &alice,
+            None,
+        ),
+        (
+            "POST",
+            format!("/v1/itineraries/{t}/owner"),
+            &alice,
+            Some(json!({"user_id": b_id})),
+        ),
+        (
+            "POST",
+            format!("/v1/itineraries/{t}/room"),
+            &bob,
+            Some(json!({})),
+        ),
     ] {
-        let done = app.call(method, &path, Some(token), body.as_ref(), &[]).await;
+        let done = app
+            .call(method, &path, Some(token), body.as_ref(), &[])
+            .await;
         assert!(done.status < 300, "{path}: {}", done.body);
     }
     let (gone, _) = trip(&app, &alice, "Deleted").await;
-    app.call("DELETE", &format!("/v1/itineraries/{gone}"), Some(&alice), None, &[]).await;
+    app.call(
+        "DELETE",
+        &format!("/v1/itineraries/{gone}"),
+        Some(&alice),
+        None,
+        &[],
+    )
+    .await;
     let (arch, _) = trip(&app, &alice, "Archived").await;
-    app.post(&format!("/v1/itineraries/{arch}/archive"), Some(&alice), &json!({}), &[]).await;
-    app.post("/v1/catalog/events", Some(&admin), &json!({"category": "conference", "title": "PyCon Africa", "place": "Nairobi",
+    app.post(
+        &format!("/v1/itineraries/{arch}/archive"),
+        Some(&alice),
+        &json!({}),
+        &[],
+    )
+    .await;
+    app.post(
+        "/v1/catalog/events",
+        Some(&admin),
+        &json!({"category": "conference", "title": "PyCon Africa", "place": "Nairobi",
         "start": {"local": "2026-12-01T09:00:00", "zone": "Africa/Nairobi"},
-        "end": {"local": "2026-12-03T17:00:00", "zone": "Africa/Nairobi"}}), &[]).await;
+        "end": {"local": "2026-12-03T17:00:00", "zone": "Africa/Nairobi"}}),
+        &[],
+    )
+    .await;
     let _ = carol;
     app.settle("itinerary").await;
     let live = dump(&app).await;
@@ -943,7 +1377,12 @@ async fn rebuilding_the_itinerary_projection_from_zero_gives_identical_read_mode
         .execute(&mut *tx)
         .await
         .unwrap();
-    for t in ["proj_itineraries", "proj_itinerary_members", "proj_itinerary_items", "proj_itinerary_listings"] {
+    for t in [
+        "proj_itineraries",
+        "proj_itinerary_members",
+        "proj_itinerary_items",
+        "proj_itinerary_listings",
+    ] {
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {t}")))
             .execute(&mut *tx)
             .await
@@ -966,4 +1405,110 @@ async fn rebuilding_the_itinerary_projection_from_zero_gives_identical_read_mode
         .unwrap();
     assert_eq!(dump(&app).await, live);
     app.stop().await;
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+/// The issue's read benchmark, measured through HTTP on this machine (ignored by
+/// default; run with `--run-ignored only`): detail of a trip with 100 items,
+/// "my itineraries" for a user with 10,000, and item writes per second end to end.
+/// The 10,000 trips are seeded straight into the read model (the write path is
+/// measured by the item writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: run explicitly"]
+async fn bench_detail_and_list_reads_and_item_writes() {
+    let app = TestApp::spawn().await;
+    let (alice_id, alice) = app.user("alice@test.local").await;
+    // Item writes: 20 trips, 100 items each, 4 writers per trip.
+    let mut trips = vec![];
+    for i in 0..20 {
+        trips.push(trip(&app, &alice, &format!("bench {i}")).await.0);
+    }
+    let started = std::time::Instant::now();
+    let app = Arc::new(app);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, t) in trips.iter().copied().enumerate() {
+        for w in 0..4 {
+            let (app, token) = (app.clone(), alice.clone());
+            tasks.spawn(async move {
+                for k in 0..25 {
+                    let h = (n * 7 + w * 3 + k) % 20;
+                    let body = item(
+                        "activity",
+                        &format!("thing {w}-{k}"),
+                        &format!("2026-12-2{}T{:02}:00:00", 1 + k % 7, h),
+                        &format!("2026-12-2{}T{:02}:30:00", 1 + k % 7, h),
+                        "Europe/London",
+                    );
+                    let r = add(&app, &token, t, &body).await;
+                    assert_eq!(r.status, 201, "{}", r.body);
+                }
+            });
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "item writes: 2000 in {secs:.2} s = {:.0}/s end to end (answered)",
+        2000.0 / secs
+    );
+    app.settle("itinerary").await;
+    sqlx::query(
+        "INSERT INTO proj_itineraries (itinerary_id, owner_id, title, start_date, end_date, zone, budget, visibility,
+            metadata, version, created_at, updated_at, updated_position)
+         SELECT gen_random_uuid(), $1, 'seeded ' || g, '2026-12-20', '2026-12-28', 'Europe/London', '{}', 'private',
+            '{}', 1, now(), now(), 0 FROM generate_series(1, 10000) g",
+    )
+    .bind(alice_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO proj_itinerary_members (itinerary_id, user_id, role, state, since_position)
+         SELECT itinerary_id, owner_id, 'owner', 'active', 0 FROM proj_itineraries
+         ON CONFLICT DO NOTHING",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE").execute(&app.pool).await.unwrap();
+    let detail = format!("/v1/itineraries/{}", trips[0]);
+    let mut d = vec![];
+    let mut l = vec![];
+    let mut me = vec![];
+    for _ in 0..30 {
+        app.get(&detail, Some(&alice)).await;
+    }
+    let mut cursor: Option<String> = None;
+    for _ in 0..500 {
+        let t = std::time::Instant::now();
+        let r = app.get(&detail, Some(&alice)).await;
+        d.push(t.elapsed());
+        assert_eq!(r.body["items"].as_array().unwrap().len(), 100);
+        let path = match &cursor {
+            Some(c) => format!("/v1/itineraries?limit=20&cursor={c}"),
+            None => "/v1/itineraries?limit=20".into(),
+        };
+        let t = std::time::Instant::now();
+        let r = app.get(&path, Some(&alice)).await;
+        l.push(t.elapsed());
+        cursor = r.body["next"].as_str().map(str::to_owned);
+        let t = std::time::Instant::now();
+        app.get("/v1/me", Some(&alice)).await;
+        me.push(t.elapsed());
+    }
+    eprintln!(
+        "detail (100 items) p99 {:?}; list (10,020 trips, pages of 20) p99 {:?}; GET /v1/me p99 {:?} (the floor)",
+        p99(d),
+        p99(l),
+        p99(me)
+    );
+    if let Ok(app) = Arc::try_unwrap(app) {
+        app.stop().await;
+    }
 }

@@ -11,5 +11,6 @@ mod moderation;
 mod nats;
 mod openapi;
 mod realtime;
+mod reminders;
 mod store;
 mod wallet;

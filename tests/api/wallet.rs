@@ -422,3 +422,421 @@ async fn roles_on_their_own_threads_serve_the_same_answers() {
     assert_eq!(w.body["balance"]["posted"], 380);
     app.stop().await;
 }
+
+/// TigerBeetle's transfer contract over HTTP: the id is the Idempotency-Key;
+/// a retry answers `exists` with the first result; the same id with another
+/// body is refused naming the field; a failed id stays failed.
+#[tokio::test]
+async fn a_wallet_transfer_id_is_spent_once_exists_on_retry_and_names_a_changed_field() {
+    let app = TestApp::spawn().await;
+    let Parties {
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(1_000).await;
+    let body = json!({"from_wallet": from, "to_user": bob_id, "amount": 300, "currency": "KES", "reference": "rent"});
+    let key = [("idempotency-key", "t-1")];
+    let first = app.post("/v1/transfers", Some(&alice), &body, &key).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert_eq!(first.header("mathia-result"), None);
+    assert_eq!(first.body["balance"]["available"], 700);
+    let again = app.post("/v1/transfers", Some(&alice), &body, &key).await;
+    assert_eq!((again.status, &again.body), (201, &first.body));
+    assert_eq!(again.header("mathia-result"), Some("exists"));
+    let mut changed = body.clone();
+    changed["amount"] = json!(301);
+    let r = app
+        .post("/v1/transfers", Some(&alice), &changed, &key)
+        .await;
+    r.assert_problem(422, "idempotency_key_reused");
+    assert_eq!(
+        (&r.body["field"], &r.body["original"]),
+        (&json!("amount"), &json!(300))
+    );
+    let mut changed = body.clone();
+    changed["reference"] = json!("rent, december");
+    let r = app
+        .post("/v1/transfers", Some(&alice), &changed, &key)
+        .await;
+    assert_eq!(r.body["field"], "reference", "{}", r.body);
+    // A failed id stays failed, and a changed body on it is still named.
+    let big = json!({"from_wallet": from, "to_user": bob_id, "amount": 5_000, "currency": "KES"});
+    let key = [("idempotency-key", "t-2")];
+    app.post("/v1/transfers", Some(&alice), &big, &key)
+        .await
+        .assert_problem(422, "insufficient_funds");
+    let retry = app.post("/v1/transfers", Some(&alice), &big, &key).await;
+    retry.assert_problem(422, "insufficient_funds");
+    assert_eq!(retry.body["result"], "id_already_failed");
+    assert_eq!(retry.header("mathia-result"), Some("id_already_failed"));
+    let mut smaller = big.clone();
+    smaller["amount"] = json!(5);
+    let r = app
+        .post("/v1/transfers", Some(&alice), &smaller, &key)
+        .await;
+    r.assert_problem(422, "idempotency_key_reused");
+    assert_eq!(r.body["field"], "amount");
+    app.stop().await;
+}
+
+async fn hold_events(app: &TestApp, hold: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT payload->>'end' FROM events WHERE event_type = 'HoldReleased' AND payload->>'hold_id' = $1",
+    )
+    .bind(hold)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// Holds: available = posted − pending in every answer; a partial post moves
+/// only what it captures; the payee voids; an expired hold is released once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_holds_post_in_part_void_and_expire_exactly_once() {
+    let app = TestApp::spawn().await;
+    let Parties {
+        alice,
+        bob,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(1_000).await;
+    let hold = |amount: i64, timeout: i64| json!({"from_wallet": from, "to_user": bob_id, "amount": amount, "currency": "KES", "timeout_secs": timeout});
+    let h1 = app
+        .post("/v1/holds", Some(&alice), &hold(600, 3600), &[])
+        .await;
+    assert_eq!(h1.status, 201, "{}", h1.body);
+    assert_eq!(h1.body["status"], "pending");
+    assert_eq!(
+        (
+            &h1.body["balance"]["posted"],
+            &h1.body["balance"]["pending"],
+            &h1.body["balance"]["available"]
+        ),
+        (&json!(1000), &json!(600), &json!(400))
+    );
+    let h1_id = h1.body["hold_id"].as_str().unwrap().to_owned();
+    let pos = h1.body["position"].as_i64().unwrap();
+    // Held money cannot be spent again.
+    app.post(
+        "/v1/transfers",
+        Some(&alice),
+        &json!({"from_wallet": from, "to_user": bob_id, "amount": 401, "currency": "KES"}),
+        &[],
+    )
+    .await
+    .assert_problem(422, "insufficient_funds");
+    let w = app
+        .get(
+            &format!("/v1/wallets/{from}?after_position={pos}"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(w.body["balance"]["available"], 400, "{}", w.body);
+    // The payer cannot void; the payee posts 250 of 600.
+    app.post(
+        &format!("/v1/holds/{h1_id}/void?after_position={pos}"),
+        Some(&alice),
+        &json!({}),
+        &[],
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    let posted = app
+        .post(
+            &format!("/v1/holds/{h1_id}/post?after_position={pos}"),
+            Some(&bob),
+            &json!({"amount": 250}),
+            &[],
+        )
+        .await;
+    assert_eq!(posted.status, 200, "{}", posted.body);
+    assert_eq!(
+        (&posted.body["posted"], &posted.body["released"]),
+        (&json!(250), &json!(350))
+    );
+    assert_eq!(
+        posted.body["balance"]["posted"], 250,
+        "the payee sees their balance"
+    );
+    app.post(
+        &format!("/v1/holds/{h1_id}/post"),
+        Some(&bob),
+        &json!({}),
+        &[],
+    )
+    .await
+    .assert_problem(409, "hold_already_posted");
+    // A second hold, voided by the payee.
+    let h2 = app
+        .post("/v1/holds", Some(&alice), &hold(100, 3600), &[])
+        .await;
+    let h2_id = h2.body["hold_id"].as_str().unwrap().to_owned();
+    let pos = h2.body["position"].as_i64().unwrap();
+    let voided = app
+        .post(
+            &format!("/v1/holds/{h2_id}/void?after_position={pos}"),
+            Some(&bob),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (voided.status, &voided.body["status"]),
+        (200, &json!("voided")),
+        "{}",
+        voided.body
+    );
+    // A third one times out after a second: the scheduler releases it, once.
+    let h3 = app
+        .post("/v1/holds", Some(&alice), &hold(700, 1), &[])
+        .await;
+    assert_eq!(h3.status, 201, "{}", h3.body);
+    assert_eq!(h3.body["balance"]["available"], 50);
+    let h3_id = h3.body["hold_id"].as_str().unwrap().to_owned();
+    let mut status = json!(null);
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let v = app.get(&format!("/v1/holds/{h3_id}"), Some(&bob)).await;
+        status = v.body["status"].clone();
+        if status == "expired" {
+            break;
+        }
+    }
+    assert_eq!(status, "expired");
+    // Give the scheduler time to fire again, if it were going to.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(hold_events(&app, &h3_id).await, vec!["expired".to_owned()]);
+    assert_eq!(hold_events(&app, &h1_id).await, vec!["posted".to_owned()]);
+    app.post(
+        &format!("/v1/holds/{h3_id}/post"),
+        Some(&bob),
+        &json!({}),
+        &[],
+    )
+    .await
+    .assert_problem(409, "hold_already_expired");
+    app.settle("wallet").await;
+    let w = app.get(&format!("/v1/wallets/{from}"), Some(&alice)).await;
+    assert_eq!(
+        (
+            &w.body["balance"]["posted"],
+            &w.body["balance"]["pending"],
+            &w.body["balance"]["available"]
+        ),
+        (&json!(750), &json!(0), &json!(750))
+    );
+    // Strangers do not see holds.
+    let (_, eve) = app.user("eve@test.local").await;
+    app.get(&format!("/v1/holds/{h1_id}"), Some(&eve))
+        .await
+        .assert_problem(404, "not_found");
+    assert_eq!(ledger_sum(&app).await, 0);
+    app.stop().await;
+}
+
+/// 500 concurrent spends (transfers, withdrawals, holds) against one balance and
+/// one daily limit, with a second handlers instance competing: neither is ever
+/// exceeded, and each refusal names the limit and what remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wallet_limits_hold_under_500_concurrent_spends() {
+    let app = TestApp::spawn().await;
+    app.start(only(false, true, false, false));
+    let Parties {
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(25_000).await;
+    let dest = "mpesa:+254700000001";
+    let r = app
+        .call(
+            "PUT",
+            &format!("/v1/wallets/{from}/limits"),
+            Some(&alice),
+            Some(&json!({"daily_spend_limit": 21_000, "max_withdraw_amount": 5_000, "payout_allow_list": [dest]})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["limits"]["daily_remaining"], 21_000);
+    // Refusals that name their limit.
+    let w = |amount: i64, d: &str| json!({"amount": amount, "currency": "KES", "destination": d});
+    let r = app
+        .post(
+            &format!("/v1/wallets/{from}/withdrawals"),
+            Some(&alice),
+            &w(5_001, dest),
+            &[],
+        )
+        .await;
+    r.assert_problem(422, "max_withdraw_amount_exceeded");
+    assert_eq!(
+        (&r.body["limit"], &r.body["remaining"]),
+        (&json!("max_withdraw_amount"), &json!(5_000))
+    );
+    app.post(
+        &format!("/v1/wallets/{from}/withdrawals"),
+        Some(&alice),
+        &w(10, "bank:other"),
+        &[],
+    )
+    .await
+    .assert_problem(422, "payout_destination_not_allowed");
+    let replies = join_all((0..500).map(|i| {
+        let (app, alice) = (&app, alice.clone());
+        async move {
+            let key = [("idempotency-key", format!("spend-{i}"))];
+            let key = [(key[0].0, key[0].1.as_str())];
+            match i % 3 {
+                0 => app.post("/v1/transfers", Some(&alice),
+                        &json!({"from_wallet": from, "to_user": bob_id, "amount": 70, "currency": "KES"}), &key).await,
+                1 => app.post(&format!("/v1/wallets/{from}/withdrawals"), Some(&alice), &w(70, dest), &key).await,
+                _ => app.post("/v1/holds", Some(&alice),
+                        &json!({"from_wallet": from, "to_user": bob_id, "amount": 70, "currency": "KES"}), &key).await,
+            }
+        }
+    }))
+    .await;
+    let ok = replies.iter().filter(|r| r.status == 201).count();
+    let limited: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == 422 && r.body["code"] == "daily_spend_limit_exceeded")
+        .collect();
+    assert_eq!(
+        ok + limited.len(),
+        500,
+        "unexpected answers: {:?}",
+        replies
+            .iter()
+            .find(|r| r.status != 201 && r.status != 422)
+            .map(|r| &r.body)
+    );
+    assert_eq!(ok, 300, "exactly 21000/70 spends fit the daily limit");
+    for r in &limited {
+        assert_eq!(r.body["limit"], "daily_spend_limit");
+        assert!(r.body["remaining"].as_i64().unwrap() < 70);
+    }
+    for r in replies.iter().filter(|r| r.status == 201) {
+        assert!(r.body["balance"]["available"].as_i64().unwrap() >= 0);
+    }
+    app.settle("wallet").await;
+    let (posted, pending): (i64, i64) =
+        sqlx::query_as("SELECT posted, pending FROM proj_wallet_accounts WHERE account_id = $1")
+            .bind(from)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        25_000 - posted + pending,
+        300 * 70,
+        "what left plus what is held = the limit"
+    );
+    assert!(posted - pending >= 0);
+    assert_eq!(ledger_sum(&app).await, 0);
+    app.stop().await;
+}
+
+/// Fees go to sharded fee accounts and count against balance; linked legs
+/// commit or fail as one.
+#[tokio::test]
+async fn wallet_fees_and_linked_legs_commit_or_fail_as_one() {
+    let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
+        c.wallet_fee_bps = 100;
+        c.wallet_fee_fixed = 5;
+    })
+    .await;
+    let Parties {
+        admin,
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(10_000).await;
+    let (carol_id, carol) = app.user("carol@test.local").await;
+    app.funded_wallet(&carol, &admin, 0).await;
+    let r = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &json!({"from_wallet": from, "to_user": bob_id, "amount": 1_000, "currency": "KES"}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        (&r.body["fee"], &r.body["balance"]["posted"]),
+        (&json!(15), &json!(8_985))
+    );
+    let leg = |to: uuid::Uuid, amount: i64| json!({"from_wallet": from, "to_user": to, "amount": amount, "currency": "KES"});
+    // The second leg does not fit: neither moves.
+    let r = app
+        .post(
+            "/v1/transfers/linked",
+            Some(&alice),
+            &json!({"legs": [leg(bob_id, 5_000), leg(carol_id, 4_000)]}),
+            &[],
+        )
+        .await;
+    r.assert_problem(422, "insufficient_funds");
+    assert_eq!(r.body["leg"], 1);
+    let r = app
+        .post(
+            "/v1/transfers/linked",
+            Some(&alice),
+            &json!({"legs": [leg(bob_id, 5_000), leg(carol_id, 3_985)]}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["balance"]["posted"], 0);
+    assert_eq!(r.body["legs"].as_array().unwrap().len(), 2);
+    app.post(
+        "/v1/transfers/linked",
+        Some(&alice),
+        &json!({"legs": []}),
+        &[],
+    )
+    .await
+    .assert_problem(422, "invalid_input");
+    app.settle("wallet").await;
+    let fees: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(posted), 0)::bigint FROM proj_wallet_accounts WHERE kind = 'system_fees'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(fees, 15);
+    let balances: Vec<i64> = sqlx::query_scalar(
+        "SELECT posted FROM proj_wallet_accounts WHERE kind = 'user' ORDER BY posted",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(balances, vec![0, 3_985, 6_000]);
+    assert_eq!(ledger_sum(&app).await, 0);
+    // The auditor's report: Σ debits = Σ credits per currency, from the log.
+    app.get("/v1/admin/reconciliation", Some(&alice))
+        .await
+        .assert_problem(403, "forbidden");
+    let report = app.get("/v1/admin/reconciliation", Some(&admin)).await;
+    assert_eq!(report.status, 200, "{}", report.body);
+    assert_eq!(report.body["balanced"], true, "{}", report.body);
+    let kes = &report.body["currencies"][0];
+    assert_eq!(
+        (&kes["currency"], &kes["difference"], &kes["posted_sum"]),
+        (&json!("KES"), &json!(0), &json!(0))
+    );
+    assert_eq!(
+        (&kes["debits"], &kes["fees"], &kes["float"]),
+        (&json!(20_000), &json!(15), &json!(-10_000))
+    );
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'admin.reconciliation'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
+    app.stop().await;
+}

@@ -23,8 +23,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use commands::Command;
 use commands::itinerary::{
-    DetailsPatch, ItemInput, ItemPatch, ItineraryCommand, Slot, check_details, check_item,
-    resolve, trip_room_id, zone,
+    DetailsPatch, ItemInput, ItemPatch, ItineraryCommand, Slot, check_details, check_item, resolve,
+    trip_room_id, zone,
 };
 use events::chat::Bytes64;
 use events::itinerary::{Details, Item, ItemKind, ItemStatus, Money, Place, ShareRole, Visibility};
@@ -381,13 +381,11 @@ async fn role_of(state: &AppState, itinerary: Uuid, user: Uuid) -> ApiResult<Str
 }
 
 fn check_slot(field: &str, s: &SlotBody) -> ApiResult<()> {
-    resolve(&s.into()).map(|_| ()).map_err(|r| {
-        ApiError::Coded {
-            status: http::StatusCode::UNPROCESSABLE_ENTITY,
-            code: r.code,
-            message: format!("{field}: {}", r.message),
-            extra: Default::default(),
-        }
+    resolve(&s.into()).map(|_| ()).map_err(|r| ApiError::Coded {
+        status: http::StatusCode::UNPROCESSABLE_ENTITY,
+        code: r.code,
+        message: format!("{field}: {}", r.message),
+        extra: Default::default(),
     })
 }
 
@@ -675,7 +673,7 @@ pub async fn accept(
     send(&state, &principal, "POST", &uri, &options, rid, &(), cmd).await
 }
 
-/// Revoke a share or invitation (owner), or leave (yourself). A revoked
+/// Revoke a share or invitation (owner), or leave or decline (yourself). A revoked
 /// collaborator's next read or write is a 404; they leave the trip room.
 #[utoipa::path(delete, path = "/v1/itineraries/{itinerary_id}/shares/{user_id}", tag = "itineraries", security(("bearer" = [])),
     params(("itinerary_id" = Uuid, Path), ("user_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header)),
@@ -909,17 +907,38 @@ pub async fn get_itinerary(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let role = role_of(&state, itinerary_id, principal.user_id).await?;
-    let row = trip_row(&state, itinerary_id).await?;
-    let mut view = trip_view(&row, role);
-    let items = items_of(&state, itinerary_id).await?;
-    view.items = Some(
-        items
-            .iter()
-            .map(|i| commands::itinerary::item_json(itinerary_id, i))
-            .collect(),
+    // One round trip, and the body built where the rows are: the hot read of a
+    // trip with its items never decodes and re-encodes a hundred JSON items.
+    let row = sqlx::query(
+        "SELECT i.version, jsonb_build_object(
+            'itinerary_id', i.itinerary_id, 'owner_id', i.owner_id, 'role', m.role, 'title', i.title,
+            'region', i.region, 'start_date', i.start_date, 'end_date', i.end_date, 'zone', i.zone,
+            'budget', i.budget, 'visibility', i.visibility,
+            'link_token', CASE WHEN m.role = 'owner' THEN i.link_token END,
+            'metadata', i.metadata, 'archived', i.archived, 'room_id', i.room_id, 'version', i.version,
+            'created_at', to_char(i.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+            'updated_at', to_char(i.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+            'items', COALESCE((
+                SELECT jsonb_agg(x.item || jsonb_build_object('itinerary_id', x.itinerary_id)
+                                 ORDER BY x.start_at, x.end_at, x.item_id)
+                FROM proj_itinerary_items x WHERE x.itinerary_id = i.itinerary_id), '[]'::jsonb)
+         )::text AS body
+         FROM proj_itineraries i
+         JOIN proj_itinerary_members m
+           ON m.itinerary_id = i.itinerary_id AND m.user_id = $2 AND m.state = 'active'
+         WHERE i.itinerary_id = $1",
+    )
+    .bind(itinerary_id)
+    .bind(principal.user_id)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(not_found)?;
+    let mut headers = with_etag(position, row.get("version"));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
     );
-    Ok((with_etag(position, view.version), Json(view)).into_response())
+    Ok((headers, row.get::<String, _>("body")).into_response())
 }
 
 /// The same trip through its public link: details and items, read only, no people.
@@ -941,6 +960,8 @@ pub async fn public_itinerary(
     .await?
     .ok_or_else(not_found)?;
     let mut view = trip_view(&row, "public".into());
+    // The room is for the trip's people; a link reader has no business with it.
+    view.room_id = None;
     let items = items_of(&state, view.itinerary_id).await?;
     view.items = Some(
         items
@@ -1023,9 +1044,17 @@ pub async fn list_itineraries(
         .map(|r| trip_view(r, r.get("my_role")))
         .collect();
     let next = more
-        .then(|| items.last().map(|v| URL_SAFE_NO_PAD.encode(v.itinerary_id.as_bytes())))
+        .then(|| {
+            items
+                .last()
+                .map(|v| URL_SAFE_NO_PAD.encode(v.itinerary_id.as_bytes()))
+        })
         .flatten();
-    Ok((position_header(position), Json(ItineraryPage { items, next })).into_response())
+    Ok((
+        position_header(position),
+        Json(ItineraryPage { items, next }),
+    )
+        .into_response())
 }
 
 /// The zone of a day plan.
@@ -1112,8 +1141,12 @@ pub async fn day_plan(
         d += Duration::days(1);
     }
     for item in &items {
-        let s = tz.from_utc_datetime(&item.start.utc.naive_utc()).naive_local();
-        let e = tz.from_utc_datetime(&item.end.utc.naive_utc()).naive_local();
+        let s = tz
+            .from_utc_datetime(&item.start.utc.naive_utc())
+            .naive_local();
+        let e = tz
+            .from_utc_datetime(&item.end.utc.naive_utc())
+            .naive_local();
         // An end at midnight belongs to the day before.
         let last_day = if e > s && e.time() == chrono::NaiveTime::MIN {
             e.date() - Duration::days(1)
@@ -1284,7 +1317,12 @@ pub fn conflict(a: &Item, b: &Item) -> Option<Conflict> {
         (false, true) => a.travellers.clone(),
         (false, false) => {
             let sa: BTreeSet<_> = a.travellers.iter().collect();
-            let both: Vec<Uuid> = b.travellers.iter().filter(|t| sa.contains(t)).copied().collect();
+            let both: Vec<Uuid> = b
+                .travellers
+                .iter()
+                .filter(|t| sa.contains(t))
+                .copied()
+                .collect();
             if both.is_empty() {
                 return None;
             }
@@ -1324,11 +1362,18 @@ pub async fn conflicts(
     let mut found = vec![];
     // Items are by start: only later items that start before this one ends can overlap it.
     for (i, a) in items.iter().enumerate() {
-        for b in items[i + 1..].iter().take_while(|b| b.start.utc < a.end.utc) {
+        for b in items[i + 1..]
+            .iter()
+            .take_while(|b| b.start.utc < a.end.utc)
+        {
             found.extend(conflict(a, b));
         }
     }
-    Ok((position_header(position), Json(ConflictList { items: found })).into_response())
+    Ok((
+        position_header(position),
+        Json(ConflictList { items: found }),
+    )
+        .into_response())
 }
 
 // ---------- the events catalogue ----------
@@ -1550,7 +1595,9 @@ fn unavailable(e: SearchError) -> ApiError {
         status: http::StatusCode::SERVICE_UNAVAILABLE,
         code: "travel_search_unavailable".into(),
         message: e.to_string(),
-        extra: [("retry_after".to_owned(), 30.into())].into_iter().collect(),
+        extra: [("retry_after".to_owned(), 30.into())]
+            .into_iter()
+            .collect(),
     }
 }
 

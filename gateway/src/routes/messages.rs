@@ -659,7 +659,11 @@ pub async fn timeline(
     Ok((position_header(position), Json(page)).into_response())
 }
 
-pub(crate) async fn one(state: &AppState, room_id: Uuid, message_id: Uuid) -> ApiResult<MessageView> {
+pub(crate) async fn one(
+    state: &AppState,
+    room_id: Uuid,
+    message_id: Uuid,
+) -> ApiResult<MessageView> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE message_id = $1 AND room_id = $2"
     )))

@@ -1,4 +1,5 @@
-//! Wallets: open, deposit (admin), transfer, withdraw; balances and history.
+//! Wallets: open, deposit (admin), transfer, withdraw, holds (place, post,
+//! void; expired by the system), limits; balances and history.
 
 use axum::Json;
 use axum::extract::State;
@@ -58,10 +59,27 @@ pub struct Wallet {
     pub currency: String,
     /// Balances.
     pub balance: Balance,
+    /// Spending limits; null until set.
+    pub limits: Option<WalletLimits>,
     /// Stream version (use with `If-Match`).
     pub version: i64,
     /// Opened at.
     pub opened_at: DateTime<Utc>,
+}
+
+/// A wallet's spending limits, enforced in the same decision as the spend.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WalletLimits {
+    /// Largest single withdrawal (minor units); null: no cap.
+    #[schema(example = 50000)]
+    pub max_withdraw_amount: Option<i64>,
+    /// Most that may leave the wallet (transfers, withdrawals, open and posted
+    /// holds) within any rolling 24 hours; null: no cap.
+    #[schema(example = 100000)]
+    pub daily_spend_limit: Option<i64>,
+    /// The only destinations withdrawals may go to; null: any.
+    #[schema(example = json!(["mpesa:+254700000001"]))]
+    pub payout_allow_list: Option<Vec<String>>,
 }
 
 /// The answer to a money movement.
@@ -89,6 +107,11 @@ pub struct TransferResult {
     pub position: i64,
     /// The caller's wallet's stream version after the movement.
     pub version: i64,
+    /// The fee the sender paid on top (transfers only; see `MATHIA_WALLET_FEE_*`).
+    pub fee: Option<i64>,
+    /// The request as decided; a reused Idempotency-Key is compared against it.
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
 }
 
 /// The answer to opening a wallet.
@@ -275,7 +298,7 @@ pub async fn list_wallets(
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
     let rows = sqlx::query(
-        "SELECT account_id, owner_id, currency, posted, version, opened_at FROM proj_wallet_accounts
+        "SELECT account_id, owner_id, currency, posted, pending, limits, version, opened_at FROM proj_wallet_accounts
          WHERE owner_id = $1 ORDER BY currency",
     )
     .bind(principal.user_id)
@@ -288,6 +311,7 @@ pub async fn list_wallets(
 fn wallet_row(r: &sqlx::postgres::PgRow) -> Wallet {
     let wallet_id: Uuid = r.get("account_id");
     let posted: i64 = r.get("posted");
+    let pending: i64 = r.get("pending");
     let currency: String = r.get("currency");
     Wallet {
         wallet_id,
@@ -297,9 +321,12 @@ fn wallet_row(r: &sqlx::postgres::PgRow) -> Wallet {
             wallet_id,
             currency,
             posted,
-            pending: 0,
-            available: posted,
+            pending,
+            available: posted - pending,
         },
+        limits: r
+            .get::<Option<serde_json::Value>, _>("limits")
+            .and_then(|l| serde_json::from_value(l).ok()),
         version: r.get("version"),
         opened_at: r.get("opened_at"),
     }
@@ -318,7 +345,7 @@ pub async fn get_wallet(
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
     let row = sqlx::query(
-        "SELECT account_id, owner_id, currency, posted, version, opened_at FROM proj_wallet_accounts
+        "SELECT account_id, owner_id, currency, posted, pending, limits, version, opened_at FROM proj_wallet_accounts
          WHERE account_id = $1 AND owner_id = $2",
     )
     .bind(wallet_id)
@@ -499,6 +526,7 @@ pub async fn withdraw(
                 currency,
                 amount,
                 destination: dest,
+                at: Utc::now(),
             }))
         },
     )
@@ -544,6 +572,7 @@ pub async fn transfer(
         return Err(ApiError::Invalid(errors));
     };
     let from = req.from_wallet;
+    let fee = transfer_fee(&state, amount);
     dispatch(
         &state,
         &principal,
@@ -559,8 +588,693 @@ pub async fn transfer(
                 currency,
                 amount,
                 reference,
+                fee,
+                at: Utc::now(),
             }))
         },
     )
     .await
+}
+
+/// Reserve money for a payee: a pending transfer that is later posted
+/// (wholly or in part), voided by the payee, or expired after its timeout.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"from_wallet": "0190d6a2-7c1e-7a55-9a43-7a3c1b2d4e5f", "to_user": "0190d6a2-7c1e-7a55-9a43-000000000002",
+    "amount": 5000, "currency": "KES", "reference": "booking 42", "timeout_secs": 3600}))]
+pub struct HoldRequest {
+    /// Your wallet to reserve on.
+    pub from_wallet: Uuid,
+    /// The payee's wallet; or give `to_user`.
+    pub to_wallet: Option<Uuid>,
+    /// The payee (their wallet in `currency`); or give `to_wallet`.
+    pub to_user: Option<Uuid>,
+    /// Minor units, 1 to 10^15.
+    pub amount: i64,
+    /// Currency of both wallets.
+    pub currency: String,
+    /// Free text (≤ 140 characters).
+    pub reference: Option<String>,
+    /// Seconds until the hold expires and its money is available again: 1 to 2,592,000 (30 days); default 86,400.
+    pub timeout_secs: Option<i64>,
+}
+
+/// A placed hold.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HoldPlaced {
+    /// The hold id (= the command id; post and void it by this id).
+    pub hold_id: Uuid,
+    /// `pending`.
+    pub status: String,
+    /// Reserved minor units.
+    pub amount: i64,
+    /// Currency.
+    pub currency: String,
+    /// Payer's wallet.
+    pub from_wallet: Uuid,
+    /// Payee's wallet.
+    pub to_wallet: Uuid,
+    /// Client reference.
+    pub reference: Option<String>,
+    /// When it expires.
+    pub expires_at: DateTime<Utc>,
+    /// The payer's wallet after the hold: `pending` up, `available` down.
+    pub balance: Balance,
+    /// Global position reached.
+    pub position: i64,
+    /// The payer's wallet's stream version.
+    pub version: i64,
+    /// The request as decided.
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+}
+
+/// Capture a hold.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"amount": 3000}))]
+pub struct PostHoldRequest {
+    /// Minor units to capture, at most the hold's amount; omitted: all of it. The rest returns to the payer.
+    pub amount: Option<i64>,
+}
+
+/// How a hold ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HoldResult {
+    /// The hold.
+    pub hold_id: Uuid,
+    /// `posted`, `voided` or `expired`.
+    pub status: String,
+    /// What the hold reserved.
+    pub held: i64,
+    /// What moved to the payee.
+    pub posted: i64,
+    /// What returned to the payer's available balance.
+    pub released: i64,
+    /// Currency.
+    pub currency: String,
+    /// The caller's wallet after it (the payee's when the payee acted).
+    pub balance: Balance,
+    /// Global position reached.
+    pub position: i64,
+    /// The payer's wallet's stream version.
+    pub version: i64,
+    /// The request as decided.
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+}
+
+/// A hold, as its payer or payee sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HoldView {
+    /// The hold.
+    pub hold_id: Uuid,
+    /// Payer's wallet.
+    pub from_wallet: Uuid,
+    /// Payee's wallet.
+    pub to_wallet: Uuid,
+    /// Reserved minor units.
+    pub amount: i64,
+    /// Captured minor units.
+    pub posted: i64,
+    /// `pending`, `posted`, `voided` or `expired`.
+    pub status: String,
+    /// Client reference.
+    pub reference: Option<String>,
+    /// When it expires (or expired).
+    pub expires_at: DateTime<Utc>,
+    /// When it was placed.
+    pub placed_at: DateTime<Utc>,
+    /// When it ended.
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// Replace a wallet's spending limits (every field; null or omitted removes that limit).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"max_withdraw_amount": 50000, "daily_spend_limit": 100000, "payout_allow_list": ["mpesa:+254700000001"]}))]
+pub struct LimitsRequest {
+    /// Largest single withdrawal, 0 to 10^15.
+    pub max_withdraw_amount: Option<i64>,
+    /// Most per rolling 24 hours, 0 to 10^15.
+    pub daily_spend_limit: Option<i64>,
+    /// Up to 20 destinations of ≤ 128 printable characters; null: any destination.
+    pub payout_allow_list: Option<Vec<String>>,
+}
+
+/// A wallet's limits after a change.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LimitsResult {
+    /// The wallet.
+    pub wallet_id: Uuid,
+    /// The limits now, with `spent_last_24h` and `daily_remaining`.
+    #[schema(value_type = Object)]
+    pub limits: serde_json::Value,
+    /// Balances.
+    pub balance: Balance,
+    /// Global position reached.
+    pub position: i64,
+    /// Stream version.
+    pub version: i64,
+    /// The request as decided.
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+}
+
+/// Put money aside for a payee until it is posted, voided or expires.
+#[utoipa::path(post, path = "/v1/holds", tag = "wallet", security(("bearer" = [])), request_body = HoldRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the hold id is derived from it; a retry answers the first result"),
+        ("If-Match" = Option<String>, Header, description = "the payer wallet's ETag")),
+    responses((status = 201, body = HoldPlaced), (status = 202, description = "poll Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
+        (status = 409, description = "the same key is still in flight", body = Problem),
+        (status = 422, description = "insufficient funds, daily_spend_limit_exceeded, invalid fields, key reused with another body", body = Problem),
+        (status = 412, body = Problem), (status = 429, body = Problem)))]
+pub async fn place_hold(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    AppJson(req): AppJson<HoldRequest>,
+) -> ApiResult<Response> {
+    let mut errors = vec![];
+    let amt = collect(&mut errors, amount(req.amount));
+    let cur = collect(&mut errors, currency("currency", &req.currency));
+    let reference = collect(&mut errors, text("reference", &req.reference, 140));
+    let timeout_secs = req.timeout_secs.unwrap_or(86_400);
+    if !(1..=commands::wallet::MAX_HOLD_SECS).contains(&timeout_secs) {
+        errors.push(FieldError {
+            field: "timeout_secs".into(),
+            message: "between 1 and 2592000 (30 days)".into(),
+        });
+    }
+    let to = recipient(&mut errors, req.to_wallet, req.to_user, cur);
+    let (Some(amount), Some(currency), Some(reference), Some(to), true) =
+        (amt, cur, reference, to, errors.is_empty())
+    else {
+        return Err(ApiError::Invalid(errors));
+    };
+    let from = req.from_wallet;
+    dispatch(
+        &state,
+        &principal,
+        Route::post(&uri),
+        &options,
+        rid,
+        &req,
+        |hold_id| {
+            Ok(Command::Wallet(WalletCommand::PlaceHold {
+                hold_id,
+                from,
+                to,
+                currency,
+                amount,
+                reference,
+                timeout_secs,
+                at: Utc::now(),
+            }))
+        },
+    )
+    .await
+}
+
+fn recipient(
+    errors: &mut Vec<FieldError>,
+    to_wallet: Option<Uuid>,
+    to_user: Option<Uuid>,
+    currency: Option<Currency>,
+) -> Option<Uuid> {
+    match (to_wallet, to_user, currency) {
+        (Some(w), None, _) => Some(w),
+        (None, Some(u), Some(c)) => Some(user_wallet_id(u, c)),
+        (None, Some(_), None) => None,
+        _ => {
+            errors.push(FieldError {
+                field: "to_wallet".into(),
+                message: "give exactly one of to_wallet and to_user".into(),
+            });
+            None
+        }
+    }
+}
+
+/// The payer's and payee's wallets of a hold, from the read model (routing
+/// only: the decision checks the hold on the payer's account itself).
+async fn hold_parties(
+    state: &AppState,
+    hold_id: Uuid,
+    after: AfterPosition,
+) -> ApiResult<(Uuid, Uuid)> {
+    wait_for(state, MODEL, after).await?;
+    let row =
+        sqlx::query("SELECT from_account, to_account FROM proj_wallet_holds WHERE hold_id = $1")
+            .bind(hold_id)
+            .fetch_optional(&state.pool)
+            .await?;
+    row.map(|r| (r.get("from_account"), r.get("to_account")))
+        .ok_or_else(|| ApiError::Coded {
+            status: http::StatusCode::NOT_FOUND,
+            code: "hold_not_found".into(),
+            message: "no such hold".into(),
+            extra: Default::default(),
+        })
+}
+
+/// Capture a hold, wholly or in part (its payer, payee or an admin).
+#[utoipa::path(post, path = "/v1/holds/{hold_id}/post", tag = "wallet", security(("bearer" = [])), request_body = PostHoldRequest,
+    params(("hold_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header), ReadParams),
+    responses((status = 200, body = HoldResult), (status = 202, description = "poll Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, description = "no such hold, or not yours", body = Problem),
+        (status = 409, description = "hold_already_posted, hold_already_voided, hold_already_expired, hold_expired", body = Problem),
+        (status = 422, description = "post_exceeds_hold, invalid amount", body = Problem), (status = 429, body = Problem)))]
+pub async fn post_hold(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    AppPath(hold_id): AppPath<Uuid>,
+    after: AfterPosition,
+    AppJson(req): AppJson<PostHoldRequest>,
+) -> ApiResult<Response> {
+    let captured = match req.amount {
+        Some(a) => Some(amount(a).map_err(|e| ApiError::Invalid(vec![e]))?),
+        None => None,
+    };
+    let (from, to) = hold_parties(&state, hold_id, after).await?;
+    dispatch(
+        &state,
+        &principal,
+        Route::post(&uri),
+        &options,
+        rid,
+        &req,
+        |_| {
+            Ok(Command::Wallet(WalletCommand::PostHold {
+                hold_id,
+                from,
+                to,
+                amount: captured,
+                at: Utc::now(),
+            }))
+        },
+    )
+    .await
+}
+
+/// Release a hold without moving money (its payee or an admin; the payer waits for the timeout).
+#[utoipa::path(post, path = "/v1/holds/{hold_id}/void", tag = "wallet", security(("bearer" = [])),
+    params(("hold_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header), ReadParams),
+    responses((status = 200, body = HoldResult), (status = 202, description = "poll Location"),
+        (status = 401, body = Problem), (status = 403, description = "the payer cannot void a hold", body = Problem),
+        (status = 404, body = Problem),
+        (status = 409, description = "hold_already_posted, hold_already_voided, hold_already_expired, hold_expired", body = Problem),
+        (status = 429, body = Problem)))]
+pub async fn void_hold(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    AppPath(hold_id): AppPath<Uuid>,
+    after: AfterPosition,
+) -> ApiResult<Response> {
+    let (from, to) = hold_parties(&state, hold_id, after).await?;
+    dispatch(
+        &state,
+        &principal,
+        Route::post(&uri),
+        &options,
+        rid,
+        &(),
+        |_| {
+            Ok(Command::Wallet(WalletCommand::VoidHold {
+                hold_id,
+                from,
+                to,
+                at: Utc::now(),
+            }))
+        },
+    )
+    .await
+}
+
+/// A hold (its payer or payee).
+#[utoipa::path(get, path = "/v1/holds/{hold_id}", tag = "wallet", security(("bearer" = [])),
+    params(("hold_id" = Uuid, Path), ReadParams),
+    responses((status = 200, body = HoldView), (status = 401, body = Problem),
+        (status = 404, description = "no such hold, or not yours", body = Problem), (status = 503, body = Problem)))]
+pub async fn get_hold(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppPath(hold_id): AppPath<Uuid>,
+    after: AfterPosition,
+) -> ApiResult<Response> {
+    let position = wait_for(&state, MODEL, after).await?;
+    let r = sqlx::query(
+        "SELECT h.* FROM proj_wallet_holds h
+         JOIN proj_wallet_accounts f ON f.account_id = h.from_account
+         JOIN proj_wallet_accounts t ON t.account_id = h.to_account
+         WHERE h.hold_id = $1 AND (f.owner_id = $2 OR t.owner_id = $2)",
+    )
+    .bind(hold_id)
+    .bind(principal.user_id)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| ApiError::NotFound("no such hold".into()))?;
+    let view = HoldView {
+        hold_id,
+        from_wallet: r.get("from_account"),
+        to_wallet: r.get("to_account"),
+        amount: r.get("amount"),
+        posted: r.get("posted"),
+        status: r.get("status"),
+        reference: r.get("reference"),
+        expires_at: r.get("expires_at"),
+        placed_at: r.get("placed_at"),
+        ended_at: r.get("ended_at"),
+    };
+    Ok((position_header(position), Json(view)).into_response())
+}
+
+/// Replace the spending limits of one of the caller's wallets.
+#[utoipa::path(put, path = "/v1/wallets/{wallet_id}/limits", tag = "wallet", security(("bearer" = [])), request_body = LimitsRequest,
+    params(("wallet_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header), ("If-Match" = Option<String>, Header, description = "the wallet's ETag")),
+    responses((status = 200, body = LimitsResult), (status = 202, description = "poll Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 404, body = Problem),
+        (status = 412, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
+pub async fn set_limits(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    AppPath(wallet_id): AppPath<Uuid>,
+    AppJson(req): AppJson<LimitsRequest>,
+) -> ApiResult<Response> {
+    let mut errors = vec![];
+    for (field, v) in [
+        ("max_withdraw_amount", req.max_withdraw_amount),
+        ("daily_spend_limit", req.daily_spend_limit),
+    ] {
+        if v.is_some_and(|v| !(0..=commands::money::MAX_AMOUNT).contains(&v)) {
+            errors.push(FieldError {
+                field: field.into(),
+                message: "between 0 and 10^15 minor units".into(),
+            });
+        }
+    }
+    let list = req
+        .payout_allow_list
+        .as_ref()
+        .map(|l| l.iter().map(|d| d.trim().to_owned()).collect::<Vec<_>>());
+    if let Some(l) = &list
+        && (l.len() > commands::wallet::MAX_ALLOW_LIST
+            || l.iter().any(|d| {
+                d.is_empty() || d.chars().count() > 128 || d.chars().any(char::is_control)
+            }))
+    {
+        errors.push(FieldError {
+            field: "payout_allow_list".into(),
+            message: "up to 20 destinations of 1 to 128 printable characters".into(),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid(errors));
+    }
+    let (max_withdraw_amount, daily_spend_limit) = (req.max_withdraw_amount, req.daily_spend_limit);
+    let route = Route {
+        method: "PUT",
+        path: uri.path(),
+    };
+    dispatch(&state, &principal, route, &options, rid, &req, |_| {
+        Ok(Command::Wallet(WalletCommand::SetLimits {
+            wallet_id,
+            max_withdraw_amount,
+            daily_spend_limit,
+            payout_allow_list: list,
+            at: Utc::now(),
+        }))
+    })
+    .await
+}
+
+/// The configured fee on a transfer of `amount`: fixed + amount × bps / 10,000,
+/// rounded down in integer minor units; none when it comes to 0.
+fn transfer_fee(state: &AppState, amount: Amount) -> Option<Amount> {
+    let proportional =
+        (i128::from(amount.get()) * i128::from(state.settings.wallet_fee_bps) / 10_000) as i64;
+    let fee = state
+        .settings
+        .wallet_fee_fixed
+        .max(0)
+        .saturating_add(proportional);
+    Amount::new(fee).ok()
+}
+
+/// One leg of a linked transfer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkedLegRequest {
+    /// Your wallet to debit.
+    pub from_wallet: Uuid,
+    /// The wallet to credit; or give `to_user`.
+    pub to_wallet: Option<Uuid>,
+    /// The user to credit (their wallet in `currency`); or give `to_wallet`.
+    pub to_user: Option<Uuid>,
+    /// Minor units, 1 to 10^15.
+    pub amount: i64,
+    /// Currency of both wallets.
+    pub currency: String,
+    /// Free text (≤ 140 characters).
+    pub reference: Option<String>,
+}
+
+/// Several legs that commit or fail as one.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"legs": [
+    {"from_wallet": "0190d6a2-7c1e-7a55-9a43-7a3c1b2d4e5f", "to_user": "0190d6a2-7c1e-7a55-9a43-000000000002", "amount": 6000, "currency": "KES", "reference": "dinner, Bob's share"},
+    {"from_wallet": "0190d6a2-7c1e-7a55-9a43-7a3c1b2d4e5f", "to_user": "0190d6a2-7c1e-7a55-9a43-000000000003", "amount": 4000, "currency": "KES", "reference": "dinner, Carol's share"}]}))]
+pub struct LinkedRequest {
+    /// 1 to 10 legs, decided in order; if any is refused, none moves.
+    pub legs: Vec<LinkedLegRequest>,
+}
+
+/// The answer to a linked transfer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LinkedResult {
+    /// The transfer id (= the command id).
+    pub transfer_id: Uuid,
+    /// `linked`.
+    pub kind: String,
+    /// `posted`.
+    pub status: String,
+    /// The legs as committed, each with its `leg_id`.
+    #[schema(value_type = Vec<Object>)]
+    pub legs: Vec<serde_json::Value>,
+    /// Total debited per wallet.
+    #[schema(value_type = Object)]
+    pub debited: serde_json::Value,
+    /// The first leg's wallet after all legs.
+    pub balance: Balance,
+    /// Global position reached.
+    pub position: i64,
+    /// The first leg's wallet's stream version.
+    pub version: i64,
+    /// The request as decided.
+    #[schema(value_type = Object)]
+    pub request: serde_json::Value,
+}
+
+/// Move money in several legs that commit or fail as one (splits, paying several people).
+#[utoipa::path(post, path = "/v1/transfers/linked", tag = "wallet", security(("bearer" = [])), request_body = LinkedRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the transfer id is derived from it")),
+    responses((status = 201, body = LinkedResult), (status = 202, description = "poll Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, description = "a wallet of some leg does not exist (`leg` says which)", body = Problem),
+        (status = 409, body = Problem),
+        (status = 422, description = "a leg is refused (`leg` says which): insufficient funds, a limit, currency mismatch; or invalid fields", body = Problem),
+        (status = 429, body = Problem)))]
+pub async fn linked_transfer(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    AppJson(req): AppJson<LinkedRequest>,
+) -> ApiResult<Response> {
+    let mut errors = vec![];
+    if req.legs.is_empty() || req.legs.len() > commands::wallet::MAX_LINKED_LEGS {
+        errors.push(FieldError {
+            field: "legs".into(),
+            message: "1 to 10 legs".into(),
+        });
+    }
+    let mut legs = vec![];
+    for (i, l) in req.legs.iter().enumerate() {
+        let mut leg_errors = vec![];
+        let amt = collect(&mut leg_errors, amount(l.amount));
+        let cur = collect(&mut leg_errors, currency("currency", &l.currency));
+        let reference = collect(&mut leg_errors, text("reference", &l.reference, 140));
+        let to = recipient(&mut leg_errors, l.to_wallet, l.to_user, cur);
+        if let (Some(amount), Some(currency), Some(reference), Some(to)) = (amt, cur, reference, to)
+        {
+            legs.push(commands::wallet::LinkedLeg {
+                from: l.from_wallet,
+                to,
+                currency,
+                amount,
+                reference,
+            });
+        }
+        errors.extend(leg_errors.into_iter().map(|e| FieldError {
+            field: format!("legs/{i}/{}", e.field),
+            message: e.message,
+        }));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid(errors));
+    }
+    dispatch(
+        &state,
+        &principal,
+        Route::post(&uri),
+        &options,
+        rid,
+        &req,
+        |transfer_id| {
+            Ok(Command::Wallet(WalletCommand::Linked {
+                transfer_id,
+                legs,
+                at: Utc::now(),
+            }))
+        },
+    )
+    .await
+}
+
+/// One currency of the reconciliation report.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CurrencyReconciliation {
+    /// ISO code.
+    pub currency: String,
+    /// Σ of every Debited leg in the event log (minor units).
+    pub debits: i64,
+    /// Σ of every Credited leg in the event log.
+    pub credits: i64,
+    /// debits − credits: 0 when the ledger balances.
+    pub difference: i64,
+    /// Legs counted.
+    pub legs: i64,
+    /// Σ posted over the read model's accounts of this currency: 0 when balanced.
+    pub posted_sum: i64,
+    /// Σ pending (open holds) in the read model.
+    pub pending_sum: i64,
+    /// Σ held by fee accounts (Mathia's revenue).
+    pub fees: i64,
+    /// Σ of the provider float shards (negative: money deposited and not withdrawn).
+    pub float: i64,
+}
+
+/// Σ debits = Σ credits per currency, from the event log, and the read model's Σ posted.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reconciliation {
+    /// When it was computed.
+    pub generated_at: DateTime<Utc>,
+    /// Whether every currency balances, every transfer's legs sum to 0 and the read model agrees.
+    pub balanced: bool,
+    /// Per currency.
+    pub currencies: Vec<CurrencyReconciliation>,
+    /// Transfer (or leg) ids whose debits and credits differ; empty when balanced.
+    pub unbalanced_transfers: Vec<Uuid>,
+}
+
+/// Prove Σ debits = Σ credits per currency over the whole log (admins; audited).
+#[utoipa::path(get, path = "/v1/admin/reconciliation", tag = "wallet", security(("bearer" = [])), params(ReadParams),
+    responses((status = 200, body = Reconciliation, headers(("Mathia-Position" = i64, description = "position the read-model part reflects"))),
+        (status = 401, body = Problem), (status = 403, description = "not an admin", body = Problem), (status = 503, body = Problem)))]
+pub async fn reconciliation(
+    State(state): State<AppState>,
+    principal: Principal,
+    after: AfterPosition,
+) -> ApiResult<Response> {
+    if !principal.admin {
+        return Err(ApiError::Forbidden("admins only".into()));
+    }
+    let position = wait_for(&state, MODEL, after).await?;
+    sqlx::query(
+        "INSERT INTO audit_log (actor, action, subject) VALUES ($1, 'admin.reconciliation', NULL)",
+    )
+    .bind(principal.user_id)
+    .execute(&state.pool)
+    .await?;
+    // The ledger part reads the log itself (an auditor's check must not trust the read model),
+    // in one statement, so it sees one snapshot.
+    let log = sqlx::query(
+        "WITH cur AS (SELECT stream_id, payload->>'currency' AS currency FROM events
+                      WHERE domain = 'wallet' AND event_type = 'AccountOpened')
+         SELECT c.currency,
+                coalesce(sum((e.payload->>'amount')::bigint) FILTER (WHERE e.event_type = 'Debited'), 0)::bigint AS debits,
+                coalesce(sum((e.payload->>'amount')::bigint) FILTER (WHERE e.event_type = 'Credited'), 0)::bigint AS credits,
+                count(*) AS legs
+         FROM events e JOIN cur c USING (stream_id)
+         WHERE e.domain = 'wallet' AND e.event_type IN ('Debited', 'Credited')
+         GROUP BY c.currency ORDER BY c.currency",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let unbalanced: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT (payload->>'transfer_id')::uuid FROM events
+         WHERE domain = 'wallet' AND event_type IN ('Debited', 'Credited')
+         GROUP BY payload->>'transfer_id'
+         HAVING sum(CASE WHEN event_type = 'Debited' THEN -(payload->>'amount')::bigint
+                         ELSE (payload->>'amount')::bigint END) <> 0
+         LIMIT 100",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let model = sqlx::query(
+        "SELECT currency, coalesce(sum(posted), 0)::bigint AS posted, coalesce(sum(pending), 0)::bigint AS pending,
+                coalesce(sum(posted) FILTER (WHERE kind = 'system_fees'), 0)::bigint AS fees,
+                coalesce(sum(posted) FILTER (WHERE kind = 'system_float'), 0)::bigint AS float
+         FROM proj_wallet_accounts GROUP BY currency",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let currencies: Vec<CurrencyReconciliation> = log
+        .iter()
+        .map(|r| {
+            let currency: String = r.get("currency");
+            let m = model
+                .iter()
+                .find(|m| m.get::<String, _>("currency") == currency);
+            let get = |col: &str| m.map_or(0, |m| m.get::<i64, _>(col));
+            let (debits, credits): (i64, i64) = (r.get("debits"), r.get("credits"));
+            CurrencyReconciliation {
+                debits,
+                credits,
+                difference: debits - credits,
+                legs: r.get("legs"),
+                posted_sum: get("posted"),
+                pending_sum: get("pending"),
+                fees: get("fees"),
+                float: get("float"),
+                currency,
+            }
+        })
+        .collect();
+    let balanced = unbalanced.is_empty()
+        && currencies
+            .iter()
+            .all(|c| c.difference == 0 && c.posted_sum == 0);
+    let report = Reconciliation {
+        generated_at: Utc::now(),
+        balanced,
+        currencies,
+        unbalanced_transfers: unbalanced,
+    };
+    Ok((position_header(position), Json(report)).into_response())
 }

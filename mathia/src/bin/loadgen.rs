@@ -15,6 +15,14 @@
 //! ```text
 //! scripts/services.sh && cargo run --release -p mathia --bin loadgen -- --seconds 20
 //! ```
+//!
+//! `--chat` runs the chat benchmark instead (module [`chat`]): the saturation
+//! phase above as the same-run baseline, then message sends, timeline pages and
+//! search with 1,000,000 messages in the store.
+
+// Not `src/bin/chat.rs`: Cargo would take that for a binary of its own.
+#[path = "loadgen/chat.rs"]
+mod chat;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +87,23 @@ struct Args {
     /// Print the handlers' batch metrics after the saturation phase.
     #[arg(long)]
     show_metrics: bool,
+    /// Chat benchmark: transfer saturation as the baseline, then 100 rooms × 10
+    /// members, message sends, and timeline/search reads over `--chat-store` messages.
+    #[arg(long)]
+    chat: bool,
+    /// Messages seeded into the read model (and keystore) for the read phases.
+    #[arg(long, default_value_t = 1_000_000)]
+    chat_store: usize,
+    /// Requests per read phase (timeline, search).
+    #[arg(long, default_value_t = 4000)]
+    chat_reads: usize,
+    /// Concurrent clients of the read phases (closed loop: latency is measured at
+    /// the load these clients make, not at saturation).
+    #[arg(long, default_value_t = 8)]
+    chat_read_clients: usize,
+    /// Keep the benchmark's database at the end (to EXPLAIN its queries); prints its name.
+    #[arg(long)]
+    keep_database: bool,
 }
 
 fn db_url(admin: &str, db: &str) -> String {
@@ -146,13 +171,18 @@ impl Phase {
     }
 
     fn report(&self, name: &str, elapsed: Duration) -> f64 {
+        self.report_as(name, "transfers", elapsed)
+    }
+
+    /// [`Phase::report`] counting `unit` (e.g. `messages`).
+    fn report_as(&self, name: &str, unit: &str, elapsed: Duration) -> f64 {
         let n = self.answered.load(Ordering::Relaxed);
         let rate = n as f64 / elapsed.as_secs_f64();
         let a = self.answer.lock().expect("histogram");
         let v = self.visible.lock().expect("histogram");
         let ms = |us: u64| us as f64 / 1000.0;
         println!(
-            "{name:<12} {rate:>9.0} transfers/s  answer p50 {:>6.1} ms  p99 {:>6.1} ms  visible p50 {:>6.1} ms  p99 {:>6.1} ms  ({} ok, {} failed)",
+            "{name:<12} {rate:>9.0} {unit}/s  answer p50 {:>6.1} ms  p99 {:>6.1} ms  visible p50 {:>6.1} ms  p99 {:>6.1} ms  ({} ok, {} failed)",
             ms(a.value_at_quantile(0.5)),
             ms(a.value_at_quantile(0.99)),
             ms(v.value_at_quantile(0.5)),
@@ -197,8 +227,9 @@ async fn transfer(client: &Client, wallets: &[Wallet], phase: &Phase, pending: &
     }
 }
 
-/// Watch the wallet projector's checkpoint and record when each pending position becomes visible.
+/// Watch projector `model`'s checkpoint and record when each pending position becomes visible.
 async fn watch_visibility(
+    model: &'static str,
     database_url: String,
     pending: Pending,
     phase: Arc<std::sync::Mutex<Arc<Phase>>>,
@@ -208,13 +239,13 @@ async fn watch_visibility(
         return;
     };
     while !stop.is_cancelled() {
-        let cp: i64 =
-            sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = 'wallet'")
-                .fetch_optional(&mut conn)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or(0);
+        let cp: i64 = sqlx::query_scalar("SELECT position FROM proj_checkpoints WHERE model = $1")
+            .bind(model)
+            .fetch_optional(&mut conn)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0);
         let now = Instant::now();
         let current = phase.lock().expect("phase").clone();
         let mut p = pending.lock().await;
@@ -287,6 +318,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let database_url = db_url(&args.admin_database_url, &db);
     let prefix = format!("bench{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let master = commands::crypto::Key::random();
     let config = Config {
         database_url: database_url.clone(),
         nats_url: args.nats_url.clone(),
@@ -309,14 +341,13 @@ async fn main() -> anyhow::Result<()> {
         // Logins are not what is measured; keep the 1,000 registrations quick.
         argon2_memory_kib: 1024,
         role_threads: args.role_threads,
-        master_key: Some(
-            base64::engine::general_purpose::STANDARD
-                .encode(commands::crypto::Key::random().as_bytes()),
-        ),
+        master_key: Some(base64::engine::general_purpose::STANDARD.encode(master.as_bytes())),
         chat_messages_per_min: 0,
         chat_messages_per_day: 0,
         searches_per_day: 0,
         uploads_per_day: 0,
+        upload_max_bytes: 50 * 1024 * 1024,
+        upload_dir: std::env::temp_dir().join(format!("mathia-loadgen-uploads-{prefix}")),
         ..Config::defaults()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -461,17 +492,31 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    eprintln!(
-        "baseline: single-event INSERT transactions from 32 connections for {} s…",
-        args.seconds
-    );
-    let raw = baseline(&database_url, args.seconds).await?;
-    println!("baseline     {raw:>9.0} single-event INSERT transactions/s (32 connections)");
+    // The chat benchmark builds its rooms and its million messages first, so the
+    // transfer baseline and the sends run against the same store.
+    let chat = match args.chat {
+        true => {
+            Some(chat::prepare(&client, &wallets, &database_url, &master, args.chat_store).await?)
+        }
+        false => None,
+    };
+    let raw = if chat.is_none() {
+        eprintln!(
+            "baseline: single-event INSERT transactions from 32 connections for {} s…",
+            args.seconds
+        );
+        let raw = baseline(&database_url, args.seconds).await?;
+        println!("baseline     {raw:>9.0} single-event INSERT transactions/s (32 connections)");
+        raw
+    } else {
+        0.0
+    };
 
     let pending: Pending = Arc::new(Mutex::new(Vec::new()));
     let current = Arc::new(std::sync::Mutex::new(Phase::new()));
     let watch_stop = CancellationToken::new();
     let watcher = tokio::spawn(watch_visibility(
+        "wallet",
         database_url.clone(),
         pending.clone(),
         current.clone(),
@@ -520,6 +565,25 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    if let Some(chat) = chat {
+        watch_stop.cancel();
+        let _ = watcher.await;
+        chat.run(
+            &client,
+            &wallets,
+            &database_url,
+            saturated,
+            &chat::Load {
+                seconds: args.seconds,
+                clients: args.clients,
+                reads: args.chat_reads,
+                read_clients: args.chat_read_clients,
+            },
+        )
+        .await?;
+        return cleanup(shutdown, server, admin, &db, &args, &prefix).await;
+    }
+
     // Half rate: open loop at a fixed schedule.
     let target = (saturated / 2.0).max(1.0);
     let phase = Phase::new();
@@ -558,15 +622,31 @@ async fn main() -> anyhow::Result<()> {
     );
     watch_stop.cancel();
     let _ = watcher.await;
+    cleanup(shutdown, server, admin, &db, &args, &prefix).await
+}
+
+/// Stop the backend, drop the benchmark's database and its streams.
+async fn cleanup(
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    mut admin: PgConnection,
+    db: &str,
+    args: &Args,
+    prefix: &str,
+) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await?;
+    if args.keep_database {
+        eprintln!("kept database {db}");
+    } else {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await?;
+    }
     let js = async_nats::jetstream::new(async_nats::connect(&args.nats_url).await?);
-    let subjects = events::Subjects::with_prefix(&prefix);
+    let subjects = events::Subjects::with_prefix(prefix);
     let _ = js.delete_stream(subjects.commands_stream()).await;
     let _ = js.delete_stream(subjects.events_stream()).await;
     Ok(())
