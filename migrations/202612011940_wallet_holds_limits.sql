@@ -21,3 +21,21 @@ CREATE TABLE proj_wallet_holds (
 CREATE INDEX proj_wallet_holds_due ON proj_wallet_holds (expires_at) WHERE status = 'pending';
 CREATE INDEX proj_wallet_holds_from ON proj_wallet_holds (from_account);
 CREATE INDEX proj_wallet_holds_to ON proj_wallet_holds (to_account);
+
+-- Disputes: one row per dispute; a wallet is frozen while one of its rows is open.
+ALTER TABLE proj_wallet_accounts ADD COLUMN frozen BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE proj_wallet_disputes (
+    dispute_id  UUID        PRIMARY KEY,
+    transfer_id UUID        NOT NULL,
+    payee       UUID        NOT NULL,
+    payer       UUID        NOT NULL,
+    amount      BIGINT      NOT NULL,
+    held        BIGINT      NOT NULL,
+    status      TEXT        NOT NULL,
+    reason      TEXT        NOT NULL,
+    evidence    JSONB       NOT NULL DEFAULT '[]',
+    opened_at   TIMESTAMPTZ NOT NULL,
+    resolved_at TIMESTAMPTZ,
+    position    BIGINT      NOT NULL
+);
+CREATE INDEX proj_wallet_disputes_payee ON proj_wallet_disputes (payee) WHERE status = 'open';

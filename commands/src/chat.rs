@@ -528,7 +528,27 @@ pub enum ChatCommand {
         /// Note.
         note_id: Uuid,
     },
+    /// The @mathia assistant answers a message (the system only).
+    AssistantReply {
+        /// Room.
+        room_id: Uuid,
+        /// New message id.
+        message_id: Uuid,
+        /// The request it answers (quoted).
+        in_reply_to: Uuid,
+        /// Sealed text.
+        body: Sealed,
+        /// Room key version wrapping `message_key`.
+        key_version: i32,
+        /// The message key, wrapped by the room key.
+        message_key: Bytes64,
+        /// When.
+        sent_at: DateTime<Utc>,
+    },
 }
+
+/// The sender of the assistant's messages.
+pub const ASSISTANT: Uuid = Uuid::from_u128(0x6d61_7468_6961_0000_0000_0000_0000_0001);
 
 /// The reasons a member may give when reporting a message.
 pub const REPORT_REASONS: [&str; 7] = [
@@ -625,6 +645,7 @@ impl ChatCommand {
             ChatCommand::PinNote { .. } => "chat.PinNote",
             ChatCommand::EditNote { .. } => "chat.EditNote",
             ChatCommand::UnpinNote { .. } => "chat.UnpinNote",
+            ChatCommand::AssistantReply { .. } => "chat.AssistantReply",
         }
     }
 
@@ -655,7 +676,8 @@ impl ChatCommand {
             | ChatCommand::Unmute { room_id, .. }
             | ChatCommand::PinNote { room_id, .. }
             | ChatCommand::EditNote { room_id, .. }
-            | ChatCommand::UnpinNote { room_id, .. } => *room_id,
+            | ChatCommand::UnpinNote { room_id, .. }
+            | ChatCommand::AssistantReply { room_id, .. } => *room_id,
         }
     }
 
@@ -663,6 +685,7 @@ impl ChatCommand {
     pub fn target(&self) -> StreamId {
         match self {
             ChatCommand::SendMessage { message_id, .. }
+            | ChatCommand::AssistantReply { message_id, .. }
             | ChatCommand::EditMessage { message_id, .. }
             | ChatCommand::RedactMessage { message_id, .. }
             | ChatCommand::React { message_id, .. } => message_stream(*message_id),
@@ -690,6 +713,11 @@ impl ChatCommand {
             ChatCommand::EditMessage { message_id, .. }
             | ChatCommand::RedactMessage { message_id, .. }
             | ChatCommand::React { message_id, .. } => vec![message_stream(*message_id), room],
+            ChatCommand::AssistantReply {
+                message_id,
+                in_reply_to,
+                ..
+            } => vec![message_stream(*message_id), room, message_stream(*in_reply_to)],
             // Flags live on the room (they count toward a mute there) and read the message.
             ChatCommand::FlagMessage { message_id, .. }
             | ChatCommand::ReportMessage { message_id, .. } => {
@@ -1337,6 +1365,68 @@ impl ChatCommand {
             | ChatCommand::PinNote { .. }
             | ChatCommand::EditNote { .. }
             | ChatCommand::UnpinNote { .. } => self.decide_moderation(actor, states, &room),
+            ChatCommand::AssistantReply {
+                message_id,
+                in_reply_to,
+                body,
+                key_version,
+                message_key,
+                sent_at,
+                ..
+            } => {
+                if actor.role != crate::Role::System {
+                    return Err(forbidden("speak as the assistant"));
+                }
+                if !room.exists || room.deleted {
+                    return Err(room_not_found());
+                }
+                if room.archived {
+                    return Err(archived());
+                }
+                let ms = message_stream(*message_id);
+                if states.message(&ms).exists {
+                    return Err(Rejection::new(409, "message_exists", "this message id is taken"));
+                }
+                let asked = states.message(&message_stream(*in_reply_to));
+                if !asked.exists || asked.room_id != room_id {
+                    return Err(message_not_found());
+                }
+                if *key_version != room.key_version {
+                    return Err(Rejection::new(
+                        409,
+                        "key_version_conflict",
+                        "the room key was rotated meanwhile; send again",
+                    ));
+                }
+                Ok(decision(
+                    vec![(
+                        ms,
+                        ChatEvent::MessagePosted {
+                            message_id: *message_id,
+                            room_id,
+                            sender: ASSISTANT,
+                            kind: MessageKind::Text,
+                            body: body.clone(),
+                            attachment: None,
+                            thread_root: asked.thread_root,
+                            quote: Some(*in_reply_to),
+                            mentions: vec![asked.sender],
+                            mentions_assistant: false,
+                            client_message_id: None,
+                            key_version: *key_version,
+                            sent_at: *sent_at,
+                        },
+                    )],
+                    201,
+                    json!({ "message_id": message_id, "room_id": room_id, "sender": ASSISTANT }),
+                    vec![KeyOp::PutMessageKey {
+                        message_id: *message_id,
+                        room_id,
+                        key_version: *key_version,
+                        wrapped: message_key.clone(),
+                    }],
+                ))
+            }
         }
     }
 

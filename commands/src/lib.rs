@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod aggregate;
+pub mod assistant;
 pub mod chat;
 pub mod crypto;
 pub mod itinerary;

@@ -17,7 +17,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use chrono::{DateTime, Duration, Utc};
 use events::StreamId;
-use events::wallet::{ACCOUNT, AccountKind, DOMAIN, EntryKind, HoldEnd, Leg, WalletEvent};
+use events::wallet::{
+    ACCOUNT, AccountKind, DOMAIN, DisputeOutcome, EntryKind, HoldEnd, Leg, WalletEvent,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
@@ -59,6 +61,18 @@ pub fn fee_account_id(currency: Currency, transfer_id: Uuid) -> Uuid {
     let shard = transfer_id.as_u128() % FLOAT_SHARDS;
     Uuid::new_v5(&NAMESPACE, format!("fees:{currency}:{shard}").as_bytes())
 }
+
+/// The disputes account shard of `currency` that dispute `dispute_id` holds its money in.
+pub fn disputes_account_id(currency: Currency, dispute_id: Uuid) -> Uuid {
+    let shard = dispute_id.as_u128() % FLOAT_SHARDS;
+    Uuid::new_v5(
+        &NAMESPACE,
+        format!("disputes:{currency}:{shard}").as_bytes(),
+    )
+}
+
+/// Longest dispute reason or evidence text.
+pub const MAX_DISPUTE_TEXT: usize = 2000;
 
 /// The id of leg `tag` of transfer `transfer_id` (a fee, or one leg of a linked
 /// transfer), so that each leg is its own spend in the daily window.
@@ -148,6 +162,24 @@ pub struct Account {
     /// Spends of the last 24 h (user wallets only), oldest first.
     #[serde(default)]
     pub spends: VecDeque<Spend>,
+    /// Refunded so far, per transfer received (only transfers with refunds).
+    #[serde(default)]
+    pub refunded: BTreeMap<Uuid, i64>,
+    /// Open disputes on transfers this account received; while any is open the
+    /// account is frozen.
+    #[serde(default)]
+    pub disputes: BTreeMap<Uuid, OpenDispute>,
+}
+
+/// A dispute not resolved yet, on the payee's account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenDispute {
+    /// The disputed transfer.
+    pub transfer_id: Uuid,
+    /// The payer's account.
+    pub payer: Uuid,
+    /// Minor units moved to the disputes account.
+    pub held: i64,
 }
 
 impl Account {
@@ -170,6 +202,9 @@ impl Account {
             }
             WalletEvent::Debited(leg) => {
                 self.posted = leg.balance_after;
+                if let Some(original) = leg.refund_of {
+                    *self.refunded.entry(original).or_default() += leg.amount;
+                }
                 let spend = matches!(
                     leg.kind,
                     EntryKind::Transfer | EntryKind::Withdrawal | EntryKind::Fee
@@ -221,6 +256,35 @@ impl Account {
                     } else {
                         self.spends.remove(i);
                     }
+                }
+            }
+            WalletEvent::DisputeOpened {
+                dispute_id,
+                transfer_id,
+                payer,
+                held,
+                ..
+            } => {
+                self.disputes.insert(
+                    *dispute_id,
+                    OpenDispute {
+                        transfer_id: *transfer_id,
+                        payer: *payer,
+                        held: *held,
+                    },
+                );
+            }
+            WalletEvent::DisputeEvidenceAdded { .. } => {}
+            WalletEvent::DisputeResolved {
+                dispute_id,
+                outcome,
+                held,
+            } => {
+                if let Some(d) = self.disputes.remove(dispute_id)
+                    && *outcome == DisputeOutcome::Lost
+                {
+                    // What the payer got back counts as refunded.
+                    *self.refunded.entry(d.transfer_id).or_default() += *held;
                 }
             }
             WalletEvent::LimitsSet {
@@ -460,6 +524,69 @@ pub enum WalletCommand {
         /// When the scheduler fired.
         at: DateTime<Utc>,
     },
+    /// Give back part or all of a transfer the actor received (several refunds
+    /// may follow one another; together never more than the original).
+    Refund {
+        /// The refund's own transfer id (the command id).
+        refund_id: Uuid,
+        /// The transfer (or leg) refunded.
+        transfer_id: Uuid,
+        /// The wallet that received it: debited now.
+        payee: Uuid,
+        /// The wallet that paid it: credited now.
+        payer: Uuid,
+        /// What the original moved (from the immutable history).
+        original_amount: i64,
+        /// Currency.
+        currency: Currency,
+        /// How much to give back.
+        amount: Amount,
+        /// Free text.
+        reference: Option<String>,
+    },
+    /// Dispute a transfer (admins): freeze the payee's account and move the
+    /// claimed money (as much of it as the balance allows) to a disputes account.
+    OpenDispute {
+        /// The dispute id (the command id).
+        dispute_id: Uuid,
+        /// The disputed transfer (or leg).
+        transfer_id: Uuid,
+        /// The wallet that received it.
+        payee: Uuid,
+        /// The wallet that paid it.
+        payer: Uuid,
+        /// What the original moved (from the immutable history).
+        original_amount: i64,
+        /// Currency.
+        currency: Currency,
+        /// Minor units claimed; none: all that is not refunded yet.
+        amount: Option<Amount>,
+        /// Why.
+        reason: String,
+    },
+    /// Add evidence to an open dispute (the payee or an admin).
+    AddDisputeEvidence {
+        /// The dispute.
+        dispute_id: Uuid,
+        /// The payee's wallet.
+        payee: Uuid,
+        /// The evidence.
+        evidence: String,
+    },
+    /// End a dispute (admins): won releases the money to the payee, lost pays
+    /// it to the payer; the account unfreezes when no dispute is left open.
+    ResolveDispute {
+        /// The dispute.
+        dispute_id: Uuid,
+        /// The payee's wallet.
+        payee: Uuid,
+        /// The payer's wallet.
+        payer: Uuid,
+        /// Currency.
+        currency: Currency,
+        /// Won or lost.
+        outcome: DisputeOutcome,
+    },
     /// Replace the wallet's spending limits (its owner or an admin).
     SetLimits {
         /// The wallet.
@@ -512,6 +639,10 @@ impl WalletCommand {
             WalletCommand::ExpireHold { .. } => "wallet.ExpireHold",
             WalletCommand::SetLimits { .. } => "wallet.SetLimits",
             WalletCommand::Linked { .. } => "wallet.Linked",
+            WalletCommand::Refund { .. } => "wallet.Refund",
+            WalletCommand::OpenDispute { .. } => "wallet.OpenDispute",
+            WalletCommand::AddDisputeEvidence { .. } => "wallet.AddDisputeEvidence",
+            WalletCommand::ResolveDispute { .. } => "wallet.ResolveDispute",
         }
     }
 
@@ -532,6 +663,10 @@ impl WalletCommand {
             WalletCommand::Linked { legs, .. } => {
                 account_stream(legs.first().map_or(Uuid::nil(), |l| l.from))
             }
+            WalletCommand::Refund { payee, .. }
+            | WalletCommand::OpenDispute { payee, .. }
+            | WalletCommand::AddDisputeEvidence { payee, .. }
+            | WalletCommand::ResolveDispute { payee, .. } => account_stream(*payee),
         }
     }
 
@@ -570,6 +705,28 @@ impl WalletCommand {
                 account_stream(*to),
                 account_stream(fee_account_id(*currency, *transfer_id)),
             ],
+            WalletCommand::Refund { payee, payer, .. } => {
+                vec![account_stream(*payee), account_stream(*payer)]
+            }
+            WalletCommand::OpenDispute {
+                dispute_id,
+                payee,
+                payer,
+                currency,
+                ..
+            }
+            | WalletCommand::ResolveDispute {
+                dispute_id,
+                payee,
+                payer,
+                currency,
+                ..
+            } => vec![
+                account_stream(*payee),
+                account_stream(*payer),
+                account_stream(disputes_account_id(*currency, *dispute_id)),
+            ],
+            WalletCommand::AddDisputeEvidence { payee, .. } => vec![account_stream(*payee)],
             WalletCommand::Linked { legs, .. } => {
                 let mut streams: Vec<StreamId> = vec![];
                 for s in legs
@@ -615,6 +772,28 @@ impl WalletCommand {
             } => {
                 json!({ "from_wallet": from, "to_wallet": to, "currency": currency, "amount": amount, "reference": reference })
             }
+            WalletCommand::Refund {
+                transfer_id,
+                amount,
+                reference,
+                ..
+            } => json!({ "transfer_id": transfer_id, "amount": amount, "reference": reference }),
+            WalletCommand::OpenDispute {
+                transfer_id,
+                amount,
+                reason,
+                ..
+            } => json!({ "transfer_id": transfer_id, "amount": amount, "reason": reason }),
+            WalletCommand::AddDisputeEvidence {
+                dispute_id,
+                evidence,
+                ..
+            } => json!({ "dispute_id": dispute_id, "evidence": evidence }),
+            WalletCommand::ResolveDispute {
+                dispute_id,
+                outcome,
+                ..
+            } => json!({ "dispute_id": dispute_id, "outcome": outcome }),
             WalletCommand::Linked { legs, .. } => json!({
                 "legs": legs.iter().map(|l| json!({ "from_wallet": l.from, "to_wallet": l.to, "currency": l.currency,
                                                      "amount": l.amount, "reference": l.reference })).collect::<Vec<_>>(),
@@ -815,6 +994,269 @@ impl WalletCommand {
                 decision.answer["fee"] = json!(fee.map_or(0, Amount::get));
                 Ok(decision)
             }
+            WalletCommand::Refund {
+                refund_id,
+                transfer_id,
+                payee,
+                payer,
+                original_amount,
+                currency,
+                amount,
+                reference,
+            } => {
+                let source = states.wallet(&account_stream(*payee));
+                let mine = source.owner_id.is_some() && source.owner_id == actor.user_id;
+                if !source.opened || !(mine || actor.role == Role::Admin) {
+                    return Err(Rejection::new(
+                        404,
+                        "transfer_not_found",
+                        "no such transfer received",
+                    ));
+                }
+                check_currency(&source, *currency)?;
+                not_frozen(&source)?;
+                let target = states.wallet(&account_stream(*payer));
+                if !target.opened || target.kind != Some(AccountKind::User) {
+                    return Err(Rejection::new(
+                        422,
+                        "not_refundable",
+                        "only transfers between users' wallets can be refunded",
+                    ));
+                }
+                let refunded = source.refunded.get(transfer_id).copied().unwrap_or(0);
+                let remaining = original_amount - refunded;
+                if amount.get() > remaining {
+                    return Err(Rejection::new(
+                        422,
+                        "refund_exceeds_original",
+                        format!("{remaining} of the original {original_amount} is left to refund"),
+                    )
+                    .with_details(json!({
+                        "original": original_amount,
+                        "refunded": refunded,
+                        "remaining": remaining,
+                        "requested": amount.get(),
+                    })));
+                }
+                let (mut debit, mut credit) = legs(
+                    *refund_id,
+                    &source,
+                    &target,
+                    *amount,
+                    EntryKind::Refund,
+                    reference,
+                    None,
+                )?;
+                for (_, e) in [&mut debit, &mut credit] {
+                    if let Event::Wallet(WalletEvent::Debited(l) | WalletEvent::Credited(l)) = e {
+                        l.refund_of = Some(*transfer_id);
+                    }
+                }
+                let mut decision = self.transfer_decision(
+                    vec![debit, credit],
+                    *refund_id,
+                    EntryKind::Refund,
+                    *amount,
+                    &source,
+                    *payee,
+                    *payer,
+                    reference,
+                );
+                decision.answer["refund_of"] = json!(transfer_id);
+                decision.answer["refunded_total"] = json!(refunded + amount.get());
+                decision.answer["refundable_remaining"] = json!(remaining - amount.get());
+                Ok(decision)
+            }
+            WalletCommand::OpenDispute {
+                dispute_id,
+                transfer_id,
+                payee,
+                payer,
+                original_amount,
+                currency,
+                amount,
+                reason,
+            } => {
+                if actor.role == Role::User {
+                    return Err(Rejection::new(403, "forbidden", "admins open disputes"));
+                }
+                let source = states.wallet(&account_stream(*payee));
+                let target = states.wallet(&account_stream(*payer));
+                if !source.opened || !target.opened {
+                    return Err(Rejection::new(
+                        404,
+                        "transfer_not_found",
+                        "no such transfer",
+                    ));
+                }
+                check_currency(&source, *currency)?;
+                if source
+                    .disputes
+                    .values()
+                    .any(|d| d.transfer_id == *transfer_id)
+                {
+                    return Err(Rejection::new(
+                        409,
+                        "dispute_exists",
+                        "this transfer already has an open dispute",
+                    ));
+                }
+                let disputable =
+                    original_amount - source.refunded.get(transfer_id).copied().unwrap_or(0);
+                let claimed = amount.map_or(disputable, Amount::get);
+                if claimed <= 0 || claimed > disputable {
+                    return Err(Rejection::new(
+                        422,
+                        "dispute_exceeds_original",
+                        format!("{disputable} of the transfer is left to dispute"),
+                    )
+                    .with_details(
+                        json!({ "remaining": disputable.max(0), "requested": claimed }),
+                    ));
+                }
+                // Move aside what the balance allows now; the freeze keeps the rest from leaving.
+                let held = claimed.min(source.available().max(0));
+                let opened = WalletEvent::DisputeOpened {
+                    dispute_id: *dispute_id,
+                    transfer_id: *transfer_id,
+                    payer: *payer,
+                    held,
+                    amount: claimed,
+                    reason: reason.clone(),
+                };
+                let mut events = vec![(account_stream(*payee), Event::Wallet(opened))];
+                if let Ok(held_amount) = Amount::new(held) {
+                    let pool_id = disputes_account_id(*currency, *dispute_id);
+                    let (opened_pool, pool) =
+                        system_account(states, pool_id, *currency, AccountKind::SystemDisputes);
+                    let (debit, credit) = legs(
+                        *dispute_id,
+                        &source,
+                        &pool,
+                        held_amount,
+                        EntryKind::Dispute,
+                        &Some(format!("dispute of {transfer_id}")),
+                        None,
+                    )?;
+                    events.extend(opened_pool);
+                    events.push(debit);
+                    events.push(credit);
+                }
+                let after = evolved(&source, &events);
+                Ok(Decision {
+                    events,
+                    status: 201,
+                    answer: json!({
+                        "dispute_id": dispute_id,
+                        "transfer_id": transfer_id,
+                        "status": "open",
+                        "amount": claimed,
+                        "held": held,
+                        "frozen": true,
+                        "balance": after.balance_json(),
+                        "request": self.request_fields(),
+                    }),
+                    keys: vec![],
+                })
+            }
+            WalletCommand::AddDisputeEvidence {
+                dispute_id,
+                payee,
+                evidence,
+            } => {
+                let source = states.wallet(&account_stream(*payee));
+                let mine = source.owner_id.is_some() && source.owner_id == actor.user_id;
+                if !(mine || actor.role != Role::User) || !source.disputes.contains_key(dispute_id)
+                {
+                    return Err(Rejection::new(
+                        404,
+                        "dispute_not_found",
+                        "no such open dispute",
+                    ));
+                }
+                if evidence.trim().is_empty() || evidence.chars().count() > MAX_DISPUTE_TEXT {
+                    return Err(Rejection::new(
+                        422,
+                        "invalid_evidence",
+                        format!("evidence is 1 to {MAX_DISPUTE_TEXT} characters"),
+                    ));
+                }
+                let added = WalletEvent::DisputeEvidenceAdded {
+                    dispute_id: *dispute_id,
+                    evidence: evidence.clone(),
+                };
+                Ok(Decision {
+                    events: vec![(account_stream(*payee), Event::Wallet(added))],
+                    status: 200,
+                    answer: json!({ "dispute_id": dispute_id, "status": "open", "request": self.request_fields() }),
+                    keys: vec![],
+                })
+            }
+            WalletCommand::ResolveDispute {
+                dispute_id,
+                payee,
+                payer,
+                currency,
+                outcome,
+            } => {
+                if actor.role == Role::User {
+                    return Err(Rejection::new(403, "forbidden", "admins resolve disputes"));
+                }
+                let source = states.wallet(&account_stream(*payee));
+                let Some(dispute) = source.disputes.get(dispute_id).cloned() else {
+                    return Err(Rejection::new(
+                        404,
+                        "dispute_not_found",
+                        "no such open dispute",
+                    ));
+                };
+                if dispute.payer != *payer {
+                    return Err(Rejection::new(
+                        404,
+                        "dispute_not_found",
+                        "no such open dispute",
+                    ));
+                }
+                let resolved = WalletEvent::DisputeResolved {
+                    dispute_id: *dispute_id,
+                    outcome: *outcome,
+                    held: dispute.held,
+                };
+                let mut events = vec![(account_stream(*payee), Event::Wallet(resolved))];
+                if let Ok(held) = Amount::new(dispute.held) {
+                    let pool =
+                        states.wallet(&account_stream(disputes_account_id(*currency, *dispute_id)));
+                    let to = match outcome {
+                        DisputeOutcome::Won => evolved(&source, &events),
+                        DisputeOutcome::Lost => states.wallet(&account_stream(*payer)),
+                    };
+                    let (debit, credit) = legs(
+                        leg_id(*dispute_id, outcome.as_str()),
+                        &pool,
+                        &to,
+                        held,
+                        EntryKind::Dispute,
+                        &Some(format!("dispute {} {}", dispute_id, outcome.as_str())),
+                        None,
+                    )?;
+                    events.push(debit);
+                    events.push(credit);
+                }
+                let after = evolved(&source, &events);
+                Ok(Decision {
+                    events,
+                    status: 200,
+                    answer: json!({
+                        "dispute_id": dispute_id,
+                        "status": outcome.as_str(),
+                        "moved": dispute.held,
+                        "frozen": !after.disputes.is_empty(),
+                        "balance": after.balance_json(),
+                        "request": self.request_fields(),
+                    }),
+                    keys: vec![],
+                })
+            }
             WalletCommand::Linked {
                 transfer_id,
                 legs: linked,
@@ -1004,6 +1446,7 @@ impl WalletCommand {
                 at,
             } => {
                 let (source, target, hold) = open_hold(states, *hold_id, *from, *to, *at)?;
+                not_frozen(&source)?;
                 let payer = source.owner_id.is_some() && source.owner_id == actor.user_id;
                 let payee = target.owner_id.is_some() && target.owner_id == actor.user_id;
                 if !(payer || payee || actor.role == Role::Admin) {
@@ -1345,7 +1788,8 @@ fn check_currency(wallet: &Account, currency: Currency) -> Result<(), Rejection>
     }
 }
 
-/// The actor's own opened wallet; someone else's is "not found" (existence is private).
+/// The actor's own opened wallet, which money may leave; someone else's is
+/// "not found" (existence is private).
 fn owned_wallet(actor: &Actor, states: &StateSet, wallet_id: Uuid) -> Result<Account, Rejection> {
     let wallet = states.wallet(&account_stream(wallet_id));
     if !wallet.opened || wallet.kind != Some(AccountKind::User) {
@@ -1354,7 +1798,21 @@ fn owned_wallet(actor: &Actor, states: &StateSet, wallet_id: Uuid) -> Result<Acc
     if wallet.owner_id != actor.user_id {
         return Err(not_found());
     }
+    not_frozen(&wallet)?;
     Ok(wallet)
+}
+
+/// Refuse moving money out of an account with an open dispute.
+fn not_frozen(wallet: &Account) -> Result<(), Rejection> {
+    if wallet.disputes.is_empty() {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        422,
+        "account_frozen",
+        "the wallet is frozen while a dispute on it is open",
+    )
+    .with_details(json!({ "disputes": wallet.disputes.keys().collect::<Vec<_>>() })))
 }
 
 /// The float shard's state, with the event that opens it if this is its first use.
@@ -1448,6 +1906,7 @@ fn legs(
         reference: reference.clone(),
         balance_after,
         at,
+        refund_of: None,
     };
     Ok((
         (
@@ -1707,7 +2166,7 @@ mod tests {
         /// pending = Σ open holds, available = posted − pending, spends within the
         /// daily limit over the last 24 h; and replaying the log gives the same state.
         #[test]
-        fn money_is_conserved(ops in proptest::collection::vec((0u8..9, 0usize..4, 0usize..4, 1i64..500, 0i64..4000), 1..80)) {
+        fn money_is_conserved(ops in proptest::collection::vec((0u8..12, 0usize..4, 0usize..4, 1i64..500, 0i64..4000), 1..80)) {
             let mut s = StateSet::default();
             let owners: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
             let wallets: Vec<Uuid> = owners.iter().map(|o| funded(&mut s, *o, 0)).collect();
@@ -1718,6 +2177,9 @@ mod tests {
             let mut log: Vec<(StreamId, Event)> = vec![];
             let mut clock = Utc::now();
             let mut holds: Vec<(Uuid, usize, usize)> = vec![];
+            // Accepted transfers (id, payer, payee, amount), to refund.
+            let mut sent: Vec<(Uuid, usize, usize, i64)> = vec![];
+            let mut disputes: Vec<(Uuid, usize, usize)> = vec![];
             let mut legs_sum = 0i64;
             for (op, i, j, amount, secs) in ops {
                 clock += Duration::seconds(secs * 30);
@@ -1737,6 +2199,22 @@ mod tests {
                     (5, Some((h, a, b))) => (user(owners[b]), WalletCommand::VoidHold { hold_id: h, from: wallets[a], to: wallets[b], at: clock }),
                     (6, Some((h, a, _))) => (system.clone(), WalletCommand::ExpireHold { hold_id: h, from: wallets[a], at: clock }),
                     (7, _) => (user(owners[i]), WalletCommand::SetLimits { wallet_id: wallets[i], max_withdraw_amount: Some(amount), daily_spend_limit: (secs % 3 != 0).then_some(secs), payout_allow_list: None, at: clock }),
+                    (10, _) if !sent.is_empty() => {
+                        let (t, a, b, original) = sent[secs as usize % sent.len()];
+                        disputes.push((id, a, b));
+                        (admin.clone(), WalletCommand::OpenDispute { dispute_id: id, transfer_id: t, payee: wallets[b], payer: wallets[a],
+                            original_amount: original, currency: kes(), amount: None, reason: "chargeback".into() })
+                    }
+                    (11, _) if !disputes.is_empty() => {
+                        let (d, a, b) = disputes[secs as usize % disputes.len()];
+                        let outcome = if amount % 2 == 0 { DisputeOutcome::Won } else { DisputeOutcome::Lost };
+                        (admin.clone(), WalletCommand::ResolveDispute { dispute_id: d, payee: wallets[b], payer: wallets[a], currency: kes(), outcome })
+                    }
+                    (9, _) if !sent.is_empty() => {
+                        let (t, a, b, original) = sent[secs as usize % sent.len()];
+                        (user(owners[b]), WalletCommand::Refund { refund_id: id, transfer_id: t, payee: wallets[b], payer: wallets[a],
+                            original_amount: original, currency: kes(), amount: Amount::new(amount % 200 + 1).unwrap(), reference: None })
+                    }
                     (8, _) if secs % 2 == 0 => (admin.clone(), WalletCommand::Deposit { transfer_id: id, wallet_id: wallets[j], currency: kes(), amount: amt, reference: None }),
                     // A split: two legs from one wallet that commit or fail together.
                     _ => (user(owners[i]), WalletCommand::Linked { transfer_id: id, at: clock, legs: vec![
@@ -1744,7 +2222,12 @@ mod tests {
                         LinkedLeg { from: wallets[i], to: wallets[(j + 1) % 4], currency: kes(), amount: Amount::new(secs + 1).unwrap(), reference: None },
                     ] }),
                 };
+                let transfer = match &cmd {
+                    WalletCommand::Transfer { from, to, amount, .. } if from != to => Some((id, i, j, amount.get())),
+                    _ => None,
+                };
                 if let Ok(d) = run(&mut s, &actor, cmd) {
+                    sent.extend(transfer);
                     for (_, e) in &d.events {
                         match e {
                             Event::Wallet(WalletEvent::Debited(l)) => legs_sum -= l.amount,
@@ -1756,6 +2239,11 @@ mod tests {
                 }
                 proptest::prop_assert_eq!(legs_sum, 0);
                 check_invariants(&s, &wallets)?;
+                // No transfer is ever refunded above what it moved.
+                for (t, _, b, original) in &sent {
+                    let refunded = s.wallet(&account_stream(wallets[*b])).refunded.get(t).copied().unwrap_or(0);
+                    proptest::prop_assert!(refunded <= *original);
+                }
             }
             // Replaying the log from the opened wallets gives the same states.
             let mut replayed = start;
@@ -2112,6 +2600,166 @@ mod tests {
             ),
             (60, 40)
         );
+    }
+
+    #[test]
+    fn refunds_are_partial_multiple_and_never_above_the_original() {
+        let mut s = StateSet::default();
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = funded(&mut s, alice, 1_000);
+        let b = funded(&mut s, bob, 500);
+        let t = Uuid::new_v4();
+        let pay = WalletCommand::Transfer {
+            transfer_id: t,
+            from: a,
+            to: b,
+            currency: kes(),
+            amount: Amount::new(300).unwrap(),
+            reference: None,
+            fee: None,
+            at: Utc::now(),
+        };
+        run(&mut s, &user(alice), pay).unwrap();
+        let refund = |amount: i64| WalletCommand::Refund {
+            refund_id: Uuid::new_v4(),
+            transfer_id: t,
+            payee: b,
+            payer: a,
+            original_amount: 300,
+            currency: kes(),
+            amount: Amount::new(amount).unwrap(),
+            reference: None,
+        };
+        // Only the payee refunds.
+        assert_eq!(
+            run(&mut s, &user(alice), refund(10)).unwrap_err().status,
+            404
+        );
+        let d = run(&mut s, &user(bob), refund(100)).unwrap();
+        assert_eq!(
+            (
+                &d.answer["refunded_total"],
+                &d.answer["refundable_remaining"]
+            ),
+            (&json!(100), &json!(200))
+        );
+        run(&mut s, &user(bob), refund(150)).unwrap();
+        let e = run(&mut s, &user(bob), refund(51)).unwrap_err();
+        assert_eq!(
+            (e.code.as_str(), &e.details["remaining"]),
+            ("refund_exceeds_original", &json!(50))
+        );
+        run(&mut s, &user(bob), refund(50)).unwrap();
+        assert_eq!(s.wallet(&account_stream(a)).posted, 1_000);
+        assert_eq!(s.wallet(&account_stream(b)).posted, 500);
+    }
+
+    #[test]
+    fn a_dispute_freezes_the_payee_and_ends_as_a_ledger_move() {
+        let mut s = StateSet::default();
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = funded(&mut s, alice, 1_000);
+        let b = funded(&mut s, bob, 0);
+        let admin = Actor {
+            user_id: None,
+            role: Role::Admin,
+        };
+        let pay = |t| WalletCommand::Transfer {
+            transfer_id: t,
+            from: a,
+            to: b,
+            currency: kes(),
+            amount: Amount::new(300).unwrap(),
+            reference: None,
+            fee: None,
+            at: Utc::now(),
+        };
+        let (t1, t2) = (Uuid::new_v4(), Uuid::new_v4());
+        run(&mut s, &user(alice), pay(t1)).unwrap();
+        run(&mut s, &user(alice), pay(t2)).unwrap();
+        let open = |d, t| WalletCommand::OpenDispute {
+            dispute_id: d,
+            transfer_id: t,
+            payee: b,
+            payer: a,
+            original_amount: 300,
+            currency: kes(),
+            amount: None,
+            reason: "not delivered".into(),
+        };
+        let (d1, d2) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(
+            run(&mut s, &user(alice), open(d1, t1)).unwrap_err().status,
+            403
+        );
+        let d = run(&mut s, &admin, open(d1, t1)).unwrap();
+        assert_eq!(
+            (&d.answer["held"], &d.answer["balance"]["posted"]),
+            (&json!(300), &json!(300))
+        );
+        assert_eq!(
+            run(&mut s, &admin, open(Uuid::new_v4(), t1))
+                .unwrap_err()
+                .code,
+            "dispute_exists"
+        );
+        run(&mut s, &admin, open(d2, t2)).unwrap();
+        // Frozen: nothing leaves the payee's wallet.
+        let spend = WalletCommand::Withdraw {
+            transfer_id: Uuid::new_v4(),
+            wallet_id: b,
+            currency: kes(),
+            amount: Amount::new(1).unwrap(),
+            destination: "bank:1".into(),
+            at: Utc::now(),
+        };
+        assert_eq!(
+            run(&mut s, &user(bob), spend.clone()).unwrap_err().code,
+            "account_frozen"
+        );
+        let evidence = WalletCommand::AddDisputeEvidence {
+            dispute_id: d1,
+            payee: b,
+            evidence: "courier receipt 123".into(),
+        };
+        run(&mut s, &user(bob), evidence).unwrap();
+        let resolve = |d, outcome| WalletCommand::ResolveDispute {
+            dispute_id: d,
+            payee: b,
+            payer: a,
+            currency: kes(),
+            outcome,
+        };
+        let r = run(&mut s, &admin, resolve(d1, DisputeOutcome::Lost)).unwrap();
+        assert_eq!(r.answer["frozen"], true, "another dispute is still open");
+        assert_eq!(s.wallet(&account_stream(a)).posted, 700);
+        let r = run(&mut s, &admin, resolve(d2, DisputeOutcome::Won)).unwrap();
+        assert_eq!(
+            (&r.answer["frozen"], &r.answer["balance"]["posted"]),
+            (&json!(false), &json!(300))
+        );
+        assert_eq!(
+            run(&mut s, &admin, resolve(d2, DisputeOutcome::Won))
+                .unwrap_err()
+                .code,
+            "dispute_not_found"
+        );
+        // The lost dispute counts as refunded: nothing more to refund on t1.
+        let refund = WalletCommand::Refund {
+            refund_id: Uuid::new_v4(),
+            transfer_id: t1,
+            payee: b,
+            payer: a,
+            original_amount: 300,
+            currency: kes(),
+            amount: Amount::new(1).unwrap(),
+            reference: None,
+        };
+        assert_eq!(
+            run(&mut s, &user(bob), refund).unwrap_err().code,
+            "refund_exceeds_original"
+        );
+        run(&mut s, &user(bob), spend).unwrap();
     }
 
     #[test]

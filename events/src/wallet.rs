@@ -25,6 +25,8 @@ pub enum AccountKind {
     SystemFloat,
     /// Where transfer fees go (Mathia's revenue), sharded like the float.
     SystemFees,
+    /// Where disputed money waits for the outcome, sharded like the float.
+    SystemDisputes,
 }
 
 impl AccountKind {
@@ -34,6 +36,7 @@ impl AccountKind {
             AccountKind::User => "user",
             AccountKind::SystemFloat => "system_float",
             AccountKind::SystemFees => "system_fees",
+            AccountKind::SystemDisputes => "system_disputes",
         }
     }
 }
@@ -50,6 +53,10 @@ pub enum EntryKind {
     Withdrawal,
     /// A fee on a transfer, to a fee account.
     Fee,
+    /// Money going back from a transfer's payee to its payer.
+    Refund,
+    /// Disputed money moved aside, released back or paid to the payer.
+    Dispute,
 }
 
 impl EntryKind {
@@ -60,6 +67,8 @@ impl EntryKind {
             EntryKind::Transfer => "transfer",
             EntryKind::Withdrawal => "withdrawal",
             EntryKind::Fee => "fee",
+            EntryKind::Refund => "refund",
+            EntryKind::Dispute => "dispute",
         }
     }
 }
@@ -83,6 +92,29 @@ pub struct Leg {
     /// daily spend window counts from. Absent on legs written before limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<DateTime<Utc>>,
+    /// For a refund: the transfer (or leg) it gives money back for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_of: Option<Uuid>,
+}
+
+/// How a dispute ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisputeOutcome {
+    /// The payee keeps the money: it is released back to them.
+    Won,
+    /// The payer gets it back.
+    Lost,
+}
+
+impl DisputeOutcome {
+    /// The snake_case name used in read models and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisputeOutcome::Won => "won",
+            DisputeOutcome::Lost => "lost",
+        }
+    }
 }
 
 /// How a hold ended.
@@ -161,6 +193,40 @@ pub enum WalletEvent {
         /// This account's pending debits after the release.
         pending_after: i64,
     },
+    /// A transfer this (the payee's) account received is disputed: the account
+    /// is frozen (no money leaves it) until every dispute on it is resolved; the
+    /// `Debited` leg moving the disputed money to a disputes account follows in
+    /// the same commit when `held` > 0.
+    DisputeOpened {
+        /// The dispute (the command id).
+        dispute_id: Uuid,
+        /// The disputed transfer (or leg).
+        transfer_id: Uuid,
+        /// The payer's account.
+        payer: Uuid,
+        /// Minor units moved aside (what the balance allowed, up to the claim).
+        held: i64,
+        /// Minor units claimed.
+        amount: i64,
+        /// Why.
+        reason: String,
+    },
+    /// Evidence for a dispute, from the payee or an admin.
+    DisputeEvidenceAdded {
+        /// The dispute.
+        dispute_id: Uuid,
+        /// The evidence (text, a reference to a document).
+        evidence: String,
+    },
+    /// A dispute ended; the legs moving the held money follow in the same commit.
+    DisputeResolved {
+        /// The dispute.
+        dispute_id: Uuid,
+        /// Won (released to the payee) or lost (paid to the payer).
+        outcome: DisputeOutcome,
+        /// Minor units moved by the resolution.
+        held: i64,
+    },
     /// The owner's spending limits, replacing the previous ones.
     LimitsSet {
         /// Largest single withdrawal; none: no cap.
@@ -183,6 +249,9 @@ impl WalletEvent {
             WalletEvent::HoldPlaced { .. } => "HoldPlaced",
             WalletEvent::HoldReleased { .. } => "HoldReleased",
             WalletEvent::LimitsSet { .. } => "LimitsSet",
+            WalletEvent::DisputeOpened { .. } => "DisputeOpened",
+            WalletEvent::DisputeEvidenceAdded { .. } => "DisputeEvidenceAdded",
+            WalletEvent::DisputeResolved { .. } => "DisputeResolved",
         }
     }
 }
@@ -201,6 +270,7 @@ mod tests {
             reference: None,
             balance_after: 10,
             at: None,
+            refund_of: None,
         });
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["type"], "Debited");

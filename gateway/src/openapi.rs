@@ -9,7 +9,7 @@ use utoipa_axum::routes;
 
 use crate::routes::{
     accounts, admin, attachments, commands, health, itineraries, messages, moderation, notes,
-    reminders, rooms, sync, wallets, ws,
+    reminders, rooms, sync, wallets, webhooks, ws,
 };
 use crate::state::AppState;
 
@@ -30,6 +30,7 @@ use crate::state::AppState;
         (name = "itineraries", description = "Trips with typed reservations in local time + IANA zone, sharing, day plan, budget, conflicts, trip room, events catalogue, travel search"),
         (name = "commands", description = "Poll a command answered 202"),
         (name = "reminders", description = "Reminders fired by the scheduler, and the notification inbox"),
+        (name = "webhooks", description = "Outbound webhooks: signed deliveries of your own events, retries with backoff, dead letters, redrive"),
         (name = "realtime", description = "WebSocket subscriptions, long-poll sync with the same cursors, presence"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
@@ -72,7 +73,14 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(wallets::transfer))
         .routes(routes!(wallets::set_limits))
         .routes(routes!(wallets::linked_transfer))
+        .routes(routes!(wallets::refund))
+        .routes(routes!(wallets::open_dispute))
+        .routes(routes!(wallets::add_evidence))
+        .routes(routes!(wallets::resolve_dispute))
+        .routes(routes!(wallets::get_dispute))
         .routes(routes!(wallets::reconciliation))
+        .routes(routes!(wallets::journal))
+        .routes(routes!(wallets::balance_at))
         .routes(routes!(wallets::place_hold))
         .routes(routes!(wallets::get_hold))
         .routes(routes!(wallets::post_hold))
@@ -125,6 +133,16 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(reminders::snooze_reminder))
         .routes(routes!(reminders::list_notifications))
         .routes(routes!(reminders::mark_read))
+        .routes(routes!(webhooks::register_webhook, webhooks::list_webhooks))
+        .routes(routes!(
+            webhooks::get_webhook,
+            webhooks::update_webhook,
+            webhooks::delete_webhook
+        ))
+        .routes(routes!(webhooks::list_deliveries))
+        .routes(routes!(webhooks::list_dead_letters))
+        .routes(routes!(webhooks::redrive_one))
+        .routes(routes!(webhooks::redrive_all))
         .routes(routes!(ws::ws))
         .routes(routes!(sync::sync))
         .routes(routes!(sync::presence))

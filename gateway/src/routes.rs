@@ -13,6 +13,7 @@ pub mod reminders;
 pub mod rooms;
 pub mod sync;
 pub mod wallets;
+pub mod webhooks;
 pub mod ws;
 
 use crate::error::ApiError;

@@ -49,6 +49,43 @@ impl Keystore {
         crypto::unwrap(&self.master, &crypto::room_key_aad(room, version), wrapped).ok()
     }
 
+    /// Seal a webhook endpoint's signing secret: nonce ‖ ciphertext, bound to the endpoint.
+    pub fn seal_webhook_secret(&self, endpoint: Uuid, secret: &[u8]) -> Vec<u8> {
+        let s = crypto::seal(
+            &self.master,
+            &commands::webhook::secret_aad(endpoint),
+            secret,
+        );
+        let mut out = s.nonce.0;
+        out.extend_from_slice(&s.ct.0);
+        out
+    }
+
+    /// The signing secret of `endpoint`; none once the endpoint is deleted.
+    pub async fn webhook_secret(
+        &self,
+        conn: &mut PgConnection,
+        endpoint: Uuid,
+    ) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        let sealed: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT sealed FROM webhook_secrets WHERE endpoint_id = $1")
+                .bind(endpoint)
+                .fetch_optional(conn)
+                .await?;
+        Ok(sealed.filter(|s| s.len() > 12).and_then(|s| {
+            let sealed = events::chat::Sealed {
+                nonce: events::chat::Bytes64(s[..12].to_vec()),
+                ct: events::chat::Bytes64(s[12..].to_vec()),
+            };
+            crypto::open(
+                &self.master,
+                &commands::webhook::secret_aad(endpoint),
+                &sealed,
+            )
+            .ok()
+        }))
+    }
+
     /// The room's current key (and its version) and its search key, in one
     /// read; none once the room is deleted (or if it never existed).
     pub async fn room_keys(
@@ -222,6 +259,22 @@ pub async fn apply(tx: &mut PgConnection, ops: &[KeyOp]) -> Result<(), sqlx::Err
     }
     for op in ops {
         match op {
+            KeyOp::PutWebhookSecret {
+                endpoint_id,
+                sealed,
+            } => {
+                sqlx::query("INSERT INTO webhook_secrets (endpoint_id, sealed) VALUES ($1, $2)")
+                    .bind(endpoint_id)
+                    .bind(&sealed.0)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            KeyOp::DestroyWebhookSecret { endpoint_id } => {
+                sqlx::query("DELETE FROM webhook_secrets WHERE endpoint_id = $1")
+                    .bind(endpoint_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             KeyOp::DestroyMessageKey { message_id } => {
                 sqlx::query("DELETE FROM chat_message_keys WHERE message_id = $1")
                     .bind(message_id)

@@ -15,6 +15,7 @@ use handlers::handler::{HandlerConfig, Handlers};
 use handlers::infra;
 use handlers::relay::Relay;
 use projections::chat::ChatProjector;
+use projections::assistant::{Assistant, AssistantConfig, AssistantQueue, FixedRates, Llm, OpenAiLlm};
 use projections::feed::FeedProjector;
 use projections::reminder::RemindersProjector;
 use projections::scheduler::Scheduler;
@@ -23,6 +24,7 @@ use projections::itinerary::{FeedQueue, ItineraryProjector, Poster};
 use projections::screen::{ScreenConfig, ScreenQueue, Screener};
 use projections::runner::Runner;
 use projections::wallet::WalletProjector;
+use projections::webhook::{Deliverer, DeliveryConfig, WebhookQueue};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -93,9 +95,43 @@ pub struct Config {
     /// Seconds of silence after which a WebSocket is closed (4000).
     #[arg(long, env = "MATHIA_WS_IDLE_SECS", default_value_t = 60)]
     pub ws_idle_secs: u64,
+    /// Answer messages that mention @mathia (the assistant runs in the projections role).
+    #[arg(long, env = "MATHIA_ASSISTANT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub assistant: bool,
+    /// Assistant requests per user per hour (0: no limit).
+    #[arg(long, env = "MATHIA_ASSISTANT_PER_HOUR", default_value_t = 100)]
+    pub assistant_per_hour: u32,
+    /// Base URL of an OpenAI-compatible API for summaries and open questions
+    /// (without `/v1/chat/completions`); unset: the offline rules only.
+    #[arg(long, env = "MATHIA_LLM_URL")]
+    pub llm_url: Option<String>,
+    /// The model to ask.
+    #[arg(long, env = "MATHIA_LLM_MODEL", default_value = "gpt-4o-mini")]
+    pub llm_model: String,
+    /// Bearer key of that API.
+    #[arg(long, env = "MATHIA_LLM_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<String>,
+    /// Exchange rates the assistant converts with, `USD/KES=129.25,EUR/KES=140.10`
+    /// (it never guesses a rate it was not given).
+    #[arg(long, env = "MATHIA_FX_RATES", default_value = "")]
+    pub fx_rates: String,
     /// How often the scheduler looks for due work, in ms.
     #[arg(long, env = "MATHIA_SCHEDULER_TICK_MS", default_value_t = 100)]
     pub scheduler_tick_ms: u64,
+    /// Waits between webhook delivery attempts, then the dead letter
+    /// (units ms, s, m, h). SPEC §6: 0.2 s, 1 s, 2 s, 5 s, … up to 24 h.
+    #[arg(long, env = "MATHIA_WEBHOOK_SCHEDULE",
+          default_value = "200ms,1s,2s,5s,10s,30s,1m,5m,15m,30m,1h,2h,4h,8h,16h,24h")]
+    pub webhook_schedule: String,
+    /// Each wait is scaled by a random factor in [1 - jitter, 1 + jitter).
+    #[arg(long, env = "MATHIA_WEBHOOK_JITTER", default_value_t = 0.2)]
+    pub webhook_jitter: f64,
+    /// Longest a webhook delivery attempt may take before it counts as failed.
+    #[arg(long, env = "MATHIA_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub webhook_timeout_ms: u64,
+    /// How often an idle webhook deliverer looks for due deliveries, in ms.
+    #[arg(long, env = "MATHIA_WEBHOOK_POLL_MS", default_value_t = 100)]
+    pub webhook_poll_ms: u64,
     /// Reminders a user may set per 12 hours (0: no limit).
     #[arg(long, env = "MATHIA_REMINDERS_PER_12H", default_value_t = 10)]
     pub reminders_per_12h: u32,
@@ -566,7 +602,7 @@ pub async fn run(
                     runner.run(Arc::new(ScreenQueue), stop).await
                 }),
             );
-            let stop = shutdown.clone();
+            let (stop, keystore) = (shutdown.clone(), keystore.clone());
             let screen = ScreenConfig {
                 batch: config.moderation_batch.max(1).into(),
                 flush: Duration::from_millis(config.moderation_flush_ms),
@@ -618,6 +654,71 @@ pub async fn run(
         );
         let stop = shutdown.clone();
         spawn(
+            "proj-webhooks",
+            role(&config, &infra, "proj-webhooks", 2, move |infra| async move {
+                let runner = Runner {
+                    pool: infra.pool.clone(),
+                    js: async_nats::jetstream::new(infra.nats.clone()),
+                    subjects: infra.subjects.clone(),
+                };
+                runner.run(Arc::new(WebhookQueue), stop).await
+            }),
+        );
+        if config.assistant {
+            let stop = shutdown.clone();
+            spawn(
+                "proj-assistant",
+                role(&config, &infra, "proj-assistant", 2, move |infra| async move {
+                    let runner = Runner {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        subjects: infra.subjects.clone(),
+                    };
+                    runner.run(Arc::new(AssistantQueue), stop).await
+                }),
+            );
+            let (stop, keystore) = (shutdown.clone(), keystore.clone());
+            let llm: Option<Arc<dyn Llm>> = match &config.llm_url {
+                Some(url) => Some(Arc::new(OpenAiLlm::new(
+                    url,
+                    &config.llm_model,
+                    config.llm_api_key.clone(),
+                    Duration::from_secs(60),
+                )?)),
+                None => None,
+            };
+            let rates = Arc::new(FixedRates::parse(&config.fx_rates).context("MATHIA_FX_RATES")?);
+            let redis = redis::aio::ConnectionManager::new(
+                redis::Client::open(config.redis_url.as_str())
+                    .context("MATHIA_REDIS_URL is not a Redis URL")?,
+            )
+            .await
+            .context("connecting to Redis")?;
+            let assistant_config = AssistantConfig {
+                per_hour: config.assistant_per_hour,
+                redis_prefix: config.redis_prefix.clone(),
+                dialog_ttl: Duration::from_secs(6 * 3600),
+            };
+            spawn(
+                "assistant",
+                role(&config, &infra, "assistant", 2, move |infra| async move {
+                    let a = Assistant {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        nats: infra.nats.clone(),
+                        subjects: infra.subjects.clone(),
+                        keystore,
+                        redis,
+                        llm,
+                        rates,
+                        config: assistant_config,
+                    };
+                    a.run(stop).await
+                }),
+            );
+        }
+        let stop = shutdown.clone();
+        spawn(
             "proj-reminders",
             role(&config, &infra, "proj-reminders", 2, move |infra| async move {
                 let runner = Runner {
@@ -656,6 +757,26 @@ pub async fn run(
             keystore.clone().context("the scheduler needs the master key")?,
         );
         let tick = Duration::from_millis(config.scheduler_tick_ms.max(10));
+        // Webhook deliveries are due work too: the deliverer runs with the scheduler.
+        let delivery = DeliveryConfig {
+            schedule: commands::webhook::Schedule::parse(
+                &config.webhook_schedule,
+                config.webhook_jitter,
+            )
+            .map_err(|e| anyhow::anyhow!("MATHIA_WEBHOOK_SCHEDULE / MATHIA_WEBHOOK_JITTER: {e}"))?,
+            timeout: Duration::from_millis(config.webhook_timeout_ms.max(1)),
+            poll: Duration::from_millis(config.webhook_poll_ms.max(5)),
+            ..DeliveryConfig::default()
+        };
+        let (stop_deliveries, delivery_keys) = (shutdown.clone(), keystore.clone());
+        spawn(
+            "webhook-deliverer",
+            role(&config, &infra, "webhook-deliverer", 2, move |infra| async move {
+                Deliverer::new(infra.pool.clone(), delivery_keys, delivery)?
+                    .run(stop_deliveries)
+                    .await
+            }),
+        );
         spawn(
             "scheduler",
             role(&config, &infra, "scheduler", 2, move |infra| async move {

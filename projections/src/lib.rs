@@ -18,6 +18,7 @@
 //! reactor (a queue projector and the poster that publishes system posts).
 #![warn(missing_docs)]
 
+pub mod assistant;
 pub mod chat;
 pub mod classifier;
 pub mod itinerary;
@@ -28,6 +29,7 @@ pub mod runner;
 pub mod screen;
 pub mod status;
 pub mod wallet;
+pub mod webhook;
 
 use std::future::Future;
 

@@ -105,6 +105,81 @@ impl Projector for WalletProjector {
                     .await?;
                     balance(&mut balances, account, env).pending = Some(pending_after);
                 }
+                WalletEvent::DisputeOpened {
+                    dispute_id,
+                    transfer_id,
+                    payer,
+                    held,
+                    amount,
+                    reason,
+                } => {
+                    let account = stream_uuid(env)?;
+                    sqlx::query(
+                        "INSERT INTO proj_wallet_disputes (dispute_id, transfer_id, payee, payer, amount, held, status,
+                                                           reason, opened_at, position)
+                         VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8, $9) ON CONFLICT (dispute_id) DO NOTHING",
+                    )
+                    .bind(dispute_id)
+                    .bind(transfer_id)
+                    .bind(account)
+                    .bind(payer)
+                    .bind(amount)
+                    .bind(held)
+                    .bind(reason)
+                    .bind(env.occurred_at)
+                    .bind(env.position)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE proj_wallet_accounts SET frozen = true WHERE account_id = $1",
+                    )
+                    .bind(account)
+                    .execute(&mut *tx)
+                    .await?;
+                    balance(&mut balances, account, env);
+                }
+                WalletEvent::DisputeEvidenceAdded {
+                    dispute_id,
+                    evidence,
+                } => {
+                    let account = stream_uuid(env)?;
+                    sqlx::query(
+                        "UPDATE proj_wallet_disputes SET evidence = evidence || jsonb_build_array(jsonb_build_object(
+                             'evidence', $2::text, 'at', $3::timestamptz, 'position', $4::bigint))
+                         WHERE dispute_id = $1 AND NOT evidence @> jsonb_build_array(jsonb_build_object('position', $4::bigint))",
+                    )
+                    .bind(dispute_id)
+                    .bind(evidence)
+                    .bind(env.occurred_at)
+                    .bind(env.position)
+                    .execute(&mut *tx)
+                    .await?;
+                    balance(&mut balances, account, env);
+                }
+                WalletEvent::DisputeResolved {
+                    dispute_id,
+                    outcome,
+                    ..
+                } => {
+                    let account = stream_uuid(env)?;
+                    sqlx::query(
+                        "UPDATE proj_wallet_disputes SET status = $2, resolved_at = $3 WHERE dispute_id = $1",
+                    )
+                    .bind(dispute_id)
+                    .bind(outcome.as_str())
+                    .bind(env.occurred_at)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE proj_wallet_accounts SET frozen = EXISTS (
+                             SELECT 1 FROM proj_wallet_disputes WHERE payee = $1 AND status = 'open')
+                         WHERE account_id = $1",
+                    )
+                    .bind(account)
+                    .execute(&mut *tx)
+                    .await?;
+                    balance(&mut balances, account, env);
+                }
                 WalletEvent::LimitsSet {
                     max_withdraw_amount,
                     daily_spend_limit,

@@ -2,6 +2,7 @@
 //! One binary (z2p style); each test isolates itself (see `mathia_tests`).
 
 mod accounts;
+mod assistant;
 mod attachments;
 mod chat;
 mod crash;
@@ -14,3 +15,4 @@ mod realtime;
 mod reminders;
 mod store;
 mod wallet;
+mod webhooks;

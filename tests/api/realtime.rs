@@ -13,7 +13,7 @@ use yawc::{Frame, OpCode, Options, WebSocket};
 
 use super::chat::{id, invite_and_join, room, say};
 
-type Socket = WebSocket<yawc::MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Socket = WebSocket<yawc::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect_to(base: &str, token: &str) -> Socket {
     let url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
@@ -27,16 +27,16 @@ async fn connect_to(base: &str, token: &str) -> Socket {
     ws
 }
 
-async fn connect(app: &TestApp, token: &str) -> Socket {
+pub(crate) async fn connect(app: &TestApp, token: &str) -> Socket {
     connect_to(&app.base, token).await
 }
 
-async fn send(ws: &mut Socket, v: Value) {
+pub(crate) async fn send(ws: &mut Socket, v: Value) {
     ws.send(Frame::text(v.to_string())).await.expect("send");
 }
 
 /// The next JSON frame (pings are answered by the library).
-async fn next(ws: &mut Socket) -> Value {
+pub(crate) async fn next(ws: &mut Socket) -> Value {
     loop {
         let f = tokio::time::timeout(Duration::from_secs(20), ws.next())
             .await
@@ -51,7 +51,7 @@ async fn next(ws: &mut Socket) -> Value {
 }
 
 /// The next frame of `kind` (other frames are skipped).
-async fn next_of(ws: &mut Socket, kind: &str) -> Value {
+pub(crate) async fn next_of(ws: &mut Socket, kind: &str) -> Value {
     loop {
         let v = next(ws).await;
         if v["type"] == kind {
@@ -99,7 +99,12 @@ async fn start_cursor(app: &TestApp, token: &str) -> String {
     panic!("the gateway never caught up with the feed");
 }
 
-async fn subscribe(ws: &mut Socket, id: &str, channel: &str, since: Option<&str>) -> Value {
+pub(crate) async fn subscribe(
+    ws: &mut Socket,
+    id: &str,
+    channel: &str,
+    since: Option<&str>,
+) -> Value {
     send(
         ws,
         json!({"type": "subscribe", "id": id, "channel": channel, "since": since}),

@@ -840,3 +840,304 @@ async fn wallet_fees_and_linked_legs_commit_or_fail_as_one() {
     assert_eq!(audited, 1);
     app.stop().await;
 }
+
+/// History filters (kind, counterparty, reference, time), the balance at a past
+/// instant, and the auditors' journal in log order.
+#[tokio::test]
+async fn wallet_history_filters_point_in_time_balance_and_journal() {
+    let app = TestApp::spawn().await;
+    let Parties {
+        admin,
+        alice,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(1_000).await;
+    let bob_wallet = commands::wallet::user_wallet_id(bob_id, "KES".parse().unwrap());
+    let pay = |amount: i64, reference: &str| json!({"from_wallet": from, "to_user": bob_id, "amount": amount, "currency": "KES", "reference": reference});
+    assert_eq!(
+        app.post("/v1/transfers", Some(&alice), &pay(100, "rent"), &[])
+            .await
+            .status,
+        201
+    );
+    app.settle("wallet").await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let between = chrono::Utc::now();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(
+        app.post("/v1/transfers", Some(&alice), &pay(200, "food"), &[])
+            .await
+            .status,
+        201
+    );
+    let r = app
+        .post(
+            &format!("/v1/wallets/{from}/withdrawals"),
+            Some(&alice),
+            &json!({"amount": 50, "currency": "KES", "destination": "bank:1"}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    app.settle("wallet").await;
+    let entries = |q: String| {
+        let alice = alice.clone();
+        let app = &app;
+        async move {
+            let p = app
+                .get(&format!("/v1/wallets/{from}/entries?{q}"), Some(&alice))
+                .await;
+            assert_eq!(p.status, 200, "{}", p.body);
+            p.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["amount"].as_i64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(entries("kind=transfer".into()).await, vec![-200, -100]);
+    assert_eq!(entries("kind=deposit".into()).await, vec![1_000]);
+    assert_eq!(
+        entries(format!("counterparty={bob_wallet}")).await,
+        vec![-200, -100]
+    );
+    assert_eq!(entries("reference=rent".into()).await, vec![-100]);
+    let t = between
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        .replace('+', "%2B");
+    assert_eq!(entries(format!("from={t}")).await, vec![-50, -200]);
+    assert_eq!(entries(format!("until={t}")).await, vec![-100, 1_000]);
+    app.get(
+        &format!("/v1/wallets/{from}/entries?kind=bogus"),
+        Some(&alice),
+    )
+    .await
+    .assert_problem(422, "invalid_input");
+    let b = app
+        .get(&format!("/v1/wallets/{from}/balance?at={t}"), Some(&alice))
+        .await;
+    assert_eq!(b.status, 200, "{}", b.body);
+    assert_eq!(b.body["balance"]["posted"], 900);
+    // The journal: every leg of every account, in log order, for admins only.
+    app.get("/v1/admin/journal", Some(&alice))
+        .await
+        .assert_problem(403, "forbidden");
+    let j = app.get("/v1/admin/journal?limit=3", Some(&admin)).await;
+    assert_eq!(j.status, 200, "{}", j.body);
+    let next = j.body["next"].as_i64().unwrap();
+    let rest = app
+        .get(
+            &format!("/v1/admin/journal?after={next}&limit=1000"),
+            Some(&admin),
+        )
+        .await;
+    let all: Vec<i64> = j.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest.body["items"].as_array().unwrap())
+        .map(|l| l["amount"].as_i64().unwrap())
+        .collect();
+    assert_eq!(all.len(), 8, "4 movements, 2 legs each");
+    assert_eq!(all.iter().sum::<i64>(), 0);
+    app.stop().await;
+}
+
+/// Refunds: partial, several, concurrent, and together never above the original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wallet_refunds_are_partial_multiple_and_never_exceed_the_original() {
+    let app = TestApp::spawn().await;
+    let Parties {
+        alice,
+        bob,
+        bob_id,
+        from,
+        ..
+    } = app.alice_and_bob(1_000).await;
+    let r = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &json!({"from_wallet": from, "to_user": bob_id, "amount": 300, "currency": "KES"}),
+            &[],
+        )
+        .await;
+    let t = r.body["transfer_id"].as_str().unwrap().to_owned();
+    let pos = r.body["position"].as_i64().unwrap();
+    let path = format!("/v1/transfers/{t}/refunds?after_position={pos}");
+    // The payer cannot refund to themselves.
+    app.post(&path, Some(&alice), &json!({"amount": 10}), &[])
+        .await
+        .assert_problem(404, "transfer_not_found");
+    let first = app
+        .post(
+            &path,
+            Some(&bob),
+            &json!({"amount": 100, "reference": "returned one"}),
+            &[],
+        )
+        .await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert_eq!(
+        (&first.body["kind"], &first.body["refundable_remaining"]),
+        (&json!("refund"), &json!(200))
+    );
+    // Ten concurrent refunds of 50 on the 200 left: exactly four fit.
+    let replies = join_all((0..10).map(|_| {
+        let (app, path, bob) = (&app, &path, &bob);
+        async move { app.post(path, Some(bob), &json!({"amount": 50}), &[]).await }
+    }))
+    .await;
+    let ok = replies.iter().filter(|r| r.status == 201).count();
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 201 || r.body["code"] == "refund_exceeds_original")
+    );
+    assert_eq!(ok, 4);
+    let over = app
+        .post(&path, Some(&bob), &json!({"amount": 1}), &[])
+        .await;
+    over.assert_problem(422, "refund_exceeds_original");
+    assert_eq!(over.body["remaining"], 0);
+    app.settle("wallet").await;
+    let w = app.get(&format!("/v1/wallets/{from}"), Some(&alice)).await;
+    assert_eq!(w.body["balance"]["posted"], 1_000);
+    let refunds = app
+        .get(
+            &format!("/v1/wallets/{from}/entries?kind=refund"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(refunds.body["items"].as_array().unwrap().len(), 5);
+    assert_eq!(ledger_sum(&app).await, 0);
+    app.stop().await;
+}
+
+/// A dispute freezes the payee's wallet and moves the money aside; evidence is
+/// kept; lost pays the payer back, and the wallet unfreezes; all as ledger moves.
+#[tokio::test]
+async fn wallet_disputes_freeze_collect_evidence_and_resolve_as_ledger_moves() {
+    let app = TestApp::spawn().await;
+    let Parties {
+        admin,
+        alice,
+        bob,
+        bob_id,
+        from,
+    } = app.alice_and_bob(1_000).await;
+    let bob_wallet = commands::wallet::user_wallet_id(bob_id, "KES".parse().unwrap());
+    let r = app
+        .post(
+            "/v1/transfers",
+            Some(&alice),
+            &json!({"from_wallet": from, "to_user": bob_id, "amount": 300, "currency": "KES"}),
+            &[],
+        )
+        .await;
+    let t = r.body["transfer_id"].as_str().unwrap().to_owned();
+    let pos = r.body["position"].as_i64().unwrap();
+    let open = json!({"transfer_id": t, "reason": "goods not delivered"});
+    app.post(
+        &format!("/v1/admin/disputes?after_position={pos}"),
+        Some(&bob),
+        &open,
+        &[],
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    let d = app
+        .post(
+            &format!("/v1/admin/disputes?after_position={pos}"),
+            Some(&admin),
+            &open,
+            &[],
+        )
+        .await;
+    assert_eq!(d.status, 201, "{}", d.body);
+    assert_eq!(
+        (&d.body["held"], &d.body["balance"]["posted"]),
+        (&json!(300), &json!(0))
+    );
+    let id = d.body["dispute_id"].as_str().unwrap().to_owned();
+    let pos = d.body["position"].as_i64().unwrap();
+    // Frozen: nothing leaves Bob's wallet.
+    app.post(
+        &format!("/v1/wallets/{bob_wallet}/withdrawals"),
+        Some(&bob),
+        &json!({"amount": 1, "currency": "KES", "destination": "bank:1"}),
+        &[],
+    )
+    .await
+    .assert_problem(422, "account_frozen");
+    let w = app
+        .get(
+            &format!("/v1/wallets/{bob_wallet}?after_position={pos}"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(w.body["frozen"], true);
+    let e = app
+        .post(
+            &format!("/v1/disputes/{id}/evidence?after_position={pos}"),
+            Some(&bob),
+            &json!({"evidence": "courier receipt 123"}),
+            &[],
+        )
+        .await;
+    assert_eq!(e.status, 200, "{}", e.body);
+    app.post(
+        &format!("/v1/disputes/{id}/evidence"),
+        Some(&alice),
+        &json!({"evidence": "x"}),
+        &[],
+    )
+    .await
+    .assert_problem(404, "dispute_not_found");
+    let r = app
+        .post(
+            &format!("/v1/admin/disputes/{id}/resolve"),
+            Some(&admin),
+            &json!({"outcome": "lost"}),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (r.status, &r.body["frozen"]),
+        (200, &json!(false)),
+        "{}",
+        r.body
+    );
+    let pos = r.body["position"].as_i64().unwrap();
+    let v = app
+        .get(
+            &format!("/v1/disputes/{id}?after_position={pos}"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(v.status, 200, "{}", v.body);
+    assert_eq!(
+        (&v.body["status"], &v.body["evidence"][0]["evidence"]),
+        (&json!("lost"), &json!("courier receipt 123"))
+    );
+    let a = app
+        .get(
+            &format!("/v1/wallets/{from}?after_position={pos}"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(a.body["balance"]["posted"], 1_000);
+    let w = app
+        .get(&format!("/v1/wallets/{bob_wallet}"), Some(&bob))
+        .await;
+    assert_eq!(
+        (&w.body["frozen"], &w.body["balance"]["posted"]),
+        (&json!(false), &json!(0))
+    );
+    let report = app.get("/v1/admin/reconciliation", Some(&admin)).await;
+    assert_eq!(report.body["balanced"], true, "{}", report.body);
+    assert_eq!(ledger_sum(&app).await, 0);
+    app.stop().await;
+}

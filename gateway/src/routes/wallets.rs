@@ -61,6 +61,8 @@ pub struct Wallet {
     pub balance: Balance,
     /// Spending limits; null until set.
     pub limits: Option<WalletLimits>,
+    /// Whether a dispute is open on it (no money may leave it).
+    pub frozen: bool,
     /// Stream version (use with `If-Match`).
     pub version: i64,
     /// Opened at.
@@ -223,6 +225,16 @@ pub struct PageParams {
     pub cursor: Option<String>,
     /// Wait until the read model has applied this position.
     pub after_position: Option<i64>,
+    /// Only legs of this kind: deposit, transfer, withdrawal, fee, refund, dispute.
+    pub kind: Option<String>,
+    /// Only legs with this account on the other side.
+    pub counterparty: Option<Uuid>,
+    /// Only legs with exactly this reference.
+    pub reference: Option<String>,
+    /// Only legs at or after this time (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Only legs before this time (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
 }
 
 fn currency(field: &str, code: &str) -> Result<Currency, FieldError> {
@@ -298,7 +310,7 @@ pub async fn list_wallets(
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
     let rows = sqlx::query(
-        "SELECT account_id, owner_id, currency, posted, pending, limits, version, opened_at FROM proj_wallet_accounts
+        "SELECT account_id, owner_id, currency, posted, pending, limits, frozen, version, opened_at FROM proj_wallet_accounts
          WHERE owner_id = $1 ORDER BY currency",
     )
     .bind(principal.user_id)
@@ -327,6 +339,7 @@ fn wallet_row(r: &sqlx::postgres::PgRow) -> Wallet {
         limits: r
             .get::<Option<serde_json::Value>, _>("limits")
             .and_then(|l| serde_json::from_value(l).ok()),
+        frozen: r.get("frozen"),
         version: r.get("version"),
         opened_at: r.get("opened_at"),
     }
@@ -345,7 +358,7 @@ pub async fn get_wallet(
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
     let row = sqlx::query(
-        "SELECT account_id, owner_id, currency, posted, pending, limits, version, opened_at FROM proj_wallet_accounts
+        "SELECT account_id, owner_id, currency, posted, pending, limits, frozen, version, opened_at FROM proj_wallet_accounts
          WHERE account_id = $1 AND owner_id = $2",
     )
     .bind(wallet_id)
@@ -361,7 +374,8 @@ pub async fn get_wallet(
     Ok((headers, Json(wallet)).into_response())
 }
 
-/// The wallet's ledger legs, newest first, with cursor paging.
+/// The wallet's ledger legs, newest first, with cursor paging; filter by kind,
+/// counterparty, reference and time.
 #[utoipa::path(get, path = "/v1/wallets/{wallet_id}/entries", tag = "wallet", security(("bearer" = [])),
     params(("wallet_id" = Uuid, Path), PageParams),
     responses((status = 200, body = EntryPage), (status = 400, body = Problem), (status = 401, body = Problem),
@@ -376,6 +390,29 @@ pub async fn list_entries(
     let limit = page.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
         return Err(ApiError::field("limit", "between 1 and 200"));
+    }
+    if let Some(k) = &page.kind
+        && ![
+            "deposit",
+            "transfer",
+            "withdrawal",
+            "fee",
+            "refund",
+            "dispute",
+        ]
+        .contains(&k.as_str())
+    {
+        return Err(ApiError::field(
+            "kind",
+            "one of deposit, transfer, withdrawal, fee, refund, dispute",
+        ));
+    }
+    if page
+        .reference
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 140 || r.contains('\0'))
+    {
+        return Err(ApiError::field("reference", "at most 140 characters"));
     }
     let before = match &page.cursor {
         None => i64::MAX,
@@ -404,11 +441,20 @@ pub async fn list_entries(
     }
     let rows = sqlx::query(
         "SELECT transfer_id, kind, amount, counterparty, reference, balance_after, version, position, occurred_at
-         FROM proj_wallet_entries WHERE account_id = $1 AND version < $2 ORDER BY version DESC LIMIT $3",
+         FROM proj_wallet_entries WHERE account_id = $1 AND version < $2
+           AND ($4::text IS NULL OR kind = $4) AND ($5::uuid IS NULL OR counterparty = $5)
+           AND ($6::text IS NULL OR reference = $6)
+           AND ($7::timestamptz IS NULL OR occurred_at >= $7) AND ($8::timestamptz IS NULL OR occurred_at < $8)
+         ORDER BY version DESC LIMIT $3",
     )
     .bind(wallet_id)
     .bind(before)
     .bind(limit + 1)
+    .bind(&page.kind)
+    .bind(page.counterparty)
+    .bind(&page.reference)
+    .bind(page.from)
+    .bind(page.until)
     .fetch_all(&state.pool)
     .await?;
     let more = rows.len() as i64 > limit;
@@ -1277,4 +1323,569 @@ pub async fn reconciliation(
         unbalanced_transfers: unbalanced,
     };
     Ok((position_header(position), Json(report)).into_response())
+}
+
+/// The time a point-in-time balance is asked for.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct AtParams {
+    /// RFC 3339 instant; the balance after every leg that occurred at or before it.
+    pub at: DateTime<Utc>,
+    /// Wait until the read model has applied this position.
+    pub after_position: Option<i64>,
+}
+
+/// A wallet's balance at an instant.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BalanceAt {
+    /// The instant asked for.
+    pub at: DateTime<Utc>,
+    /// Balances then (pending: holds placed by then and not yet ended).
+    pub balance: Balance,
+    /// The wallet's stream version of the last leg by then (0: none).
+    pub version: i64,
+}
+
+/// The balance of one of the caller's wallets at a past instant.
+#[utoipa::path(get, path = "/v1/wallets/{wallet_id}/balance", tag = "wallet", security(("bearer" = [])),
+    params(("wallet_id" = Uuid, Path), AtParams),
+    responses((status = 200, body = BalanceAt), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 503, body = Problem)))]
+pub async fn balance_at(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppPath(wallet_id): AppPath<Uuid>,
+    AppQuery(q): AppQuery<AtParams>,
+    after: AfterPosition,
+) -> ApiResult<Response> {
+    let position = wait_for(&state, MODEL, AfterPosition(q.after_position.or(after.0))).await?;
+    let currency: String = sqlx::query_scalar(
+        "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
+    )
+    .bind(wallet_id)
+    .bind(principal.user_id)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| ApiError::NotFound("no such wallet".into()))?;
+    let row = sqlx::query(
+        "SELECT
+            coalesce((SELECT balance_after FROM proj_wallet_entries WHERE account_id = $1 AND occurred_at <= $2
+                      ORDER BY version DESC LIMIT 1), 0) AS posted,
+            coalesce((SELECT version FROM proj_wallet_entries WHERE account_id = $1 AND occurred_at <= $2
+                      ORDER BY version DESC LIMIT 1), 0) AS version,
+            coalesce((SELECT sum(amount) FROM proj_wallet_holds WHERE from_account = $1 AND placed_at <= $2
+                      AND (ended_at IS NULL OR ended_at > $2)), 0)::bigint AS pending",
+    )
+    .bind(wallet_id)
+    .bind(q.at)
+    .fetch_one(&state.pool)
+    .await?;
+    let (posted, pending): (i64, i64) = (row.get("posted"), row.get("pending"));
+    let body = BalanceAt {
+        at: q.at,
+        balance: Balance {
+            wallet_id,
+            currency,
+            posted,
+            pending,
+            available: posted - pending,
+        },
+        version: row.get("version"),
+    };
+    Ok((position_header(position), Json(body)).into_response())
+}
+
+/// Paging of the journal.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct JournalParams {
+    /// Legs after this global position (the `next` of the previous page); default 0.
+    pub after: Option<i64>,
+    /// 1 to 1000 (default 200).
+    pub limit: Option<i64>,
+}
+
+/// One journal line: a leg with its account's currency and kind.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JournalLine {
+    /// Global position.
+    pub position: i64,
+    /// The account.
+    pub account_id: Uuid,
+    /// user, system_float, system_fees.
+    pub account_kind: String,
+    /// Currency.
+    pub currency: String,
+    /// The transfer (or leg).
+    pub transfer_id: Uuid,
+    /// deposit, transfer, withdrawal, fee.
+    pub kind: String,
+    /// Debit (negative) or credit (positive), minor units.
+    pub amount: i64,
+    /// The other account.
+    pub counterparty: Uuid,
+    /// Reference.
+    pub reference: Option<String>,
+    /// The account's balance after it.
+    pub balance_after: i64,
+    /// When.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// A page of the journal, in log order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JournalPage {
+    /// Lines.
+    pub items: Vec<JournalLine>,
+    /// Pass as `after` for the next page; null at the end.
+    pub next: Option<i64>,
+}
+
+/// Every ledger leg of every account in log order, for auditors (admins; audited).
+#[utoipa::path(get, path = "/v1/admin/journal", tag = "wallet", security(("bearer" = [])), params(JournalParams),
+    responses((status = 200, body = JournalPage), (status = 401, body = Problem),
+        (status = 403, description = "not an admin", body = Problem), (status = 422, body = Problem)))]
+pub async fn journal(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppQuery(q): AppQuery<JournalParams>,
+) -> ApiResult<Response> {
+    if !principal.admin {
+        return Err(ApiError::Forbidden("admins only".into()));
+    }
+    let limit = q.limit.unwrap_or(200);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field("limit", "between 1 and 1000"));
+    }
+    sqlx::query("INSERT INTO audit_log (actor, action, subject) VALUES ($1, 'admin.journal', $2)")
+        .bind(principal.user_id)
+        .bind(q.after.unwrap_or(0).to_string())
+        .execute(&state.pool)
+        .await?;
+    let rows = sqlx::query(
+        "SELECT e.position, e.account_id, a.kind AS account_kind, a.currency, e.transfer_id, e.kind, e.amount,
+                e.counterparty, e.reference, e.balance_after, e.occurred_at
+         FROM proj_wallet_entries e JOIN proj_wallet_accounts a USING (account_id)
+         WHERE e.position > $1 ORDER BY e.position, e.account_id LIMIT $2",
+    )
+    .bind(q.after.unwrap_or(0))
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let mut items: Vec<JournalLine> = rows
+        .iter()
+        .map(|r| JournalLine {
+            position: r.get("position"),
+            account_id: r.get("account_id"),
+            account_kind: r.get("account_kind"),
+            currency: r.get("currency"),
+            transfer_id: r.get("transfer_id"),
+            kind: r.get("kind"),
+            amount: r.get("amount"),
+            counterparty: r.get("counterparty"),
+            reference: r.get("reference"),
+            balance_after: r.get("balance_after"),
+            occurred_at: r.get("occurred_at"),
+        })
+        .collect();
+    let next = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|l| l.position)
+    } else {
+        None
+    };
+    Ok(Json(JournalPage { items, next }).into_response())
+}
+
+/// Give back part or all of a transfer you received.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"amount": 1000, "reference": "one item returned"}))]
+pub struct RefundRequest {
+    /// Minor units; all refunds of one transfer together at most its amount.
+    pub amount: i64,
+    /// Free text (≤ 140 characters).
+    pub reference: Option<String>,
+}
+
+/// Refund part or all of a transfer (or a linked leg, or a posted hold) you
+/// received; several refunds may follow, never above the original in total.
+#[utoipa::path(post, path = "/v1/transfers/{transfer_id}/refunds", tag = "wallet", security(("bearer" = [])), request_body = RefundRequest,
+    params(("transfer_id" = Uuid, Path, description = "the transfer, leg or hold id as it appears in your history"),
+        ("Idempotency-Key" = Option<String>, Header), ReadParams),
+    responses((status = 201, body = TransferResult, description = "also `refund_of`, `refunded_total`, `refundable_remaining`"),
+        (status = 202, description = "poll Location"), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, description = "no such transfer received by you", body = Problem),
+        (status = 422, description = "refund_exceeds_original, insufficient_funds, invalid fields", body = Problem),
+        (status = 429, body = Problem)))]
+pub async fn refund(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    AppPath(transfer_id): AppPath<Uuid>,
+    after: AfterPosition,
+    AppJson(req): AppJson<RefundRequest>,
+) -> ApiResult<Response> {
+    let mut errors = vec![];
+    let amt = collect(&mut errors, amount(req.amount));
+    let reference = collect(&mut errors, text("reference", &req.reference, 140));
+    let (Some(amount), Some(reference)) = (amt, reference) else {
+        return Err(ApiError::Invalid(errors));
+    };
+    wait_for(&state, MODEL, after).await?;
+    // The credited leg of the original, on one of the caller's wallets: immutable
+    // history, so its amount and parties can travel in the command.
+    let row = sqlx::query(
+        "SELECT e.account_id, e.counterparty, e.amount, a.currency FROM proj_wallet_entries e
+         JOIN proj_wallet_accounts a USING (account_id)
+         WHERE e.transfer_id = $1 AND e.amount > 0 AND e.kind = 'transfer' AND (a.owner_id = $2 OR $3)
+         LIMIT 1",
+    )
+    .bind(transfer_id)
+    .bind(principal.user_id)
+    .bind(principal.admin)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| ApiError::Coded {
+        status: http::StatusCode::NOT_FOUND,
+        code: "transfer_not_found".into(),
+        message: "no such transfer received".into(),
+        extra: Default::default(),
+    })?;
+    let currency = currency("currency", &row.get::<String, _>("currency"))
+        .map_err(|e| ApiError::Invalid(vec![e]))?;
+    let (payee, payer, original_amount): (Uuid, Uuid, i64) = (
+        row.get("account_id"),
+        row.get("counterparty"),
+        row.get("amount"),
+    );
+    dispatch(
+        &state,
+        &principal,
+        Route::post(&uri),
+        &options,
+        rid,
+        &req,
+        |refund_id| {
+            Ok(Command::Wallet(WalletCommand::Refund {
+                refund_id,
+                transfer_id,
+                payee,
+                payer,
+                original_amount,
+                currency,
+                amount,
+                reference,
+            }))
+        },
+    )
+    .await
+}
+
+/// Open a dispute on a transfer (admins).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"transfer_id": "0190d6a2-7c1e-7a55-9a43-7a3c1b2d4e5f", "amount": 2500, "reason": "goods not delivered"}))]
+pub struct OpenDisputeRequest {
+    /// The disputed transfer (or linked leg, or posted hold).
+    pub transfer_id: Uuid,
+    /// Minor units claimed; omitted: all of it that is not refunded.
+    pub amount: Option<i64>,
+    /// Why (1 to 2000 characters).
+    pub reason: String,
+}
+
+/// Evidence for a dispute.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"evidence": "courier receipt KQ-123, signed on delivery"}))]
+pub struct EvidenceRequest {
+    /// 1 to 2000 characters.
+    pub evidence: String,
+}
+
+/// End a dispute (admins).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"outcome": "lost"}))]
+pub struct ResolveDisputeRequest {
+    /// `won`: the payee keeps the money (released back to them); `lost`: it goes back to the payer.
+    pub outcome: String,
+}
+
+/// A dispute's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DisputeResult {
+    /// The dispute id (= the command id that opened it).
+    pub dispute_id: Uuid,
+    /// open, won, lost.
+    pub status: String,
+    /// Whether the payee's wallet is still frozen.
+    pub frozen: Option<bool>,
+    /// The payee's wallet after it.
+    pub balance: Option<Balance>,
+    /// Global position reached.
+    pub position: i64,
+    /// The payee's wallet's stream version.
+    pub version: i64,
+}
+
+/// A dispute, as its payee, its payer or an admin sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DisputeView {
+    /// The dispute.
+    pub dispute_id: Uuid,
+    /// The disputed transfer.
+    pub transfer_id: Uuid,
+    /// The payee's wallet (frozen while open).
+    pub payee_wallet: Uuid,
+    /// The payer's wallet.
+    pub payer_wallet: Uuid,
+    /// Claimed minor units.
+    pub amount: i64,
+    /// Moved to the disputes account.
+    pub held: i64,
+    /// open, won, lost.
+    pub status: String,
+    /// Why.
+    pub reason: String,
+    /// Evidence in order: `{evidence, at, position}`.
+    #[schema(value_type = Vec<Object>)]
+    pub evidence: serde_json::Value,
+    /// Opened at.
+    pub opened_at: DateTime<Utc>,
+    /// Resolved at.
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+fn dispute_text(field: &str, v: &str) -> Result<String, ApiError> {
+    let v = v.trim();
+    if v.is_empty()
+        || v.chars().count() > commands::wallet::MAX_DISPUTE_TEXT
+        || v.chars().any(|c| c.is_control() && c != '\n')
+    {
+        return Err(ApiError::field(field, "1 to 2000 printable characters"));
+    }
+    Ok(v.to_owned())
+}
+
+fn dispute_not_found() -> ApiError {
+    ApiError::Coded {
+        status: http::StatusCode::NOT_FOUND,
+        code: "dispute_not_found".into(),
+        message: "no such dispute".into(),
+        extra: Default::default(),
+    }
+}
+
+/// Dispute a transfer: the payee's wallet is frozen and the claimed money moved
+/// to a disputes account (admins).
+#[utoipa::path(post, path = "/v1/admin/disputes", tag = "wallet", security(("bearer" = [])), request_body = OpenDisputeRequest,
+    params(("Idempotency-Key" = Option<String>, Header), ReadParams),
+    responses((status = 201, body = DisputeResult, description = "also `transfer_id`, `amount`, `held`"), (status = 202, description = "poll Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, description = "transfer_not_found", body = Problem),
+        (status = 409, description = "dispute_exists", body = Problem),
+        (status = 422, description = "dispute_exceeds_original, invalid fields", body = Problem), (status = 429, body = Problem)))]
+pub async fn open_dispute(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    after: AfterPosition,
+    AppJson(req): AppJson<OpenDisputeRequest>,
+) -> ApiResult<Response> {
+    if !principal.admin {
+        return Err(ApiError::Forbidden("admins only".into()));
+    }
+    let reason = dispute_text("reason", &req.reason)?;
+    let claimed = match req.amount {
+        Some(a) => Some(amount(a).map_err(|e| ApiError::Invalid(vec![e]))?),
+        None => None,
+    };
+    wait_for(&state, MODEL, after).await?;
+    let row = sqlx::query(
+        "SELECT e.account_id, e.counterparty, e.amount, a.currency FROM proj_wallet_entries e
+         JOIN proj_wallet_accounts a USING (account_id)
+         WHERE e.transfer_id = $1 AND e.amount > 0 AND e.kind = 'transfer' LIMIT 1",
+    )
+    .bind(req.transfer_id)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| ApiError::Coded {
+        status: http::StatusCode::NOT_FOUND,
+        code: "transfer_not_found".into(),
+        message: "no such transfer".into(),
+        extra: Default::default(),
+    })?;
+    let currency = currency("currency", &row.get::<String, _>("currency"))
+        .map_err(|e| ApiError::Invalid(vec![e]))?;
+    let transfer_id = req.transfer_id;
+    let (payee, payer, original_amount): (Uuid, Uuid, i64) = (
+        row.get("account_id"),
+        row.get("counterparty"),
+        row.get("amount"),
+    );
+    dispatch(
+        &state,
+        &principal,
+        Route::post(&uri),
+        &options,
+        rid,
+        &req,
+        |dispute_id| {
+            Ok(Command::Wallet(WalletCommand::OpenDispute {
+                dispute_id,
+                transfer_id,
+                payee,
+                payer,
+                original_amount,
+                currency,
+                amount: claimed,
+                reason,
+            }))
+        },
+    )
+    .await
+}
+
+async fn dispute_row(
+    state: &AppState,
+    dispute_id: Uuid,
+    after: AfterPosition,
+) -> ApiResult<sqlx::postgres::PgRow> {
+    wait_for(state, MODEL, after).await?;
+    sqlx::query(
+        "SELECT d.*, a.currency, a.owner_id AS payee_owner, p.owner_id AS payer_owner FROM proj_wallet_disputes d
+         JOIN proj_wallet_accounts a ON a.account_id = d.payee
+         JOIN proj_wallet_accounts p ON p.account_id = d.payer
+         WHERE d.dispute_id = $1",
+    )
+    .bind(dispute_id)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(dispute_not_found)
+}
+
+/// Add evidence to an open dispute (its payee or an admin).
+#[utoipa::path(post, path = "/v1/disputes/{dispute_id}/evidence", tag = "wallet", security(("bearer" = [])), request_body = EvidenceRequest,
+    params(("dispute_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header), ReadParams),
+    responses((status = 200, body = DisputeResult), (status = 202, description = "poll Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 404, description = "no such open dispute on your wallet", body = Problem),
+        (status = 422, body = Problem), (status = 429, body = Problem)))]
+pub async fn add_evidence(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    AppPath(dispute_id): AppPath<Uuid>,
+    after: AfterPosition,
+    AppJson(req): AppJson<EvidenceRequest>,
+) -> ApiResult<Response> {
+    let evidence = dispute_text("evidence", &req.evidence)?;
+    let row = dispute_row(&state, dispute_id, after).await?;
+    let payee: Uuid = row.get("payee");
+    dispatch(
+        &state,
+        &principal,
+        Route::post(&uri),
+        &options,
+        rid,
+        &req,
+        |_| {
+            Ok(Command::Wallet(WalletCommand::AddDisputeEvidence {
+                dispute_id,
+                payee,
+                evidence,
+            }))
+        },
+    )
+    .await
+}
+
+/// End a dispute: won releases the money to the payee, lost pays it to the
+/// payer; the wallet unfreezes when no dispute on it is open (admins).
+#[utoipa::path(post, path = "/v1/admin/disputes/{dispute_id}/resolve", tag = "wallet", security(("bearer" = [])), request_body = ResolveDisputeRequest,
+    params(("dispute_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header), ReadParams),
+    responses((status = 200, body = DisputeResult, description = "also `moved`"), (status = 202, description = "poll Location"),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
+        (status = 404, description = "no such open dispute", body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
+pub async fn resolve_dispute(
+    State(state): State<AppState>,
+    principal: Principal,
+    options: WriteOptions,
+    RequestId(rid): RequestId,
+    uri: http::Uri,
+    AppPath(dispute_id): AppPath<Uuid>,
+    after: AfterPosition,
+    AppJson(req): AppJson<ResolveDisputeRequest>,
+) -> ApiResult<Response> {
+    if !principal.admin {
+        return Err(ApiError::Forbidden("admins only".into()));
+    }
+    let outcome = match req.outcome.as_str() {
+        "won" => events::wallet::DisputeOutcome::Won,
+        "lost" => events::wallet::DisputeOutcome::Lost,
+        _ => return Err(ApiError::field("outcome", "won or lost")),
+    };
+    let row = dispute_row(&state, dispute_id, after).await?;
+    let currency = currency("currency", &row.get::<String, _>("currency"))
+        .map_err(|e| ApiError::Invalid(vec![e]))?;
+    let (payee, payer): (Uuid, Uuid) = (row.get("payee"), row.get("payer"));
+    dispatch(
+        &state,
+        &principal,
+        Route::post(&uri),
+        &options,
+        rid,
+        &req,
+        |_| {
+            Ok(Command::Wallet(WalletCommand::ResolveDispute {
+                dispute_id,
+                payee,
+                payer,
+                currency,
+                outcome,
+            }))
+        },
+    )
+    .await
+}
+
+/// A dispute (its payee, its payer, or an admin).
+#[utoipa::path(get, path = "/v1/disputes/{dispute_id}", tag = "wallet", security(("bearer" = [])),
+    params(("dispute_id" = Uuid, Path), ReadParams),
+    responses((status = 200, body = DisputeView), (status = 401, body = Problem),
+        (status = 404, body = Problem), (status = 503, body = Problem)))]
+pub async fn get_dispute(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppPath(dispute_id): AppPath<Uuid>,
+    after: AfterPosition,
+) -> ApiResult<Response> {
+    let r = dispute_row(&state, dispute_id, after).await?;
+    let me = Some(principal.user_id);
+    if !(principal.admin
+        || r.get::<Option<Uuid>, _>("payee_owner") == me
+        || r.get::<Option<Uuid>, _>("payer_owner") == me)
+    {
+        return Err(dispute_not_found());
+    }
+    Ok(Json(DisputeView {
+        dispute_id,
+        transfer_id: r.get("transfer_id"),
+        payee_wallet: r.get("payee"),
+        payer_wallet: r.get("payer"),
+        amount: r.get("amount"),
+        held: r.get("held"),
+        status: r.get("status"),
+        reason: r.get("reason"),
+        evidence: r.get("evidence"),
+        opened_at: r.get("opened_at"),
+        resolved_at: r.get("resolved_at"),
+    })
+    .into_response())
 }
