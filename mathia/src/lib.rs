@@ -5,6 +5,8 @@
 //! runs one role, so each scales out on its own; `mathia migrate` applies the
 //! migrations. [`Config`] is read from flags and `MATHIA_*` environment variables.
 
+pub mod bench;
+
 use std::sync::Arc;
 use std::time::Duration;
 

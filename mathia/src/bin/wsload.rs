@@ -23,12 +23,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
-use yawc::{Frame, OpCode, Options, WebSocket};
+use yawc::OpCode;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -73,87 +72,7 @@ struct Args {
     redis_url: String,
 }
 
-struct Server {
-    child: std::process::Child,
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Server {
-    fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-            })
-            .unwrap_or(0)
-    }
-
-    async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> anyhow::Result<Value> {
-        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await?;
-        let status = res.status();
-        let body: Value = res.json().await.unwrap_or(Value::Null);
-        anyhow::ensure!(status.is_success(), "{path}: {status} {body}");
-        Ok(body)
-    }
-
-    async fn user(&self, i: usize) -> anyhow::Result<(Uuid, String)> {
-        let email = format!("w{i}@bench.local");
-        let pw = "Bench&Mark-2026";
-        let reg = self
-            .post(
-                "/v1/auth/register",
-                None,
-                &json!({"email": email, "password": pw, "display_name": "w"}),
-            )
-            .await?;
-        let login = self
-            .post(
-                "/v1/auth/login",
-                None,
-                &json!({"email": email, "password": pw}),
-            )
-            .await?;
-        Ok((
-            reg["user_id"].as_str().context("user id")?.parse()?,
-            login["access_token"].as_str().context("token")?.to_owned(),
-        ))
-    }
-}
-
-type Socket = WebSocket<yawc::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn open(base: &str, token: &str, channel: &str) -> anyhow::Result<Socket> {
-    let url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
-    let mut ws = WebSocket::connect(url.parse()?)
-        .with_options(Options::default())
-        .await?;
-    ws.send(Frame::text(
-        json!({"type": "auth", "token": token}).to_string(),
-    ))
-    .await?;
-    ws.send(Frame::text(
-        json!({"type": "subscribe", "id": "s", "channel": channel}).to_string(),
-    ))
-    .await?;
-    // Wait until subscribed.
-    while let Some(f) = ws.next().await {
-        if f.opcode() == OpCode::Text {
-            let v: Value = serde_json::from_str(f.as_str())?;
-            if v["type"] == "subscribed" {
-                return Ok(ws);
-            }
-            anyhow::ensure!(v["type"] != "error", "subscribe: {v}");
-        }
-    }
-    anyhow::bail!("the socket closed before subscribing")
-}
+use mathia::bench::{Server, Services, Socket};
 
 /// When each message's HTTP answer came back.
 type Answered = Arc<Mutex<HashMap<String, Instant>>>;
@@ -217,92 +136,21 @@ async fn main() -> anyhow::Result<()> {
         args.members >= 2 && args.clients >= args.members,
         "need at least one room of 2"
     );
-    let db = format!("mathia_wsbench_{}", Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&args.admin_database_url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-        .execute(&mut admin)
-        .await?;
-    let database_url = match args.admin_database_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => anyhow::bail!("the admin URL names no database"),
-    };
-    let prefix = format!("ws{}", &Uuid::new_v4().simple().to_string()[..8]);
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
-    let exe = std::env::current_exe()?.with_file_name("mathia");
-    let data = std::env::temp_dir().join(format!("mathia-wsload-{prefix}"));
-    std::fs::create_dir_all(&data)?;
-    let key = base64_key();
-    let child = std::process::Command::new(&exe)
-        .arg("serve")
-        .current_dir(&data)
-        .env("MATHIA_DATABASE_URL", &database_url)
-        .env("MATHIA_NATS_URL", &args.nats_url)
-        .env("MATHIA_REDIS_URL", &args.redis_url)
-        .env("MATHIA_LISTEN", format!("127.0.0.1:{port}"))
-        .env("MATHIA_NATS_PREFIX", &prefix)
-        .env("MATHIA_REDIS_PREFIX", format!("{prefix}:"))
-        .env("MATHIA_MASTER_KEY", &key)
-        .env("MATHIA_JWT_SECRET", &key)
-        .env("MATHIA_RATE_LIMIT_API_PER_MIN", "0")
-        .env("MATHIA_RATE_LIMIT_ANON_PER_MIN", "0")
-        .env("MATHIA_CHAT_MESSAGES_PER_MIN", "0")
-        .env("MATHIA_CHAT_MESSAGES_PER_DAY", "0")
-        .env("MATHIA_ARGON2_MEMORY_KIB", "1024")
-        .env("MATHIA_WS_FRAMES_PER_SEC", "1000")
-        .env("MATHIA_WS_IDLE_SECS", "600")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .with_context(|| {
-            format!(
-                "starting {} (build it: cargo build --release -p mathia --bins)",
-                exe.display()
-            )
-        })?;
-    let server = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .build()?,
-    };
-    let result = run(&args, &server).await;
-    let mut child = server.child;
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&data);
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
+    let server = Server::start(
+        &Services {
+            admin_database_url: &args.admin_database_url,
+            nats_url: &args.nats_url,
+            redis_url: &args.redis_url,
+        },
+        &[],
+    )
     .await?;
-    let js = async_nats::jetstream::new(async_nats::connect(&args.nats_url).await?);
-    let subjects = events::Subjects::with_prefix(&prefix);
-    let _ = js.delete_stream(subjects.commands_stream()).await;
-    let _ = js.delete_stream(subjects.events_stream()).await;
+    let result = run(&args, &server).await;
+    server.stop().await?;
     result
 }
 
-fn base64_key() -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
-}
-
 async fn run(args: &Args, server: &Server) -> anyhow::Result<()> {
-    for _ in 0..600 {
-        if server
-            .http
-            .get(format!("{}/healthz", server.base))
-            .send()
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     eprintln!(
         "setting up {} users in rooms of {}…",
         args.clients, args.members
@@ -359,7 +207,7 @@ async fn run(args: &Args, server: &Server) -> anyhow::Result<()> {
     let mut readers = vec![];
     for (room, members) in &rooms {
         for &m in members {
-            let ws = open(&server.base, &users[m].1, &format!("room:{room}")).await?;
+            let ws = server.open(&users[m].1, &format!("room:{room}")).await?;
             readers.push(reader(
                 ws,
                 answered.clone(),
@@ -450,7 +298,7 @@ async fn run(args: &Args, server: &Server) -> anyhow::Result<()> {
     let mut idle = Vec::with_capacity(args.idle);
     let t = Instant::now();
     for i in 0..args.idle {
-        match open(&server.base, &users[i % users.len()].1, "user").await {
+        match server.open(&users[i % users.len()].1, "user").await {
             Ok(ws) => idle.push(ws),
             Err(e) => {
                 eprintln!("idle connection {i} failed: {e:#}");
@@ -509,7 +357,7 @@ async fn run(args: &Args, server: &Server) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
     let mut readers = vec![];
     for (_, token) in &users {
-        let ws = open(&server.base, token, &format!("room:{big}")).await?;
+        let ws = server.open(token, &format!("room:{big}")).await?;
         readers.push(reader(
             ws,
             answered.clone(),
