@@ -58,6 +58,17 @@ pub enum Intent {
         /// First day, if said.
         start: Option<NaiveDate>,
     },
+    /// Add an activity to one of the user's trips.
+    AddTripItem {
+        /// What.
+        title: String,
+        /// Which trip (its destination or title, as said).
+        trip: String,
+        /// On which day, if said.
+        date: Option<NaiveDate>,
+        /// At what time, if said.
+        time: Option<NaiveTime>,
+    },
     /// Summarise the room's recent messages.
     Summarise,
     /// Convert an amount between currencies.
@@ -123,6 +134,11 @@ static PAY: LazyLock<Regex> = LazyLock::new(|| {
 static TRIP: LazyLock<Regex> = LazyLock::new(|| {
     re(
         r"\b(?:create|plan|start|make|new|book)\s+(?:a\s+|an\s+|my\s+)?(?:new\s+)?(?:trip|itinerary|holiday|vacation)\s+(?:to|for)\s+([a-z][a-z .'-]*?)(?:\s+(?:from|on|starting)\b|$)",
+    )
+});
+static ADD_ITEM: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"\badd\s+(.+?)\s+to\s+(?:my|the|our)\s+(?:trip|itinerary)\s+(?:to|for)\s+([a-z][a-z .'-]*?)(?:\s+(?:on|at|for)\b.*)?$",
     )
 });
 static ISO_DATE: LazyLock<Regex> = LazyLock::new(|| re(r"\b(\d{4})-(\d{2})-(\d{2})\b"));
@@ -334,11 +350,41 @@ pub fn parse(text: &str, now: NaiveDateTime, pending: Option<&Pending>) -> Inten
     if t.contains("balance") || t.contains("how much money") || t.contains("how much do i have") {
         return Intent::Balance;
     }
-    if ["transaction", "payments", "statement", "spent", "spend", "movements"]
-        .iter()
-        .any(|w| t.contains(w))
+    if [
+        "transaction",
+        "payments",
+        "statement",
+        "spent",
+        "spend",
+        "movements",
+    ]
+    .iter()
+    .any(|w| t.contains(w))
     {
         return Intent::Transactions;
+    }
+    if let Some(c) = ADD_ITEM.captures(said) {
+        let rest = &t[c.get(2).map_or(t.len(), |m| m.end()).min(t.len())..];
+        let time = AT.captures(rest).and_then(|a| {
+            let mut h: u32 = a[1].parse().ok()?;
+            let m: u32 = a.get(2).map_or(Some(0), |m| m.as_str().parse().ok())?;
+            if a.get(3)
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("pm"))
+                && h < 12
+            {
+                h += 12;
+            }
+            NaiveTime::from_hms_opt(h, m, 0)
+        });
+        return Intent::AddTripItem {
+            title: c[1].trim().to_owned(),
+            trip: title_case(c[2].trim()),
+            date: ISO_DATE
+                .find(rest)
+                .or_else(|| ORDINAL.find(rest))
+                .and_then(|m| date_in(m.as_str(), now.date())),
+            time,
+        };
     }
     if let Some(c) = TRIP.captures(said) {
         let destination = title_case(c[1].trim());
@@ -513,6 +559,24 @@ mod tests {
                 Intent::AskTripDates {
                     destination: "Mombasa".into(),
                     start: None,
+                },
+            ),
+            (
+                "@mathia add snorkelling to my trip to Lamu on the 21st at 10am",
+                Intent::AddTripItem {
+                    title: "snorkelling".into(),
+                    trip: "Lamu".into(),
+                    date: Some(date(12, 21)),
+                    time: NaiveTime::from_hms_opt(10, 0, 0),
+                },
+            ),
+            (
+                "@mathia add the dhow tour to our itinerary for Diani",
+                Intent::AddTripItem {
+                    title: "the dhow tour".into(),
+                    trip: "Diani".into(),
+                    date: None,
+                    time: None,
                 },
             ),
             ("@mathia summarise this room", Intent::Summarise),

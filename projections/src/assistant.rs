@@ -505,6 +505,16 @@ impl Assistant {
                     )
                 }
             }
+            Intent::AddTripItem {
+                title,
+                trip,
+                date,
+                time,
+            } => (
+                self.add_trip_item(request, user, &title, &trip, date, time)
+                    .await?,
+                None,
+            ),
             Intent::Summarise => (self.summarise(room, request).await?, None),
             Intent::Convert { amount, from, to } => (
                 match self
@@ -574,6 +584,71 @@ impl Assistant {
             .context("no answer to the assistant's command")?
             .context("the answer subscription closed")?;
         Ok(serde_json::from_slice(&msg.payload)?)
+    }
+
+    /// An activity on the user's trip whose destination or title matches, as the user.
+    async fn add_trip_item(
+        &self,
+        request: Uuid,
+        user: Uuid,
+        title: &str,
+        trip: &str,
+        date: Option<chrono::NaiveDate>,
+        time: Option<chrono::NaiveTime>,
+    ) -> anyhow::Result<String> {
+        let found = sqlx::query(
+            "SELECT i.itinerary_id, i.title, i.start_date, i.zone FROM proj_itineraries i
+             JOIN proj_itinerary_members m ON m.itinerary_id = i.itinerary_id
+             WHERE m.user_id = $1 AND m.state = 'active' AND m.role IN ('owner', 'editor') AND NOT i.archived
+               AND (i.region ILIKE $2 OR i.title ILIKE '%' || $2 || '%')
+             ORDER BY i.start_date LIMIT 1",
+        )
+        .bind(user)
+        .bind(trip)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = found else {
+            return Ok(format!("I found no trip to {trip} that you can edit."));
+        };
+        let (itinerary_id, trip_title, zone): (Uuid, String, String) =
+            (row.get("itinerary_id"), row.get("title"), row.get("zone"));
+        let day = date.unwrap_or_else(|| row.get("start_date"));
+        let at = day.and_time(
+            time.unwrap_or_else(|| chrono::NaiveTime::from_hms_opt(9, 0, 0).unwrap_or_default()),
+        );
+        let slot = commands::itinerary::Slot {
+            local: at,
+            zone: zone.clone(),
+        };
+        let cmd = Command::Itinerary(ItineraryCommand::AddItem {
+            itinerary_id,
+            item_id: derived(request, "item"),
+            item: commands::itinerary::ItemInput {
+                kind: events::itinerary::ItemKind::Activity,
+                title: title.to_owned(),
+                start: slot.clone(),
+                end: commands::itinerary::Slot {
+                    local: at + chrono::Duration::hours(1),
+                    zone,
+                },
+                locations: vec![],
+                booking_reference: None,
+                provider: None,
+                status: events::itinerary::ItemStatus::Pending,
+                price: None,
+                notes: None,
+                travellers: vec![],
+            },
+        });
+        let out = self.act(request, "item", user, cmd).await?;
+        Ok(if out.status < 300 {
+            format!(
+                "📌 Added \"{title}\" to {trip_title} on {day} at {}.",
+                at.format("%H:%M")
+            )
+        } else {
+            format!("I couldn't add that: {}.", problem(&out))
+        })
     }
 
     async fn balance(&self, user: Uuid) -> anyhow::Result<String> {

@@ -43,7 +43,7 @@ async fn ask(app: &TestApp, token: &str, room: uuid::Uuid, text: &str) -> String
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_assistant_acts_as_the_user_follows_up_and_never_moves_money() {
     let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
-        c.assistant_per_hour = 6;
+        c.assistant_per_hour = 8;
         c.fx_rates = "USD/KES=129.25".into();
     })
     .await;
@@ -78,6 +78,18 @@ async fn the_assistant_acts_as_the_user_follows_up_and_never_moves_money() {
     let converted = ask(&app, &alice, r, "@mathia convert 100 USD to KES").await;
     assert!(converted.contains("12925.00 KES"), "{converted}");
 
+    // A trip, then an activity on it, both as Alice.
+    let trip = ask(&app, &alice, r, "@mathia plan a trip to Lamu from 2026-12-20 to 2026-12-24").await;
+    assert!(trip.contains("Created \"Trip to Lamu\""), "{trip}");
+    app.settle("itinerary").await;
+    let added = ask(&app, &alice, r, "@mathia add snorkelling to my trip to Lamu on the 21st at 10am").await;
+    assert!(added.contains("Added \"snorkelling\""), "{added}");
+    let items: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'ItemAdded'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(items, 1);
+
     // Money is only proposed.
     let debits = |app: &TestApp| {
         let pool = app.pool.clone();
@@ -94,7 +106,7 @@ async fn the_assistant_acts_as_the_user_follows_up_and_never_moves_money() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(debits(&app).await, before);
 
-    // The seventh request this hour is over the limit of six.
+    // The ninth request this hour is over the limit of eight.
     let limited = ask(&app, &alice, r, "@mathia help").await;
     assert!(limited.contains("the limit"), "{limited}");
     app.stop().await;
