@@ -717,7 +717,11 @@ impl ChatCommand {
                 message_id,
                 in_reply_to,
                 ..
-            } => vec![message_stream(*message_id), room, message_stream(*in_reply_to)],
+            } => vec![
+                message_stream(*message_id),
+                room,
+                message_stream(*in_reply_to),
+            ],
             // Flags live on the room (they count toward a mute there) and read the message.
             ChatCommand::FlagMessage { message_id, .. }
             | ChatCommand::ReportMessage { message_id, .. } => {
@@ -1385,7 +1389,11 @@ impl ChatCommand {
                 }
                 let ms = message_stream(*message_id);
                 if states.message(&ms).exists {
-                    return Err(Rejection::new(409, "message_exists", "this message id is taken"));
+                    return Err(Rejection::new(
+                        409,
+                        "message_exists",
+                        "this message id is taken",
+                    ));
                 }
                 let asked = states.message(&message_stream(*in_reply_to));
                 if !asked.exists || asked.room_id != room_id {

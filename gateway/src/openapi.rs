@@ -9,7 +9,7 @@ use utoipa_axum::routes;
 
 use crate::routes::{
     accounts, admin, attachments, commands, health, itineraries, messages, moderation, notes,
-    reminders, rooms, sync, wallets, webhooks, ws,
+    payments, reminders, rooms, sync, wallets, webhooks, ws,
 };
 use crate::state::AppState;
 
@@ -78,6 +78,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(wallets::add_evidence))
         .routes(routes!(wallets::resolve_dispute))
         .routes(routes!(wallets::get_dispute))
+        .routes(routes!(payments::provider_webhook))
+        .routes(routes!(payments::top_up))
         .routes(routes!(wallets::reconciliation))
         .routes(routes!(wallets::journal))
         .routes(routes!(wallets::balance_at))

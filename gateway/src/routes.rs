@@ -9,6 +9,7 @@ pub mod itineraries;
 pub mod messages;
 pub mod moderation;
 pub mod notes;
+pub mod payments;
 pub mod reminders;
 pub mod rooms;
 pub mod sync;

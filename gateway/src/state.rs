@@ -65,6 +65,12 @@ pub struct Settings {
     pub wallet_fee_bps: u32,
     /// Fixed transfer fee in minor units, added to the proportional part.
     pub wallet_fee_fixed: i64,
+    /// HMAC secret payment providers sign their webhooks with; none: webhooks answer 503.
+    pub payments_webhook_secret: Option<crate::routes::payments::WebhookSecret>,
+    /// Base URL of the M-Pesa STK-push provider; none: top-ups answer 503.
+    pub payments_url: Option<String>,
+    /// Its API key.
+    pub payments_api_key: Option<crate::routes::payments::WebhookSecret>,
     /// Origins allowed to open the WebSocket (empty: any).
     pub ws_origins: Vec<String>,
     /// Largest WebSocket frame a client may send, in bytes.
@@ -109,6 +115,9 @@ impl Default for Settings {
             travel_fallback: false,
             wallet_fee_bps: 0,
             wallet_fee_fixed: 0,
+            payments_webhook_secret: None,
+            payments_url: None,
+            payments_api_key: None,
             ws_origins: vec![],
             ws_max_frame: 64 * 1024,
             ws_frames_per_sec: 20,

@@ -16,15 +16,17 @@ use events::Subjects;
 use handlers::handler::{HandlerConfig, Handlers};
 use handlers::infra;
 use handlers::relay::Relay;
+use projections::assistant::{
+    Assistant, AssistantConfig, AssistantQueue, FixedRates, Llm, OpenAiLlm,
+};
 use projections::chat::ChatProjector;
-use projections::assistant::{Assistant, AssistantConfig, AssistantQueue, FixedRates, Llm, OpenAiLlm};
-use projections::feed::FeedProjector;
-use projections::reminder::RemindersProjector;
-use projections::scheduler::Scheduler;
 use projections::classifier::{Classifier, HttpClassifier, RuleClassifier};
+use projections::feed::FeedProjector;
 use projections::itinerary::{FeedQueue, ItineraryProjector, Poster};
-use projections::screen::{ScreenConfig, ScreenQueue, Screener};
+use projections::reminder::RemindersProjector;
 use projections::runner::Runner;
+use projections::scheduler::Scheduler;
+use projections::screen::{ScreenConfig, ScreenQueue, Screener};
 use projections::wallet::WalletProjector;
 use projections::webhook::{Deliverer, DeliveryConfig, WebhookQueue};
 use tokio::net::TcpListener;
@@ -83,7 +85,12 @@ pub struct Config {
     pub upload_dir: std::path::PathBuf,
     /// Origins allowed to open the WebSocket, comma-separated (empty: any; tokens
     /// never ride in cookies, so this is defence in depth).
-    #[arg(long, env = "MATHIA_WS_ORIGINS", value_delimiter = ',', default_value = "")]
+    #[arg(
+        long,
+        env = "MATHIA_WS_ORIGINS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
     pub ws_origins: Vec<String>,
     /// Largest WebSocket frame a client may send, in bytes.
     #[arg(long, env = "MATHIA_WS_MAX_FRAME", default_value_t = 64 * 1024)]
@@ -122,8 +129,11 @@ pub struct Config {
     pub scheduler_tick_ms: u64,
     /// Waits between webhook delivery attempts, then the dead letter
     /// (units ms, s, m, h). SPEC §6: 0.2 s, 1 s, 2 s, 5 s, … up to 24 h.
-    #[arg(long, env = "MATHIA_WEBHOOK_SCHEDULE",
-          default_value = "200ms,1s,2s,5s,10s,30s,1m,5m,15m,30m,1h,2h,4h,8h,16h,24h")]
+    #[arg(
+        long,
+        env = "MATHIA_WEBHOOK_SCHEDULE",
+        default_value = "200ms,1s,2s,5s,10s,30s,1m,5m,15m,30m,1h,2h,4h,8h,16h,24h"
+    )]
     pub webhook_schedule: String,
     /// Each wait is scaled by a random factor in [1 - jitter, 1 + jitter).
     #[arg(long, env = "MATHIA_WEBHOOK_JITTER", default_value_t = 0.2)]
@@ -184,7 +194,11 @@ pub struct Config {
     #[arg(long, env = "MATHIA_MODERATION_URL")]
     pub moderation_url: Option<String>,
     /// Model the HTTP classifier asks for.
-    #[arg(long, env = "MATHIA_MODERATION_MODEL", default_value = "omni-moderation-latest")]
+    #[arg(
+        long,
+        env = "MATHIA_MODERATION_MODEL",
+        default_value = "omni-moderation-latest"
+    )]
     pub moderation_model: String,
     /// Bearer key of the HTTP classifier.
     #[arg(long, env = "MATHIA_MODERATION_API_KEY", hide_env_values = true)]
@@ -231,6 +245,16 @@ pub struct Config {
     /// Fixed part of the transfer fee in minor units.
     #[arg(long, env = "MATHIA_WALLET_FEE_FIXED", default_value_t = 0)]
     pub wallet_fee_fixed: i64,
+    /// HMAC-SHA256 secret payment providers sign webhooks with
+    /// (`/v1/webhooks/payments/{provider}`); unset: those webhooks answer 503.
+    #[arg(long, env = "MATHIA_PAYMENTS_WEBHOOK_SECRET", hide_env_values = true)]
+    pub payments_webhook_secret: Option<String>,
+    /// Base URL of the M-Pesa STK-push provider (`POST /v1/wallets/{id}/topups`).
+    #[arg(long, env = "MATHIA_PAYMENTS_URL")]
+    pub payments_url: Option<String>,
+    /// API key of that provider.
+    #[arg(long, env = "MATHIA_PAYMENTS_API_KEY", hide_env_values = true)]
+    pub payments_api_key: Option<String>,
     /// Argon2 memory cost in KiB.
     #[arg(long, env = "MATHIA_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
     pub argon2_memory_kib: u32,
@@ -548,7 +572,12 @@ pub async fn run(
                     subjects: infra.subjects.clone(),
                 };
                 runner
-                    .run(Arc::new(ChatProjector { keystore: chat_keys }), stop)
+                    .run(
+                        Arc::new(ChatProjector {
+                            keystore: chat_keys,
+                        }),
+                        stop,
+                    )
                     .await
             }),
         );
@@ -556,40 +585,58 @@ pub async fn run(
         let stop = shutdown.clone();
         spawn(
             "proj-itinerary",
-            role(&config, &infra, "proj-itinerary", 2, move |infra| async move {
-                let runner = Runner {
-                    pool: infra.pool.clone(),
-                    js: async_nats::jetstream::new(infra.nats.clone()),
-                    subjects: infra.subjects.clone(),
-                };
-                runner.run(Arc::new(ItineraryProjector), stop).await
-            }),
+            role(
+                &config,
+                &infra,
+                "proj-itinerary",
+                2,
+                move |infra| async move {
+                    let runner = Runner {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        subjects: infra.subjects.clone(),
+                    };
+                    runner.run(Arc::new(ItineraryProjector), stop).await
+                },
+            ),
         );
         let stop = shutdown.clone();
         spawn(
             "proj-itinerary-feed",
-            role(&config, &infra, "proj-itinerary-feed", 2, move |infra| async move {
-                let runner = Runner {
-                    pool: infra.pool.clone(),
-                    js: async_nats::jetstream::new(infra.nats.clone()),
-                    subjects: infra.subjects.clone(),
-                };
-                runner.run(Arc::new(FeedQueue), stop).await
-            }),
+            role(
+                &config,
+                &infra,
+                "proj-itinerary-feed",
+                2,
+                move |infra| async move {
+                    let runner = Runner {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        subjects: infra.subjects.clone(),
+                    };
+                    runner.run(Arc::new(FeedQueue), stop).await
+                },
+            ),
         );
         let (stop, poster_keys) = (shutdown.clone(), keystore.clone());
         spawn(
             "itinerary-poster",
-            role(&config, &infra, "itinerary-poster", 2, move |infra| async move {
-                let poster = Poster {
-                    pool: infra.pool.clone(),
-                    js: async_nats::jetstream::new(infra.nats.clone()),
-                    subjects: infra.subjects.clone(),
-                    keystore: poster_keys,
-                    poll: Duration::from_millis(200),
-                };
-                poster.run(stop).await
-            }),
+            role(
+                &config,
+                &infra,
+                "itinerary-poster",
+                2,
+                move |infra| async move {
+                    let poster = Poster {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        subjects: infra.subjects.clone(),
+                        keystore: poster_keys,
+                        poll: Duration::from_millis(200),
+                    };
+                    poster.run(stop).await
+                },
+            ),
         );
         if let Some(classifier) = classifier(&config)? {
             let stop = shutdown.clone();
@@ -657,27 +704,39 @@ pub async fn run(
         let stop = shutdown.clone();
         spawn(
             "proj-webhooks",
-            role(&config, &infra, "proj-webhooks", 2, move |infra| async move {
-                let runner = Runner {
-                    pool: infra.pool.clone(),
-                    js: async_nats::jetstream::new(infra.nats.clone()),
-                    subjects: infra.subjects.clone(),
-                };
-                runner.run(Arc::new(WebhookQueue), stop).await
-            }),
-        );
-        if config.assistant {
-            let stop = shutdown.clone();
-            spawn(
-                "proj-assistant",
-                role(&config, &infra, "proj-assistant", 2, move |infra| async move {
+            role(
+                &config,
+                &infra,
+                "proj-webhooks",
+                2,
+                move |infra| async move {
                     let runner = Runner {
                         pool: infra.pool.clone(),
                         js: async_nats::jetstream::new(infra.nats.clone()),
                         subjects: infra.subjects.clone(),
                     };
-                    runner.run(Arc::new(AssistantQueue), stop).await
-                }),
+                    runner.run(Arc::new(WebhookQueue), stop).await
+                },
+            ),
+        );
+        if config.assistant {
+            let stop = shutdown.clone();
+            spawn(
+                "proj-assistant",
+                role(
+                    &config,
+                    &infra,
+                    "proj-assistant",
+                    2,
+                    move |infra| async move {
+                        let runner = Runner {
+                            pool: infra.pool.clone(),
+                            js: async_nats::jetstream::new(infra.nats.clone()),
+                            subjects: infra.subjects.clone(),
+                        };
+                        runner.run(Arc::new(AssistantQueue), stop).await
+                    },
+                ),
             );
             let (stop, keystore) = (shutdown.clone(), keystore.clone());
             let llm: Option<Arc<dyn Llm>> = match &config.llm_url {
@@ -722,14 +781,20 @@ pub async fn run(
         let stop = shutdown.clone();
         spawn(
             "proj-reminders",
-            role(&config, &infra, "proj-reminders", 2, move |infra| async move {
-                let runner = Runner {
-                    pool: infra.pool.clone(),
-                    js: async_nats::jetstream::new(infra.nats.clone()),
-                    subjects: infra.subjects.clone(),
-                };
-                runner.run(Arc::new(RemindersProjector), stop).await
-            }),
+            role(
+                &config,
+                &infra,
+                "proj-reminders",
+                2,
+                move |infra| async move {
+                    let runner = Runner {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        subjects: infra.subjects.clone(),
+                    };
+                    runner.run(Arc::new(RemindersProjector), stop).await
+                },
+            ),
         );
         let shutdown = shutdown.clone();
         spawn(
@@ -740,23 +805,36 @@ pub async fn run(
                     js: async_nats::jetstream::new(infra.nats.clone()),
                     subjects: infra.subjects.clone(),
                 };
-                // Holds past their timeout are expired from here (no scheduler role yet).
-                let expirer = projections::wallet::HoldExpirer {
-                    pool: infra.pool.clone(),
-                    js: async_nats::jetstream::new(infra.nats.clone()),
-                    subjects: infra.subjects.clone(),
-                    every: Duration::from_millis(500),
-                };
-                let (ran, expired) =
-                    tokio::join!(runner.run(Arc::new(WalletProjector), shutdown.clone()), expirer.run(shutdown));
-                ran.and(expired)
+                runner.run(Arc::new(WalletProjector), shutdown).await
             }),
         );
     }
     if roles.scheduler {
+        // Holds past their timeout: due work from proj_wallet_holds, expired by command.
+        let stop = shutdown.clone();
+        spawn(
+            "hold-expirer",
+            role(
+                &config,
+                &infra,
+                "hold-expirer",
+                2,
+                move |infra| async move {
+                    let expirer = projections::wallet::HoldExpirer {
+                        pool: infra.pool.clone(),
+                        js: async_nats::jetstream::new(infra.nats.clone()),
+                        subjects: infra.subjects.clone(),
+                        every: Duration::from_millis(100),
+                    };
+                    expirer.run(stop).await
+                },
+            ),
+        );
         let (stop, keystore) = (
             shutdown.clone(),
-            keystore.clone().context("the scheduler needs the master key")?,
+            keystore
+                .clone()
+                .context("the scheduler needs the master key")?,
         );
         let tick = Duration::from_millis(config.scheduler_tick_ms.max(10));
         // Webhook deliveries are due work too: the deliverer runs with the scheduler.
@@ -773,11 +851,17 @@ pub async fn run(
         let (stop_deliveries, delivery_keys) = (shutdown.clone(), keystore.clone());
         spawn(
             "webhook-deliverer",
-            role(&config, &infra, "webhook-deliverer", 2, move |infra| async move {
-                Deliverer::new(infra.pool.clone(), delivery_keys, delivery)?
-                    .run(stop_deliveries)
-                    .await
-            }),
+            role(
+                &config,
+                &infra,
+                "webhook-deliverer",
+                2,
+                move |infra| async move {
+                    Deliverer::new(infra.pool.clone(), delivery_keys, delivery)?
+                        .run(stop_deliveries)
+                        .await
+                },
+            ),
         );
         spawn(
             "scheduler",
@@ -821,6 +905,15 @@ pub async fn run(
             travel_fallback: config.travel_fallback,
             wallet_fee_bps: config.wallet_fee_bps,
             wallet_fee_fixed: config.wallet_fee_fixed,
+            payments_webhook_secret: config
+                .payments_webhook_secret
+                .clone()
+                .map(gateway::routes::payments::WebhookSecret),
+            payments_url: config.payments_url.clone(),
+            payments_api_key: config
+                .payments_api_key
+                .clone()
+                .map(gateway::routes::payments::WebhookSecret),
             ws_origins: config
                 .ws_origins
                 .iter()

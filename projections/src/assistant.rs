@@ -216,7 +216,11 @@ impl FixedRates {
                 decimal_micros(rate.trim()).with_context(|| format!("'{rate}' is not a rate"))?;
             anyhow::ensure!(micro > 0, "a rate must be positive");
             let (from, to) = (from.trim().to_uppercase(), to.trim().to_uppercase());
-            rates.insert((to.clone(), from.clone()), 1_000_000_000_000 / micro);
+            // The inverse, rounded to the nearest millionth.
+            rates.insert(
+                (to.clone(), from.clone()),
+                (1_000_000_000_000 + micro / 2) / micro,
+            );
             rates.insert((from, to), micro);
         }
         Ok(FixedRates { rates })
@@ -254,7 +258,8 @@ fn decimal_micros(s: &str) -> Option<i64> {
 /// Convert `amount` with `rate` (both in millionths) to a string with 2 decimals.
 pub fn convert(amount: &str, rate_micros: i64) -> Option<String> {
     let a = i128::from(decimal_micros(amount)?);
-    let cents = a * i128::from(rate_micros) / 10_000_000_000; // micros*micros / 1e10 = hundredths
+    // micros × micros / 1e10 = hundredths, rounded half up.
+    let cents = (a * i128::from(rate_micros) + 5_000_000_000) / 10_000_000_000;
     Some(format!("{}.{:02}", cents / 100, cents % 100))
 }
 
@@ -339,14 +344,19 @@ impl Assistant {
                 continue;
             };
             let text = String::from_utf8_lossy(&text).into_owned();
-            let reply = match self.answer(message_id, room_id, sender, &text).await {
+            let (reply, streamed) = match self.answer(message_id, room_id, sender, &text).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "assistant request failed");
-                    "Sorry, something went wrong on my side; please try again in a moment."
-                        .to_owned()
+                    let sorry =
+                        "Sorry, something went wrong on my side; please try again in a moment.";
+                    (sorry.to_owned(), false)
                 }
             };
+            // A model's answer was streamed as it came; any other answer is one chunk.
+            if !streamed {
+                self.chunk(room_id, message_id, 0, &reply, true).await;
+            }
             self.reply(message_id, room_id, &reply).await?;
         }
         let ids: Vec<Uuid> = rows.iter().map(|r| r.get("message_id")).collect();
@@ -412,16 +422,18 @@ impl Assistant {
         room: Uuid,
         user: Uuid,
         text: &str,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<(String, bool)> {
         if !self.allowed(user).await? {
-            return Ok(format!(
+            let limit = format!(
                 "You have asked me {} times this hour, which is the limit; ask again next hour.",
                 self.config.per_hour
-            ));
+            );
+            return Ok((limit, false));
         }
         let now = Utc::now();
         let pending = self.pending(user, room).await;
         let intent = assistant::parse(text, now.naive_utc(), pending.as_ref());
+        let streamed = self.llm.is_some() && matches!(intent, Intent::Summarise | Intent::Unknown);
         let (answer, left_open) = match intent {
             Intent::Help => (assistant::HELP.to_owned(), None),
             Intent::AskReminderTime { content } => (
@@ -549,7 +561,7 @@ impl Assistant {
             },
         };
         self.remember(user, room, left_open.as_ref()).await;
-        Ok(answer)
+        Ok((answer, streamed))
     }
 
     /// Send `command` as `user` and wait for its answer.
@@ -739,7 +751,12 @@ impl Assistant {
     async fn summarise(&self, room: Uuid, request: Uuid) -> anyhow::Result<String> {
         let recent = self.recent(room, request, 30).await?;
         if recent.is_empty() {
-            return Ok("Nothing to summarise yet.".into());
+            let nothing = "Nothing to summarise yet.";
+            if self.llm.is_some() {
+                // The answer counts as streamed when a model is configured: send it as its one chunk.
+                self.chunk(room, request, 0, nothing, true).await;
+            }
+            return Ok(nothing.into());
         }
         if self.llm.is_some() {
             let transcript: Vec<String> = recent.iter().map(|(_, t)| format!("- {t}")).collect();

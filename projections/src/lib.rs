@@ -21,11 +21,11 @@
 pub mod assistant;
 pub mod chat;
 pub mod classifier;
-pub mod itinerary;
 pub mod feed;
+pub mod itinerary;
 pub mod reminder;
-pub mod scheduler;
 pub mod runner;
+pub mod scheduler;
 pub mod screen;
 pub mod status;
 pub mod wallet;

@@ -341,7 +341,7 @@ impl EntryRows {
 /// id without deciding it again, and the decision refuses a hold that already
 /// ended. The command carries the same clock reading the due query used, so a
 /// fired expiry is never refused as "not due" (which the ledger would keep).
-/// There is no scheduler role yet: this loop runs inside the `proj-wallet` role.
+/// It runs inside the `proj-wallet` role (written beside the scheduler role, which can host it as is).
 pub struct HoldExpirer {
     /// The read model.
     pub pool: sqlx::PgPool,

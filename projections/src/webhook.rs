@@ -22,6 +22,7 @@
 //! endpoints but queue and redrive nothing, and the deliverer sends nothing
 //! until the projector is past the mark again.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -84,16 +85,20 @@ fn created_owner(e: &Event) -> Option<Uuid> {
     }
 }
 
+/// Event types whose payload names their stream's owner ([`created_owner`]).
+const CREATIONS: &[&str] = &["AccountOpened", "ReminderSet", "ItineraryCreated"];
+
 async fn owner_of(
     tx: &mut PgConnection,
     env: &EventEnvelope,
     e: &Event,
+    learnt: &HashMap<String, Uuid>,
 ) -> anyhow::Result<Option<Uuid>> {
     Ok(match env.domain.as_str() {
         events::notify::DOMAIN => env.stream_id.id().parse().ok(),
         // A chat event is its author's own: what they posted, created, joined.
         events::chat::DOMAIN => env.actor,
-        _ => match created_owner(e) {
+        _ => match created_owner(e).or_else(|| learnt.get(env.stream_id.as_str()).copied()) {
             Some(o) => Some(o),
             None => {
                 sqlx::query_scalar("SELECT owner FROM webhook_stream_owners WHERE stream_id = $1")
@@ -166,8 +171,23 @@ impl Projector for WebhookQueue {
                 .fetch_one(&mut *tx)
                 .await?;
         let mut endpoints = targets(tx).await?;
+        let mut learnt: HashMap<String, Uuid> = HashMap::new();
         for env in batch {
             let live = env.position > high_water;
+            let wanted: Vec<(Uuid, Uuid)> = if live {
+                endpoints
+                    .iter()
+                    .filter(|t| matches(&t.filter, &env.domain, &env.event_type))
+                    .map(|t| (t.id, t.owner))
+                    .collect()
+            } else {
+                vec![]
+            };
+            let webhook = env.domain == events::webhook::DOMAIN;
+            // Most events concern nobody here: do not even decode them.
+            if wanted.is_empty() && !webhook && !CREATIONS.contains(&env.event_type.as_str()) {
+                continue;
+            }
             let event = env.event()?;
             if let Event::Webhook(e) = &event {
                 endpoint(tx, env, e, live).await?;
@@ -175,37 +195,23 @@ impl Projector for WebhookQueue {
                 continue;
             }
             if let Some(owner) = created_owner(&event) {
-                sqlx::query(
-                    "INSERT INTO webhook_stream_owners (stream_id, owner) VALUES ($1, $2)
-                     ON CONFLICT DO NOTHING",
-                )
-                .bind(env.stream_id.as_str())
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?;
+                learnt.insert(env.stream_id.as_str().to_owned(), owner);
             }
-            if !live {
-                continue;
-            }
-            let wanted: Vec<&Target> = endpoints
-                .iter()
-                .filter(|t| matches(&t.filter, &env.domain, &env.event_type))
-                .collect();
             if wanted.is_empty() {
                 continue;
             }
-            let Some(owner) = owner_of(tx, env, &event).await? else {
+            let Some(owner) = owner_of(tx, env, &event, &learnt).await? else {
                 continue;
             };
             let body = body(env);
-            for t in wanted.into_iter().filter(|t| t.owner == owner) {
+            for (id, _) in wanted.into_iter().filter(|(_, o)| *o == owner) {
                 sqlx::query(
                     "INSERT INTO webhook_deliveries (delivery_id, webhook_id, owner, event_id, position,
                         event_type, body, next_attempt_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, now()) ON CONFLICT DO NOTHING",
                 )
-                .bind(delivery_id(t.id, env.event_id))
-                .bind(t.id)
+                .bind(delivery_id(id, env.event_id))
+                .bind(id)
                 .bind(owner)
                 .bind(env.event_id)
                 .bind(env.position)
@@ -214,6 +220,17 @@ impl Projector for WebhookQueue {
                 .execute(&mut *tx)
                 .await?;
             }
+        }
+        if !learnt.is_empty() {
+            let (streams, owners): (Vec<String>, Vec<Uuid>) = learnt.into_iter().unzip();
+            sqlx::query(
+                "INSERT INTO webhook_stream_owners (stream_id, owner)
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(&streams)
+            .bind(&owners)
+            .execute(&mut *tx)
+            .await?;
         }
         if let Some(last) = batch.last() {
             sqlx::query("UPDATE webhook_high_water SET position = GREATEST(position, $1)")
@@ -423,7 +440,13 @@ impl Deliverer {
 
     /// Send one batch of due deliveries; returns how many were attempted.
     pub async fn deliver_once(&self) -> anyhow::Result<usize> {
-        if self.rebuilding().await? {
+        // One cheap look first: an idle deliverer opens no transaction.
+        let due: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= now())",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if !due || self.rebuilding().await? {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await?;

@@ -79,15 +79,28 @@ async fn the_assistant_acts_as_the_user_follows_up_and_never_moves_money() {
     assert!(converted.contains("12925.00 KES"), "{converted}");
 
     // A trip, then an activity on it, both as Alice.
-    let trip = ask(&app, &alice, r, "@mathia plan a trip to Lamu from 2026-12-20 to 2026-12-24").await;
+    let trip = ask(
+        &app,
+        &alice,
+        r,
+        "@mathia plan a trip to Lamu from 2026-12-20 to 2026-12-24",
+    )
+    .await;
     assert!(trip.contains("Created \"Trip to Lamu\""), "{trip}");
     app.settle("itinerary").await;
-    let added = ask(&app, &alice, r, "@mathia add snorkelling to my trip to Lamu on the 21st at 10am").await;
+    let added = ask(
+        &app,
+        &alice,
+        r,
+        "@mathia add snorkelling to my trip to Lamu on the 21st at 10am",
+    )
+    .await;
     assert!(added.contains("Added \"snorkelling\""), "{added}");
-    let items: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'ItemAdded'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let items: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'ItemAdded'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(items, 1);
 
     // Money is only proposed.

@@ -50,7 +50,13 @@ pub(crate) async fn say(app: &TestApp, token: &str, room: Uuid, text: &str) -> (
     )
 }
 
-pub(crate) async fn invite_and_join(app: &TestApp, owner: &str, room: Uuid, user: Uuid, token: &str) {
+pub(crate) async fn invite_and_join(
+    app: &TestApp,
+    owner: &str,
+    room: Uuid,
+    user: Uuid,
+    token: &str,
+) {
     let r = app
         .post(
             &format!("/v1/rooms/{room}/invites"),
@@ -874,9 +880,24 @@ async fn rebuilding_the_chat_projection_from_zero_gives_identical_read_models() 
     .await;
     // Moderation and notes are part of the read model too.
     for (method, path, token, body) in [
-        ("POST", format!("/v1/rooms/{r}/messages/{root}/reports"), &bob, json!({"reason": "spam"})),
-        ("POST", format!("/v1/rooms/{r}/notes"), &alice, json!({"body": "pinned words", "priority": "high"})),
-        ("PUT", format!("/v1/rooms/{r}/members/{bob_id}/mute"), &alice, json!({"minutes": 10})),
+        (
+            "POST",
+            format!("/v1/rooms/{r}/messages/{root}/reports"),
+            &bob,
+            json!({"reason": "spam"}),
+        ),
+        (
+            "POST",
+            format!("/v1/rooms/{r}/notes"),
+            &alice,
+            json!({"body": "pinned words", "priority": "high"}),
+        ),
+        (
+            "PUT",
+            format!("/v1/rooms/{r}/members/{bob_id}/mute"),
+            &alice,
+            json!({"minutes": 10}),
+        ),
     ] {
         let done = app.call(method, &path, Some(token), Some(&body), &[]).await;
         assert!(done.status < 300, "{path}: {}", done.body);

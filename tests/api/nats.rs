@@ -58,7 +58,11 @@ async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
     );
     for chat in ["proj-chat", "proj-screen"] {
         let c = consumer_info(&app, &events, chat).await;
-        assert_eq!(c["config"]["filter_subject"], format!("{p}.evt.chat.>"), "{chat}");
+        assert_eq!(
+            c["config"]["filter_subject"],
+            format!("{p}.evt.chat.>"),
+            "{chat}"
+        );
         assert_eq!(c["config"]["ack_policy"], "all", "{chat}");
     }
 

@@ -86,7 +86,7 @@ async fn presence_of(app: &TestApp, token: &str, user: Uuid) -> (u64, String) {
 async fn start_cursor(app: &TestApp, token: &str) -> String {
     app.settle("feed").await;
     let feed = projections::checkpoint(&app.pool, "feed").await.unwrap();
-    for _ in 0..400 {
+    for _ in 0..2000 {
         let r = app.get("/v1/sync", Some(token)).await;
         assert_eq!(r.status, 200, "{}", r.body);
         let cursor = r.body["next"].as_str().unwrap().to_owned();
@@ -510,7 +510,7 @@ async fn sync_long_polls_with_the_sockets_cursors_and_a_second_gateway_serves_th
         Some(listener),
         stop.clone(),
     ));
-    for _ in 0..200 {
+    for _ in 0..800 {
         if reqwest::get(format!("{base2}/healthz")).await.is_ok() {
             break;
         }

@@ -194,7 +194,7 @@ async fn a_thousand_reminders_due_in_one_second_fire_once_each_with_two_schedule
     let (_, alice) = app.user("alice@example.com").await;
     const N: usize = 1000;
     // Whole seconds, as reminders are kept.
-    let due = (Utc::now() + chrono::Duration::seconds(12))
+    let due = (Utc::now() + chrono::Duration::seconds(30))
         .with_nanosecond(0)
         .unwrap();
     let mut set_all = vec![];

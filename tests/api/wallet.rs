@@ -1141,3 +1141,258 @@ async fn wallet_disputes_freeze_collect_evidence_and_resolve_as_ledger_moves() {
     assert_eq!(ledger_sum(&app).await, 0);
     app.stop().await;
 }
+
+fn provider_signature(secret: &str, t: i64, body: &str) -> String {
+    use hmac::{KeyInit as _, Mac};
+    let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.{body}").as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("t={t},v1={hex}")
+}
+
+/// Provider webhooks: a bad or stale signature is 401 and writes nothing; a
+/// duplicate is 200 and credits nothing more; a late "pending" never undoes
+/// "completed"; the deposit is credited exactly once.
+#[tokio::test]
+async fn wallet_deposit_webhooks_are_signed_deduplicated_monotonic_and_credit_once() {
+    let secret = "whsec_test_secret";
+    let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
+        c.payments_webhook_secret = Some(secret.into())
+    })
+    .await;
+    let Parties { alice, from, .. } = app.alice_and_bob(0).await;
+    let event = |id: &str, kind: &str| {
+        json!({"id": id, "type": kind, "payment_id": "ws_CO_1", "wallet_id": from, "amount": 1500, "currency": "KES"})
+            .to_string()
+    };
+    let deliver = |body: String, signature: String| {
+        let app = &app;
+        async move {
+            let res = app
+                .http
+                .post(format!("{}/v1/webhooks/payments/mpesa", app.base))
+                .header("content-type", "application/json")
+                .header("mathia-signature", signature)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (
+                status,
+                res.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    let completed = event("evt_2", "payment.completed");
+    // Bad signature, stale timestamp: 401, nothing stored.
+    let (s, b) = deliver(
+        completed.clone(),
+        provider_signature("wrong", now, &completed),
+    )
+    .await;
+    assert_eq!((s, &b["code"]), (401, &json!("bad_signature")));
+    let (s, b) = deliver(
+        completed.clone(),
+        provider_signature(secret, now - 301, &completed),
+    )
+    .await;
+    assert_eq!((s, &b["code"]), (401, &json!("stale_signature")));
+    let tampered = completed.replace("1500", "9500");
+    let (s, _) = deliver(tampered, provider_signature(secret, now, &completed)).await;
+    assert_eq!(s, 401);
+    assert_eq!(app.count("payment_webhook_inbox").await, 0);
+    // Completed arrives first, then three copies of it, then the late pending.
+    let (s, b) = deliver(
+        completed.clone(),
+        provider_signature(secret, now, &completed),
+    )
+    .await;
+    assert_eq!(
+        (s, &b["status"], &b["duplicate"]),
+        (200, &json!("completed"), &json!(false)),
+        "{b}"
+    );
+    for _ in 0..3 {
+        let (s, b) = deliver(
+            completed.clone(),
+            provider_signature(secret, now, &completed),
+        )
+        .await;
+        assert_eq!((s, &b["duplicate"]), (200, &json!(true)));
+    }
+    let pending = event("evt_1", "payment.pending");
+    let (s, b) = deliver(pending.clone(), provider_signature(secret, now, &pending)).await;
+    assert_eq!(
+        (s, &b["status"]),
+        (200, &json!("completed")),
+        "a late pending never undoes completed"
+    );
+    // Credited once.
+    let mut posted = json!(null);
+    for _ in 0..100 {
+        app.settle("wallet").await;
+        posted = app
+            .get(&format!("/v1/wallets/{from}"), Some(&alice))
+            .await
+            .body["balance"]["posted"]
+            .clone();
+        if posted == 1500 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(posted, 1500);
+    let again = event("evt_3", "payment.completed");
+    let (s, _) = deliver(again.clone(), provider_signature(secret, now, &again)).await;
+    assert_eq!(s, 200, "another event id for the same completed payment");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    app.settle("wallet").await;
+    let deposits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM proj_wallet_entries WHERE account_id = $1 AND kind = 'deposit'",
+    )
+    .bind(from)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(deposits, 1, "the deposit is credited exactly once");
+    assert_eq!(app.count("payment_webhook_inbox").await, 3);
+    assert_eq!(ledger_sum(&app).await, 0);
+    app.stop().await;
+}
+
+/// A local M-Pesa STK-push provider speaking the wire format the
+/// `HttpPaymentGateway` uses: bearer key, decimal-string amount, an invoice per `api_ref`.
+async fn stub_stk_push(
+    axum::extract::State(seen): axum::extract::State<
+        std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    >,
+    headers: axum::http::HeaderMap,
+    axum::Json(body): axum::Json<serde_json::Value>,
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer key_test") {
+        return (
+            axum::http::StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"detail": "bad key"})),
+        );
+    }
+    if body["phone_number"] == "254700000000" {
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            axum::Json(json!({"detail": "phone not registered for M-Pesa"})),
+        );
+    }
+    seen.lock().unwrap().push(body.clone());
+    let invoice = format!("INV-{}", &body["api_ref"].as_str().unwrap_or_default()[..8]);
+    (
+        axum::http::StatusCode::OK,
+        axum::Json(json!({"invoice": {"invoice_id": invoice, "state": "PENDING"}})),
+    )
+}
+
+/// A top-up goes out through the `PaymentGateway` to the provider (amount as a
+/// decimal string), is pending until the signed webhook completes it, then credited once.
+#[tokio::test]
+async fn wallet_top_ups_go_through_the_payment_gateway_and_complete_by_webhook() {
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+    let stub = axum::Router::new()
+        .route(
+            "/api/v1/payment/mpesa-stk-push/",
+            axum::routing::post(stub_stk_push),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, stub).await });
+    let secret = "whsec_topups";
+    let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
+        c.payments_webhook_secret = Some(secret.into());
+        c.payments_url = Some(url.clone());
+        c.payments_api_key = Some("key_test".into());
+    })
+    .await;
+    let Parties {
+        alice, bob, from, ..
+    } = app.alice_and_bob(0).await;
+    app.settle("wallet").await;
+    let topup = json!({"amount": 1_550, "currency": "KES", "phone_number": "254700000001"});
+    let r = app
+        .post(
+            &format!("/v1/wallets/{from}/topups"),
+            Some(&alice),
+            &topup,
+            &[("idempotency-key", "top-1")],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["status"], "pending");
+    let payment_id = r.body["payment_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        seen.lock().unwrap()[0]["amount"],
+        "15.50",
+        "minor units as a decimal string, no float"
+    );
+    // Same key: the provider answers the same payment.
+    let again = app
+        .post(
+            &format!("/v1/wallets/{from}/topups"),
+            Some(&alice),
+            &topup,
+            &[("idempotency-key", "top-1")],
+        )
+        .await;
+    assert_eq!(again.body["payment_id"], payment_id.as_str());
+    // Someone else's wallet, a refused phone: no payment.
+    app.post(
+        &format!("/v1/wallets/{from}/topups"),
+        Some(&bob),
+        &topup,
+        &[],
+    )
+    .await
+    .assert_problem(404, "not_found");
+    let refused = json!({"amount": 100, "currency": "KES", "phone_number": "254700000000"});
+    app.post(
+        &format!("/v1/wallets/{from}/topups"),
+        Some(&alice),
+        &refused,
+        &[],
+    )
+    .await
+    .assert_problem(502, "provider_refused");
+    // The provider's webhook completes it.
+    let body = json!({"id": "evt_9", "type": "payment.completed", "payment_id": payment_id, "wallet_id": from,
+                      "amount": 1_550, "currency": "KES"})
+    .to_string();
+    let now = chrono::Utc::now().timestamp();
+    let res = app
+        .http
+        .post(format!("{}/v1/webhooks/payments/mpesa", app.base))
+        .header("mathia-signature", provider_signature(secret, now, &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let mut posted = json!(null);
+    for _ in 0..100 {
+        app.settle("wallet").await;
+        posted = app
+            .get(&format!("/v1/wallets/{from}"), Some(&alice))
+            .await
+            .body["balance"]["posted"]
+            .clone();
+        if posted == 1_550 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(posted, 1_550);
+    app.stop().await;
+}

@@ -895,6 +895,7 @@ async fn hold_parties(
         (status = 404, description = "no such hold, or not yours", body = Problem),
         (status = 409, description = "hold_already_posted, hold_already_voided, hold_already_expired, hold_expired", body = Problem),
         (status = 422, description = "post_exceeds_hold, invalid amount", body = Problem), (status = 429, body = Problem)))]
+#[allow(clippy::too_many_arguments)] // axum extractors
 pub async fn post_hold(
     State(state): State<AppState>,
     principal: Principal,
@@ -1516,6 +1517,7 @@ pub struct RefundRequest {
         (status = 404, description = "no such transfer received by you", body = Problem),
         (status = 422, description = "refund_exceeds_original, insufficient_funds, invalid fields", body = Problem),
         (status = 429, body = Problem)))]
+#[allow(clippy::too_many_arguments)] // axum extractors
 pub async fn refund(
     State(state): State<AppState>,
     principal: Principal,
@@ -1775,6 +1777,7 @@ async fn dispute_row(
         (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 404, description = "no such open dispute on your wallet", body = Problem),
         (status = 422, body = Problem), (status = 429, body = Problem)))]
+#[allow(clippy::too_many_arguments)] // axum extractors
 pub async fn add_evidence(
     State(state): State<AppState>,
     principal: Principal,
@@ -1813,6 +1816,7 @@ pub async fn add_evidence(
     responses((status = 200, body = DisputeResult, description = "also `moved`"), (status = 202, description = "poll Location"),
         (status = 400, body = Problem), (status = 401, body = Problem), (status = 403, body = Problem),
         (status = 404, description = "no such open dispute", body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
+#[allow(clippy::too_many_arguments)] // axum extractors
 pub async fn resolve_dispute(
     State(state): State<AppState>,
     principal: Principal,
