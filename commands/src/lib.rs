@@ -41,6 +41,24 @@ pub enum Command {
     Webhook(webhook::WebhookCommand),
 }
 
+macro_rules! from_domain {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        $(impl From<$ty> for Command {
+            fn from(c: $ty) -> Self {
+                Command::$variant(c)
+            }
+        })*
+    };
+}
+
+from_domain!(
+    Wallet(wallet::WalletCommand),
+    Chat(chat::ChatCommand),
+    Itinerary(itinerary::ItineraryCommand),
+    Reminder(reminder::ReminderCommand),
+    Webhook(webhook::WebhookCommand),
+);
+
 impl Command {
     /// The command's name, for logs and metrics (`wallet.Transfer`).
     pub fn name(&self) -> &'static str {

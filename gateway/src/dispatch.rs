@@ -54,6 +54,35 @@ impl<'a> Route<'a> {
     }
 }
 
+/// The usual write: send `command` for the route `method` + `uri` (the command
+/// id is the idempotency key's, or fresh) and answer with its outcome.
+#[allow(clippy::too_many_arguments)]
+pub async fn send<B: Serialize>(
+    state: &AppState,
+    principal: &Principal,
+    method: &str,
+    uri: &http::Uri,
+    options: &WriteOptions,
+    correlation_id: Uuid,
+    body: &B,
+    command: impl Into<Command>,
+) -> ApiResult<Response> {
+    let command = command.into();
+    dispatch(
+        state,
+        principal,
+        Route {
+            method,
+            path: uri.path(),
+        },
+        options,
+        correlation_id,
+        body,
+        |_| Ok(command),
+    )
+    .await
+}
+
 /// Send `command` and answer with its outcome.
 pub async fn dispatch<B: Serialize>(
     state: &AppState,

@@ -36,6 +36,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
+use crate::dispatch::send;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
@@ -341,32 +342,6 @@ pub struct FromCatalogRequest {
 }
 
 // ---------- helpers ----------
-
-#[allow(clippy::too_many_arguments)]
-async fn send<B: Serialize>(
-    state: &AppState,
-    principal: &Principal,
-    method: &str,
-    uri: &http::Uri,
-    options: &WriteOptions,
-    rid: Uuid,
-    body: &B,
-    cmd: ItineraryCommand,
-) -> ApiResult<Response> {
-    dispatch(
-        state,
-        principal,
-        Route {
-            method,
-            path: uri.path(),
-        },
-        options,
-        rid,
-        body,
-        |_| Ok(Command::Itinerary(cmd)),
-    )
-    .await
-}
 
 /// The caller's role on a trip (`owner`, `editor`, `viewer`); 404 unless active.
 async fn role_of(state: &AppState, itinerary: Uuid, user: Uuid) -> ApiResult<String> {

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
+use crate::dispatch::send as command;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
@@ -483,32 +484,6 @@ pub async fn cancel_reminder(
 ) -> ApiResult<Response> {
     let cmd = ReminderCommand::CancelReminder { reminder_id };
     command(&state, &principal, "DELETE", &uri, &options, rid, &(), cmd).await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn command<B: Serialize>(
-    state: &AppState,
-    principal: &Principal,
-    method: &str,
-    uri: &http::Uri,
-    options: &WriteOptions,
-    rid: Uuid,
-    body: &B,
-    cmd: ReminderCommand,
-) -> ApiResult<Response> {
-    dispatch(
-        state,
-        principal,
-        Route {
-            method,
-            path: uri.path(),
-        },
-        options,
-        rid,
-        body,
-        |_| Ok(Command::Reminder(cmd)),
-    )
-    .await
 }
 
 /// Your notifications, newest first, with the unread count.

@@ -206,32 +206,8 @@ pub fn room_not_found() -> ApiError {
     }
 }
 
-/// Send a room command.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn room_command<B: Serialize>(
-    state: &AppState,
-    principal: &Principal,
-    method: &str,
-    uri: &http::Uri,
-    options: &WriteOptions,
-    rid: Uuid,
-    body: &B,
-    command: ChatCommand,
-) -> ApiResult<Response> {
-    dispatch(
-        state,
-        principal,
-        Route {
-            method,
-            path: uri.path(),
-        },
-        options,
-        rid,
-        body,
-        |_| Ok(Command::Chat(command)),
-    )
-    .await
-}
+/// Send a room command (the usual write).
+pub(crate) use crate::dispatch::send as room_command;
 
 /// Create a room; the caller becomes its owner.
 #[utoipa::path(post, path = "/v1/rooms", tag = "chat", security(("bearer" = [])), request_body = CreateRoomRequest,

@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
+use crate::dispatch::send as command;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
@@ -594,30 +595,4 @@ pub async fn redrive_all(
         delivery_id: None,
     };
     command(&state, &principal, "POST", &uri, &options, rid, &(), cmd).await
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn command<B: Serialize>(
-    state: &AppState,
-    principal: &Principal,
-    method: &str,
-    uri: &http::Uri,
-    options: &WriteOptions,
-    rid: Uuid,
-    body: &B,
-    cmd: WebhookCommand,
-) -> ApiResult<Response> {
-    dispatch(
-        state,
-        principal,
-        Route {
-            method,
-            path: uri.path(),
-        },
-        options,
-        rid,
-        body,
-        |_| Ok(Command::Webhook(cmd)),
-    )
-    .await
 }
