@@ -22,6 +22,7 @@ pub mod error;
 pub mod extract;
 pub mod objects;
 pub mod openapi;
+pub mod paging;
 pub mod ratelimit;
 pub mod realtime;
 pub mod routes;

@@ -9,8 +9,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use commands::chat::{ChatCommand, REPORT_REASONS};
 use serde::{Deserialize, Serialize};
@@ -22,6 +20,7 @@ use crate::auth::Principal;
 use crate::consistency::{AfterPosition, position_header, wait_for};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
+use crate::paging;
 use crate::routes::messages::{MessageView, one};
 use crate::routes::rooms::{MODEL, require_member, room_command};
 use crate::state::AppState;
@@ -109,33 +108,17 @@ async fn require_moderator(state: &AppState, room: Uuid, user: Uuid) -> ApiResul
     }
 }
 
-fn flag_cursor(position: i64) -> String {
-    URL_SAFE_NO_PAD.encode(format!("f1:{position}"))
-}
-
-fn parse_flag_cursor(c: &str) -> ApiResult<i64> {
-    URL_SAFE_NO_PAD
-        .decode(c)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.strip_prefix("f1:")?.parse().ok())
-        .ok_or_else(|| ApiError::field("cursor", "not a cursor of this list"))
-}
-
 /// One page of flags, of one room or of all.
 async fn flag_page(
     state: &AppState,
     room: Option<Uuid>,
     params: &FlagParams,
 ) -> ApiResult<FlagPage> {
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::field("limit", "1 to 100"));
-    }
+    let limit = paging::limit(params.limit)?;
     let before = params
         .cursor
         .as_deref()
-        .map(parse_flag_cursor)
+        .map(|c| paging::parse_cursor("f1", c).map(|(p, _)| p))
         .transpose()?
         .unwrap_or(i64::MAX);
     let source = match params.source.as_deref() {
@@ -163,7 +146,7 @@ async fn flag_page(
     let mut last = None;
     for r in rows.iter().take(limit as usize) {
         let (message_id, room_id): (Uuid, Uuid) = (r.get("message_id"), r.get("room_id"));
-        last = Some(r.get::<i64, _>("position"));
+        last = Some((r.get::<i64, _>("position"), message_id));
         items.push(FlagView {
             message: one(state, room_id, message_id).await?,
             sender: r.get("sender"),
@@ -179,7 +162,9 @@ async fn flag_page(
     }
     Ok(FlagPage {
         items,
-        next: last.filter(|_| more).map(flag_cursor),
+        next: last
+            .filter(|_| more)
+            .map(|(p, id)| paging::cursor("f1", p, id)),
     })
 }
 
@@ -364,16 +349,4 @@ pub async fn admin_flags(
         .await?;
     let page = flag_page(&state, None, &params).await?;
     Ok((position_header(position), Json(page)).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flag_cursors_round_trip_and_foreign_ones_are_refused() {
-        assert_eq!(parse_flag_cursor(&flag_cursor(42)).unwrap(), 42);
-        assert!(parse_flag_cursor("dDE6Yjo0Mg").is_err());
-        assert!(parse_flag_cursor("!!").is_err());
-    }
 }

@@ -4,8 +4,6 @@
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use commands::Command;
 use commands::reminder::ReminderCommand;
@@ -21,6 +19,7 @@ use crate::dispatch::send as command;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
+use crate::paging::{cursor, limit, parse_cursor};
 use crate::ratelimit;
 use crate::routes::rooms::require_member;
 use crate::state::AppState;
@@ -309,31 +308,6 @@ fn view(r: &sqlx::postgres::PgRow) -> ReminderView {
 }
 
 const COLUMNS: &str = "reminder_id, content, next_due_at, local, zone, recurrence, priority, room_id, status, fired, version, created_at";
-
-fn cursor(prefix: &str, a: i64, id: Uuid) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{prefix}:{a}:{id}"))
-}
-
-fn parse_cursor(prefix: &str, c: &str) -> ApiResult<(i64, Uuid)> {
-    URL_SAFE_NO_PAD
-        .decode(c)
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| {
-            let rest = s.strip_prefix(prefix)?.strip_prefix(':')?;
-            let (a, id) = rest.split_once(':')?;
-            Some((a.parse().ok()?, id.parse().ok()?))
-        })
-        .ok_or_else(|| ApiError::field("cursor", "not a cursor of this list"))
-}
-
-fn limit(l: Option<i64>) -> ApiResult<i64> {
-    let l = l.unwrap_or(50);
-    if !(1..=100).contains(&l) {
-        return Err(ApiError::field("limit", "1 to 100"));
-    }
-    Ok(l)
-}
 
 /// Your reminders, oldest first.
 #[utoipa::path(get, path = "/v1/reminders", tag = "reminders", security(("bearer" = [])), params(ListParams),
