@@ -201,11 +201,6 @@ pub async fn rebuild<P: Projector>(
     if !resumed {
         create_shadow(pool, projector, &live, &shadow, options.from.unwrap_or(0)).await?;
     }
-    let parked: Vec<i64> =
-        sqlx::query_scalar("SELECT position FROM proj_deadletters WHERE model = $1")
-            .bind(model)
-            .fetch_all(pool)
-            .await?;
 
     // Fill the shadow up to the head, batch by batch, while everything serves.
     let started = Instant::now();
@@ -219,7 +214,7 @@ pub async fn rebuild<P: Projector>(
         let target = store::head_position(pool).await?;
         let mut tx = pool.begin().await?;
         let batch = options.batch.unwrap_or(BATCH).max(1);
-        let (reached, n) = step(&mut tx, projector, &shadow, &live, target, &parked, batch).await?;
+        let (reached, n) = step(&mut tx, projector, &shadow, &live, target, batch).await?;
         tx.commit().await?;
         let position = reached;
         events += n;
@@ -247,7 +242,7 @@ pub async fn rebuild<P: Projector>(
     }
 
     if options.dry_run {
-        let outcome = compare(pool, projector, &live, &shadow, &parked).await;
+        let outcome = compare(pool, projector, &live, &shadow).await;
         discard(pool, model).await?;
         let (position, tables) = outcome?;
         let rate = events as f64 / started.elapsed().as_secs_f64().max(1e-3);
@@ -263,7 +258,7 @@ pub async fn rebuild<P: Projector>(
     let mut attempt = 0;
     let (position, epoch, n) = loop {
         attempt += 1;
-        match swap(pool, projector, &live, &shadow, &parked).await {
+        match swap(pool, projector, &live, &shadow).await {
             Ok(done) => break done,
             // Readers hold the live tables longer than the lock timeout, or a
             // deadlock with one of them: let them finish and try again.
@@ -422,7 +417,6 @@ async fn step<P: Projector>(
     shadow: &str,
     live: &str,
     target: i64,
-    parked: &[i64],
     batch: i64,
 ) -> anyhow::Result<(i64, u64)> {
     let position: i64 =
@@ -440,6 +434,15 @@ async fn step<P: Projector>(
     } else {
         target
     };
+    // What the live projector parked (or skipped) stays out, as it is out of the live model.
+    let parked: Vec<i64> = sqlx::query_scalar(
+        "SELECT position FROM proj_deadletters WHERE model = $1 AND position > $2 AND position <= $3",
+    )
+    .bind(projector.name())
+    .bind(position)
+    .bind(reached)
+    .fetch_all(&mut *tx)
+    .await?;
     events.retain(|e| !parked.contains(&e.position));
     if !events.is_empty() {
         search_path(&mut *tx, &[shadow, live]).await?;
@@ -466,11 +469,10 @@ async fn catch_up_to<P: Projector>(
     shadow: &str,
     live: &str,
     target: i64,
-    parked: &[i64],
 ) -> anyhow::Result<u64> {
     let mut n = 0;
     loop {
-        let (reached, applied) = step(tx, projector, shadow, live, target, parked, BATCH).await?;
+        let (reached, applied) = step(tx, projector, shadow, live, target, BATCH).await?;
         n += applied;
         if reached >= target {
             return Ok(n);
@@ -484,7 +486,6 @@ async fn swap<P: Projector>(
     projector: &P,
     live: &str,
     shadow: &str,
-    parked: &[i64],
 ) -> anyhow::Result<(i64, i64, u64)> {
     let model = projector.name();
     let mut tx = pool.begin().await?;
@@ -499,7 +500,7 @@ async fn swap<P: Projector>(
     let head: i64 = sqlx::query_scalar("SELECT position FROM event_log_head")
         .fetch_one(&mut *tx)
         .await?;
-    let n = catch_up_to(&mut tx, projector, shadow, live, head, parked).await?;
+    let n = catch_up_to(&mut tx, projector, shadow, live, head).await?;
     let tables = projector.tables();
     let live_tables: Vec<String> = tables
         .iter()
@@ -566,7 +567,6 @@ async fn compare<P: Projector>(
     projector: &P,
     live: &str,
     shadow: &str,
-    parked: &[i64],
 ) -> anyhow::Result<(i64, Vec<TableDiff>)> {
     let model = projector.name();
     for _ in 0..600 {
@@ -589,7 +589,7 @@ async fn compare<P: Projector>(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
-        catch_up_to(&mut tx, projector, shadow, live, checkpoint, parked).await?;
+        catch_up_to(&mut tx, projector, shadow, live, checkpoint).await?;
         let mut diffs = Vec::new();
         for table in projector.tables() {
             let l = format!("{}.{}", ident(live), ident(table));
