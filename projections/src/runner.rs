@@ -173,7 +173,12 @@ impl Runner {
             if checkpoint >= up_to {
                 return Ok(());
             }
-            let until = up_to.min(checkpoint + BATCH);
+            // Go to the head (it only moves by whole transactions), so a batch never
+            // ends inside one command's events, e.g. between a transfer's two legs.
+            let mut until = head.min(checkpoint + BATCH);
+            if until < head {
+                until = command_boundary(&mut tx, checkpoint, until).await?;
+            }
             let events =
                 store::read_range(&mut tx, checkpoint, until, BATCH, Some(projector.domains()))
                     .await?;
@@ -223,4 +228,29 @@ impl Runner {
                 .set(until as f64);
         }
     }
+}
+
+/// The greatest position ≤ `until` (and > `after`) that ends a command's run
+/// of events: when the event after `until` was decided by the same command as
+/// the one at `until`, step back before that command's first event in range.
+/// (A command whose events alone exceed the range keeps `until`.)
+async fn command_boundary(
+    tx: &mut sqlx::PgConnection,
+    after: i64,
+    until: i64,
+) -> Result<i64, sqlx::Error> {
+    let start: Option<i64> = sqlx::query_scalar(
+        "SELECT min(e.position) FROM events e
+         WHERE e.position > $1 AND e.position <= $2
+           AND e.causation_id = (SELECT causation_id FROM events WHERE position = $2 + 1)
+           AND EXISTS (SELECT 1 FROM events x WHERE x.position = $2 AND x.causation_id = e.causation_id)",
+    )
+    .bind(after)
+    .bind(until)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(match start {
+        Some(first) if first - 1 > after => first - 1,
+        _ => until,
+    })
 }

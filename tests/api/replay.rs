@@ -104,21 +104,23 @@ async fn a_rebuild_under_live_writes_swaps_in_a_model_equal_to_a_fresh_rebuild()
             }
         }));
     }
-    // Readers: every read succeeds and sees a whole model: the row counts never
-    // go backwards (a half-built table would have fewer rows). (Σ = 0 is checked
-    // once settled: a projector batch may end between a transfer's two legs.)
+    // Readers: every read succeeds and sees a whole model — Σ = 0 (a batch never
+    // ends between a transfer's two legs), and the row counts never go
+    // backwards (a half-built table would have fewer rows).
     let reader = {
         let (pool, stop) = (app.pool.clone(), stop.clone());
         tokio::spawn(async move {
             let (mut reads, mut max_accounts, mut max_entries) = (0u64, 0i64, 0i64);
             while !stop.load(Ordering::Relaxed) {
-                let (accounts, entries): (i64, i64) = sqlx::query_as(
+                let (accounts, sum, entries): (i64, i64, i64) = sqlx::query_as(
                     "SELECT (SELECT count(*) FROM proj_wallet_accounts),
+                            (SELECT coalesce(sum(posted), 0)::bigint FROM proj_wallet_accounts),
                             (SELECT count(*) FROM proj_wallet_entries)",
                 )
                 .fetch_one(&pool)
                 .await
                 .expect("a read never fails during a rebuild");
+                assert_eq!(sum, 0, "Σ = 0 in every read");
                 assert!(
                     accounts >= max_accounts,
                     "accounts went {max_accounts} → {accounts}"
