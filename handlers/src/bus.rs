@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use chrono::{DateTime, Utc};
 use commands::{Actor, Command};
+use events::trace::{self, TraceContext};
 use events::{Subjects, headers};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -114,10 +115,23 @@ pub fn projector_consumer_config(
 
 /// Create or update both streams. Safe to call from every instance at every start.
 pub async fn ensure_streams(js: &jetstream::Context, subjects: &Subjects) -> anyhow::Result<()> {
-    for config in [
+    ensure_streams_replicated(js, subjects, 0).await
+}
+
+/// [`ensure_streams`] with `replicas` copies of each stream (0: the definitions'
+/// `num_replicas`). A JetStream cluster runs them at 3 (`deploy/cluster/nats/`).
+pub async fn ensure_streams_replicated(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    replicas: usize,
+) -> anyhow::Result<()> {
+    for mut config in [
         commands_stream_config(subjects)?,
         events_stream_config(subjects)?,
     ] {
+        if replicas > 0 {
+            config.num_replicas = replicas;
+        }
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
@@ -162,12 +176,32 @@ pub enum Published {
 
 /// Publish a command to `COMMANDS` and wait for the stream's ack.
 /// An error means it was certainly not stored (no stream, refused).
+/// Its `traceparent` names a span derived from the command id as the sender
+/// (a role's own command); the gateway sends its request span with [`publish_command_in`].
 pub async fn publish_command(
     js: &jetstream::Context,
     subjects: &Subjects,
     envelope: &CommandEnvelope,
     reply_to: &str,
 ) -> anyhow::Result<Published> {
+    publish_command_in(js, subjects, envelope, reply_to, None).await
+}
+
+/// [`publish_command`] as a hop of trace `trace` (the sender's span), whose
+/// trace id should be the envelope's correlation id.
+pub async fn publish_command_in(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    envelope: &CommandEnvelope,
+    reply_to: &str,
+    trace: Option<TraceContext>,
+) -> anyhow::Result<Published> {
+    let trace = trace.unwrap_or_else(|| {
+        TraceContext::new(
+            envelope.correlation_id,
+            trace::publisher_span_id_of(envelope.command_id),
+        )
+    });
     let payload = serde_json::to_vec(envelope).context("encoding a command envelope")?;
     let publish = jetstream::message::PublishMessage::build()
         .message_id(envelope.command_id.to_string())
@@ -176,6 +210,7 @@ pub async fn publish_command(
             headers::REQUEST_ID,
             envelope.correlation_id.to_string().as_str(),
         )
+        .header(headers::TRACEPARENT, trace.to_string().as_str())
         .payload(payload.into());
     let ack = js
         .send_publish(subjects.command(&envelope.command.target()), publish)

@@ -1,13 +1,13 @@
 //! The `mathia` command. See the crate docs of `mathia` and the README.
 
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use mathia::{Config, Roles};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "mathia",
     version,
@@ -46,6 +46,12 @@ enum Cmd {
     Admin {
         #[command(subcommand)]
         action: AdminAction,
+    },
+    /// The configuration: `mathia config check` prints the effective settings
+    /// (secrets redacted) and every problem; exits 1 when there is any.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
     },
     /// Where every stream, consumer, the relay and every projector stands.
     /// Exits 2 when something is behind and not moving.
@@ -102,6 +108,13 @@ enum EventsAction {
 }
 
 #[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the effective configuration and its source (flag, env, file,
+    /// default), secrets redacted, then every problem found.
+    Check,
+}
+
+#[derive(Subcommand)]
 enum AdminAction {
     /// Make the account with this email an admin (from its next login or refresh).
     Grant {
@@ -118,7 +131,40 @@ enum AdminAction {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     mathia::telemetry::init();
-    let cli = Cli::parse();
+    let loaded = mathia::config::load::<Cli>(std::env::args_os().collect());
+    let cli = loaded.parsed;
+    let mut problems = loaded.file_problems;
+    problems.extend(mathia::config::problems(&cli.config));
+    if let Cmd::Config {
+        action: ConfigAction::Check,
+    } = cli.command
+    {
+        print!(
+            "{}",
+            mathia::config::render(&loaded.matches, &loaded.from_file)
+        );
+        if problems.is_empty() {
+            println!("# the configuration is valid");
+            return Ok(());
+        }
+        for p in &problems {
+            eprintln!("problem: {p}");
+        }
+        eprintln!("{} problem(s)", problems.len());
+        std::process::exit(1);
+    }
+    if !problems.is_empty() {
+        // Every problem at once, not the first only.
+        eprintln!(
+            "mathia: the configuration has {} problem(s):",
+            problems.len()
+        );
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        eprintln!("(`mathia config check` prints the effective configuration)");
+        std::process::exit(2);
+    }
     let none = Roles {
         gateway: false,
         handlers: false,
@@ -172,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        Cmd::Config { .. } => return Ok(()),
         Cmd::Serve => Roles::ALL,
         Cmd::Gateway => Roles {
             gateway: true,

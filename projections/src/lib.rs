@@ -23,6 +23,7 @@ pub mod chat;
 pub mod classifier;
 pub mod feed;
 pub mod itinerary;
+pub mod links;
 pub mod reminder;
 pub mod runner;
 pub mod scheduler;

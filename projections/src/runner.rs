@@ -9,6 +9,7 @@ use futures::StreamExt;
 use handlers::{bus, store};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::Projector;
 
@@ -175,7 +176,8 @@ impl Runner {
                 store::read_range(&mut tx, checkpoint, until, BATCH, Some(projector.domains()))
                     .await?;
             if !events.is_empty() {
-                projector.apply(&mut tx, &events).await?;
+                let span = crate::links::batch_span(projector.name(), checkpoint, until, &events);
+                projector.apply(&mut tx, &events).instrument(span).await?;
             }
             sqlx::query(
                 "UPDATE proj_checkpoints SET position = $2, updated_at = now() WHERE model = $1",

@@ -10,6 +10,7 @@ mod input;
 mod itineraries;
 mod moderation;
 mod nats;
+mod observability;
 mod openapi;
 mod realtime;
 mod reminders;
