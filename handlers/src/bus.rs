@@ -113,6 +113,20 @@ pub fn projector_consumer_config(
     Ok(config)
 }
 
+/// Both streams' configurations, with `replicas` copies each (0: the definitions').
+pub fn stream_configs(subjects: &Subjects, replicas: usize) -> anyhow::Result<Vec<stream::Config>> {
+    let mut configs = vec![
+        commands_stream_config(subjects)?,
+        events_stream_config(subjects)?,
+    ];
+    if replicas > 0 {
+        for c in &mut configs {
+            c.num_replicas = replicas;
+        }
+    }
+    Ok(configs)
+}
+
 /// Create or update both streams. Safe to call from every instance at every start.
 pub async fn ensure_streams(js: &jetstream::Context, subjects: &Subjects) -> anyhow::Result<()> {
     ensure_streams_replicated(js, subjects, 0).await
@@ -125,13 +139,7 @@ pub async fn ensure_streams_replicated(
     subjects: &Subjects,
     replicas: usize,
 ) -> anyhow::Result<()> {
-    for mut config in [
-        commands_stream_config(subjects)?,
-        events_stream_config(subjects)?,
-    ] {
-        if replicas > 0 {
-            config.num_replicas = replicas;
-        }
+    for config in stream_configs(subjects, replicas)? {
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
@@ -231,6 +239,34 @@ pub async fn publish_command_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `deploy/cluster/nats/` holds the R3 definitions an operator creates on a
+    /// cluster; they must be the single-node ones with 3 replicas, which is what
+    /// `MATHIA_NATS_REPLICAS=3` makes the code create.
+    #[test]
+    fn the_cluster_definitions_are_the_single_node_ones_at_three_replicas() {
+        let cluster = [
+            include_str!("../../deploy/cluster/nats/COMMANDS.stream.json"),
+            include_str!("../../deploy/cluster/nats/EVENTS.stream.json"),
+        ];
+        let code = stream_configs(&Subjects::default(), 3).unwrap();
+        for (file, made) in cluster.iter().zip(code) {
+            let file: stream::Config = serde_json::from_str(file).unwrap();
+            assert_eq!(file.num_replicas, 3);
+            assert_eq!(
+                serde_json::to_value(&file).unwrap(),
+                serde_json::to_value(&made).unwrap(),
+                "{}",
+                made.name
+            );
+        }
+        assert!(
+            stream_configs(&Subjects::default(), 0)
+                .unwrap()
+                .iter()
+                .all(|c| c.num_replicas == 1)
+        );
+    }
 
     #[test]
     fn the_deploy_definitions_parse_and_follow_the_prefix() {
