@@ -182,3 +182,36 @@ fn an_unreadable_or_malformed_file_is_a_problem_not_a_crash() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not TOML"));
     let _ = std::fs::remove_file(path);
 }
+
+/// The configuration files shipped in deploy/ pass the check: the example, and
+/// the TOML inside the Kubernetes ConfigMap.
+#[test]
+fn the_shipped_configuration_files_are_valid() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let example = format!("{root}/deploy/mathia.example.toml");
+    let manifest = std::fs::read_to_string(format!("{root}/deploy/k8s/mathia.yaml")).unwrap();
+    let configmap: String = manifest
+        .split("mathia.toml: |\n")
+        .nth(1)
+        .expect("the ConfigMap's mathia.toml")
+        .lines()
+        .take_while(|l| l.starts_with("    "))
+        .map(|l| format!("{}\n", &l[4..]))
+        .collect();
+    assert!(configmap.contains("nats_replicas = 3"), "{configmap}");
+    let k8s = file("k8s", &configmap);
+    for path in [std::path::PathBuf::from(example), k8s.clone()] {
+        let out = mathia(
+            &["config", "check"],
+            &[("MATHIA_CONFIG_FILE", path.to_str().unwrap())],
+        );
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(settings(&out).values().any(|(source, _)| source == "file"));
+    }
+    let _ = std::fs::remove_file(k8s);
+}
