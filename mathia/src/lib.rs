@@ -432,12 +432,17 @@ pub fn master_key(config: &Config, roles: Roles) -> anyhow::Result<commands::cry
             "MATHIA_MASTER_KEY is required when a role runs alone (all instances must share it)"
         ),
     };
+    decode_master_key(&encoded, "MATHIA_MASTER_KEY")
+}
+
+/// A master key from its base64 form (`what` names where it came from in errors).
+pub fn decode_master_key(encoded: &str, what: &str) -> anyhow::Result<commands::crypto::Key> {
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&encoded)
-        .context("MATHIA_MASTER_KEY is not valid base64")?;
-    commands::crypto::Key::from_slice(&bytes).context(
-        "MATHIA_MASTER_KEY must be 32 bytes (base64 of 32 random bytes: openssl rand -base64 32)",
-    )
+        .decode(encoded.trim())
+        .with_context(|| format!("{what} is not valid base64"))?;
+    commands::crypto::Key::from_slice(&bytes).with_context(|| {
+        format!("{what} must be 32 bytes (base64 of 32 random bytes: openssl rand -base64 32)")
+    })
 }
 
 fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {

@@ -1,5 +1,6 @@
 //! The `mathia` command. See the crate docs of `mathia` and the README.
 
+use anyhow::Context as _;
 use clap::Subcommand;
 use mathia::{Config, Roles};
 use tokio_util::sync::CancellationToken;
@@ -53,6 +54,12 @@ enum Cmd {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Keys: `rotate-master` re-wraps every room key and webhook secret under a
+    /// new master key (stop every process first; see deploy/RUNBOOK.md).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Where every stream, consumer, the relay and every projector stands.
     /// Exits 2 when something is behind and not moving.
     Status {
@@ -104,6 +111,18 @@ enum EventsAction {
     Show {
         /// A position (e.g. 42) or an event id.
         key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// From MATHIA_MASTER_KEY to the key in --new-key-file, in one transaction;
+    /// idempotent. Then restart everything with the new key.
+    RotateMaster {
+        /// A file holding the new key, base64 of 32 bytes (not a flag value:
+        /// keys stay out of shell history and process lists).
+        #[arg(long)]
+        new_key_file: std::path::PathBuf,
     },
 }
 
@@ -219,6 +238,22 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Cmd::Config { .. } => return Ok(()),
+        Cmd::Keys {
+            action: KeysAction::RotateMaster { new_key_file },
+        } => {
+            let old = mathia::master_key(&cli.config, none)?;
+            let text = std::fs::read_to_string(&new_key_file)
+                .with_context(|| format!("reading {}", new_key_file.display()))?;
+            let new = mathia::decode_master_key(&text, "the new master key")?;
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            let done = handlers::master_key::rotate(&pool, &old, &new).await?;
+            println!(
+                "re-wrapped {} room keys and {} webhook secrets ({} already under the new key); \
+                 now set MATHIA_MASTER_KEY to the new key everywhere and start again",
+                done.room_keys, done.webhook_secrets, done.already_new
+            );
+            return Ok(());
+        }
         Cmd::Serve => Roles::ALL,
         Cmd::Gateway => Roles {
             gateway: true,

@@ -8,6 +8,7 @@ mod chat;
 mod crash;
 mod input;
 mod itineraries;
+mod keys;
 mod moderation;
 mod nats;
 mod observability;
