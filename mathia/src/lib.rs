@@ -1051,6 +1051,22 @@ pub fn render_status(s: &projections::status::Status) -> String {
             );
         }
     }
+    // The handler backlog: commands stored in COMMANDS and not yet decided.
+    if let Some(h) = s
+        .streams
+        .iter()
+        .flat_map(|st| st.consumers.iter())
+        .find(|c| c.name == handlers::bus::HANDLERS)
+    {
+        let _ = writeln!(
+            out,
+            "{:<10} backlog {} commands ({} waiting, {} being decided)",
+            "handlers",
+            h.num_pending + h.num_ack_pending as u64,
+            h.num_pending,
+            h.num_ack_pending
+        );
+    }
     for reason in &s.stuck {
         let _ = writeln!(out, "STUCK: {reason}");
     }

@@ -522,5 +522,20 @@ async fn status_reports_a_stopped_projector_as_stuck() {
     app.settle("wallet").await;
     let status = app.get("/v1/admin/status", Some(&admin)).await;
     assert_eq!(status.status, 200, "{}", status.body);
+    // `mathia status` prints the same picture as a table, with the handler backlog.
+    let js = async_nats::jetstream::new(app.nats.clone());
+    let gathered =
+        projections::status::gather(&app.pool, &js, &app.subjects, Duration::from_secs(60))
+            .await
+            .unwrap();
+    let table = mathia::render_status(&gathered);
+    assert!(table.contains("handlers   backlog 0 commands"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("projector  wallet") && !l.contains("STUCK")),
+        "{table}"
+    );
+    assert!(table.contains("consumer proj-wallet"), "{table}");
     app.stop().await;
 }
