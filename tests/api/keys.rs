@@ -5,7 +5,35 @@ use commands::crypto::Key;
 use handlers::keystore::Keystore;
 use handlers::master_key;
 use mathia_tests::TestApp;
-use serde_json::json;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// `POST /v1/rooms/{room}/keys/rotate` as `token` (the owner); asserts 200.
+pub(crate) async fn rotate_room_key(app: &TestApp, token: &str, room: Uuid) {
+    let r = app
+        .post(
+            &format!("/v1/rooms/{room}/keys/rotate"),
+            Some(token),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Register a webhook endpoint at `url` for `notify.*`; asserts 201, returns the answer (with its secret).
+pub(crate) async fn register_webhook(app: &TestApp, token: &str, url: &str) -> Value {
+    let r = app
+        .post(
+            "/v1/webhooks",
+            Some(token),
+            &json!({"url": url, "filter": ["notify.*"]}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_the_master_key_rewraps_every_room_key_and_webhook_secret() {
@@ -13,26 +41,10 @@ async fn rotating_the_master_key_rewraps_every_room_key_and_webhook_secret() {
     let (_, alice) = app.user("alice@test.local").await;
     let room = super::chat::room(&app, &alice, "ops", "private").await;
     super::chat::say(&app, &alice, room, "before the rotation").await;
-    let rotated = app
-        .post(
-            &format!("/v1/rooms/{room}/keys/rotate"),
-            Some(&alice),
-            &json!({}),
-            &[],
-        )
-        .await;
-    assert_eq!(rotated.status, 200, "{}", rotated.body);
-    let hook = app
-        .post(
-            "/v1/webhooks",
-            Some(&alice),
-            &json!({"url": "http://127.0.0.1:9/hook", "filter": ["notify.*"]}),
-            &[],
-        )
-        .await;
-    assert_eq!(hook.status, 201, "{}", hook.body);
-    let endpoint: uuid::Uuid = hook.body["webhook_id"].as_str().unwrap().parse().unwrap();
-    let secret = hook.body["secret"].as_str().unwrap().to_owned();
+    rotate_room_key(&app, &alice, room).await;
+    let hook = register_webhook(&app, &alice, "http://127.0.0.1:9/hook").await;
+    let endpoint: Uuid = hook["webhook_id"].as_str().unwrap().parse().unwrap();
+    let secret = hook["secret"].as_str().unwrap().to_owned();
     // Every role stops before a rotation (the runbook's first step).
     let groups = std::mem::take(&mut *app.roles.lock().unwrap());
     for g in &groups {

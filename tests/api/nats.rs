@@ -278,15 +278,7 @@ async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
     let wallet = opened.body["wallet_id"].as_str().unwrap().to_owned();
     let room = super::chat::room(&app, &alice, "ops", "private").await;
     super::chat::say(&app, &alice, room, "hello").await;
-    let hook = app
-        .post(
-            "/v1/webhooks",
-            Some(&alice),
-            &json!({"url": "http://127.0.0.1:9/hook", "filter": ["notify.*"]}),
-            &[],
-        )
-        .await;
-    assert_eq!(hook.status, 201, "{}", hook.body);
+    super::keys::register_webhook(&app, &alice, "http://127.0.0.1:9/hook").await;
     for (pattern, sub) in &mut subs {
         let must_see = [
             "evt.wallet.>",

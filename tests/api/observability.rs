@@ -384,26 +384,11 @@ async fn the_audit_log_records_security_actions_and_never_a_secret() {
     );
 
     let room = super::chat::room(&app, &alice, "ops", "private").await;
-    let rotated = app
-        .post(
-            &format!("/v1/rooms/{room}/keys/rotate"),
-            Some(&alice),
-            &json!({}),
-            &[],
-        )
-        .await;
-    assert_eq!(rotated.status, 200, "{}", rotated.body);
-    let hook = app
-        .post(
-            "/v1/webhooks",
-            Some(&alice),
-            &json!({"url": "http://127.0.0.1:9/hook?token=q-s3cr3t", "filter": ["notify.*"]}),
-            &[],
-        )
-        .await;
-    assert_eq!(hook.status, 201, "{}", hook.body);
-    let hook_secret = hook.body["secret"].as_str().unwrap().to_owned();
-    let hook_id = hook.body["webhook_id"].as_str().unwrap().to_owned();
+    super::keys::rotate_room_key(&app, &alice, room).await;
+    let hook =
+        super::keys::register_webhook(&app, &alice, "http://127.0.0.1:9/hook?token=q-s3cr3t").await;
+    let hook_secret = hook["secret"].as_str().unwrap().to_owned();
+    let hook_id = hook["webhook_id"].as_str().unwrap().to_owned();
     let deleted = app
         .call(
             "DELETE",
