@@ -219,6 +219,13 @@ pub fn problems(c: &Config) -> Vec<String> {
         &c.redis_url,
         &["redis", "rediss", "unix", "redis+unix"],
     );
+    if let Some(addr) = &c.metrics_listen
+        && !host_port(addr)
+    {
+        p.push(format!(
+            "MATHIA_METRICS_LISTEN: `{addr}` is not host:port (e.g. 0.0.0.0:9090)"
+        ));
+    }
     if !host_port(&c.listen) {
         p.push(format!(
             "MATHIA_LISTEN: `{}` is not host:port (e.g. 127.0.0.1:8080)",

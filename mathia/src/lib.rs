@@ -265,6 +265,10 @@ pub struct Config {
     /// into its `/metrics` gauges, in ms.
     #[arg(long, env = "MATHIA_METRICS_SAMPLE_MS", default_value_t = 5000)]
     pub metrics_sample_ms: u64,
+    /// In a process without the gateway, serve `/metrics` and `/healthz` here
+    /// (e.g. 0.0.0.0:9090); unset: such a process exports no metrics.
+    #[arg(long, env = "MATHIA_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Replicas of the `COMMANDS` and `EVENTS` streams (1 on a single node, 3 in a
     /// JetStream cluster; consumers follow their stream). 0: keep the definitions' value.
     #[arg(long, env = "MATHIA_NATS_REPLICAS", default_value_t = 0)]
@@ -506,10 +510,22 @@ pub async fn run(
             problems.join("\n  - ")
         );
     }
-    if roles.gateway {
-        // Install the metrics recorder before any role records a figure.
-        gateway::routes::health::prometheus();
-    }
+    // Install the metrics recorder before any role records a figure.
+    let metrics_listener = match (&config.metrics_listen, roles.gateway) {
+        (_, true) => {
+            gateway::routes::health::prometheus();
+            None
+        }
+        (Some(addr), false) => {
+            gateway::routes::health::prometheus();
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("MATHIA_METRICS_LISTEN: cannot listen on {addr}"))?,
+            )
+        }
+        (None, false) => None,
+    };
     let keystore = if roles.gateway || roles.projections || roles.scheduler {
         Some(handlers::keystore::Keystore::new(master_key(
             &config, roles,
@@ -539,6 +555,16 @@ pub async fn run(
             }
         });
     };
+    if let Some(listener) = metrics_listener {
+        let stop = shutdown.clone();
+        spawn(
+            "metrics",
+            Box::pin(gateway::routes::health::serve_metrics(
+                listener,
+                async move { stop.cancelled().await },
+            )),
+        );
+    }
     if roles.handlers {
         let (config, shutdown) = (config.clone(), shutdown.clone());
         spawn(

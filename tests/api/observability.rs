@@ -477,3 +477,64 @@ async fn the_audit_log_records_security_actions_and_never_a_secret() {
     assert_eq!(rotation["detail"]["key_version"], 2);
     app.stop().await;
 }
+
+/// A `handlers` process (no gateway) serves its own `/metrics` and `/healthz`
+/// on `MATHIA_METRICS_LISTEN`: command latency is recorded there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_without_the_gateway_serves_its_own_metrics_and_healthz() {
+    let app = TestApp::spawn_with(mathia_tests::only(true, false, true, true), |_| {}).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = app.config.clone();
+    config.metrics_listen = Some(format!("127.0.0.1:{port}"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handlers = tokio::spawn(mathia::run(
+        config,
+        mathia_tests::only(false, true, false, false),
+        None,
+        stop.clone(),
+    ));
+    let (_, alice) = app.user("alice@test.local").await;
+    let r = app
+        .post(
+            "/v1/wallets",
+            Some(&alice),
+            &json!({"currency": "KES"}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let base = format!("http://127.0.0.1:{port}");
+    let health = app
+        .http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let text = app
+        .http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = parse_metrics(&text);
+    let decided = find(
+        &samples,
+        "mathia_command_seconds_count",
+        &[("outcome", "accepted")],
+    );
+    assert!(
+        decided.iter().map(|s| s.value).sum::<f64>() >= 1.0,
+        "{decided:?}"
+    );
+    stop.cancel();
+    handlers.await.unwrap().unwrap();
+    app.stop().await;
+}
