@@ -8,6 +8,7 @@
 //!   `type` tag; [`wallet::WalletEvent`] and [`chat::ChatEvent`] and [`itinerary::ItineraryEvent`] are the domains.
 //! - [`EventEnvelope`]: an event with its metadata as stored and as published.
 //! - [`Subjects`]: the only place NATS subjects and stream names are built.
+//! - [`trace`]: W3C `traceparent`, and why the trace id is the correlation id.
 #![warn(missing_docs)]
 
 pub mod chat;
@@ -17,6 +18,7 @@ pub mod notify;
 pub mod reminder;
 mod stream_id;
 mod subjects;
+pub mod trace;
 pub mod wallet;
 pub mod webhook;
 

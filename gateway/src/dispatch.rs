@@ -132,11 +132,12 @@ pub async fn dispatch<B: Serialize>(
         command,
         expected_version: options.if_match,
     };
-    let duplicate = match bus::publish_command(
+    let duplicate = match bus::publish_command_in(
         &state.js,
         &state.subjects,
         &envelope,
         &state.reply_subject(command_id),
+        crate::trace::current(),
     )
     .await
     {

@@ -89,6 +89,10 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // The trace id is the correlation id (see `crate::trace`).
+        if let Some(span) = parts.extensions.get::<crate::trace::ServerSpan>() {
+            return Ok(RequestId(span.context.trace_uuid()));
+        }
         let id = parts
             .headers
             .get("x-request-id")

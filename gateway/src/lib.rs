@@ -7,14 +7,17 @@
 //! models. It never writes the event store.
 //!
 //! - [`state`]: [`AppState`], what every handler gets.
+//! - [`audit`]: the audit log of security-relevant actions, secrets redacted.
 //! - [`error`]: the one [`error::ApiError`], rendered as `application/problem+json`.
 //! - [`extract`]: JSON, principal and header extractors that fail as problems.
 //! - [`dispatch`]: the idempotent write path (Idempotency-Key, ledger, waiting).
 //! - [`consistency`]: read-your-writes (`after_position`).
 //! - [`ratelimit`]: per-principal and per-IP limits in Redis.
 //! - [`objects`]: where uploaded files rest (sealed), behind an [`objects::ObjectStore`].
+//! - [`trace`]: W3C trace context at the edge (`traceparent` in and out).
 //! - [`routes`]: one module per resource.
 
+pub mod audit;
 pub mod auth;
 pub mod consistency;
 pub mod dispatch;
@@ -29,6 +32,7 @@ pub mod routes;
 pub mod signals;
 pub mod state;
 pub mod telemetry;
+pub mod trace;
 pub mod travel;
 
 use std::net::SocketAddr;
@@ -65,9 +69,19 @@ pub fn app(state: AppState) -> Router {
                     .map(|m| m.as_str().to_owned())
                     .unwrap_or_default();
                 let request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                tracing::info_span!("http", method = %req.method(), matched_path = %matched, request_id = %request_id)
+                let (trace_id, span_id, parent_span_id) = match req.extensions().get::<trace::ServerSpan>() {
+                    Some(s) => (
+                        s.context.trace_id_hex(),
+                        s.context.span_id_hex(),
+                        s.parent.map(|p| events::trace::TraceContext { span_id: p, ..s.context }.span_id_hex()),
+                    ),
+                    None => (String::new(), String::new(), None),
+                };
+                tracing::info_span!("http", method = %req.method(), matched_path = %matched, request_id = %request_id,
+                    trace_id = %trace_id, span_id = %span_id, parent_span_id = parent_span_id.as_deref())
             }),
         )
+        .layer(axum::middleware::from_fn(trace::middleware))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use chrono::{DateTime, Utc};
 use commands::{Actor, Command};
+use events::trace::{self, TraceContext};
 use events::{Subjects, headers};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -112,12 +113,33 @@ pub fn projector_consumer_config(
     Ok(config)
 }
 
-/// Create or update both streams. Safe to call from every instance at every start.
-pub async fn ensure_streams(js: &jetstream::Context, subjects: &Subjects) -> anyhow::Result<()> {
-    for config in [
+/// Both streams' configurations, with `replicas` copies each (0: the definitions').
+pub fn stream_configs(subjects: &Subjects, replicas: usize) -> anyhow::Result<Vec<stream::Config>> {
+    let mut configs = vec![
         commands_stream_config(subjects)?,
         events_stream_config(subjects)?,
-    ] {
+    ];
+    if replicas > 0 {
+        for c in &mut configs {
+            c.num_replicas = replicas;
+        }
+    }
+    Ok(configs)
+}
+
+/// Create or update both streams. Safe to call from every instance at every start.
+pub async fn ensure_streams(js: &jetstream::Context, subjects: &Subjects) -> anyhow::Result<()> {
+    ensure_streams_replicated(js, subjects, 0).await
+}
+
+/// [`ensure_streams`] with `replicas` copies of each stream (0: the definitions'
+/// `num_replicas`). A JetStream cluster runs them at 3 (`deploy/cluster/nats/`).
+pub async fn ensure_streams_replicated(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    replicas: usize,
+) -> anyhow::Result<()> {
+    for config in stream_configs(subjects, replicas)? {
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
@@ -162,12 +184,32 @@ pub enum Published {
 
 /// Publish a command to `COMMANDS` and wait for the stream's ack.
 /// An error means it was certainly not stored (no stream, refused).
+/// Its `traceparent` names a span derived from the command id as the sender
+/// (a role's own command); the gateway sends its request span with [`publish_command_in`].
 pub async fn publish_command(
     js: &jetstream::Context,
     subjects: &Subjects,
     envelope: &CommandEnvelope,
     reply_to: &str,
 ) -> anyhow::Result<Published> {
+    publish_command_in(js, subjects, envelope, reply_to, None).await
+}
+
+/// [`publish_command`] as a hop of trace `trace` (the sender's span), whose
+/// trace id should be the envelope's correlation id.
+pub async fn publish_command_in(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    envelope: &CommandEnvelope,
+    reply_to: &str,
+    trace: Option<TraceContext>,
+) -> anyhow::Result<Published> {
+    let trace = trace.unwrap_or_else(|| {
+        TraceContext::new(
+            envelope.correlation_id,
+            trace::publisher_span_id_of(envelope.command_id),
+        )
+    });
     let payload = serde_json::to_vec(envelope).context("encoding a command envelope")?;
     let publish = jetstream::message::PublishMessage::build()
         .message_id(envelope.command_id.to_string())
@@ -176,6 +218,7 @@ pub async fn publish_command(
             headers::REQUEST_ID,
             envelope.correlation_id.to_string().as_str(),
         )
+        .header(headers::TRACEPARENT, trace.to_string().as_str())
         .payload(payload.into());
     let ack = js
         .send_publish(subjects.command(&envelope.command.target()), publish)
@@ -196,6 +239,34 @@ pub async fn publish_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `deploy/cluster/nats/` holds the R3 definitions an operator creates on a
+    /// cluster; they must be the single-node ones with 3 replicas, which is what
+    /// `MATHIA_NATS_REPLICAS=3` makes the code create.
+    #[test]
+    fn the_cluster_definitions_are_the_single_node_ones_at_three_replicas() {
+        let cluster = [
+            include_str!("../../deploy/cluster/nats/COMMANDS.stream.json"),
+            include_str!("../../deploy/cluster/nats/EVENTS.stream.json"),
+        ];
+        let code = stream_configs(&Subjects::default(), 3).unwrap();
+        for (file, made) in cluster.iter().zip(code) {
+            let file: stream::Config = serde_json::from_str(file).unwrap();
+            assert_eq!(file.num_replicas, 3);
+            assert_eq!(
+                serde_json::to_value(&file).unwrap(),
+                serde_json::to_value(&made).unwrap(),
+                "{}",
+                made.name
+            );
+        }
+        assert!(
+            stream_configs(&Subjects::default(), 0)
+                .unwrap()
+                .iter()
+                .all(|c| c.num_replicas == 1)
+        );
+    }
 
     #[test]
     fn the_deploy_definitions_parse_and_follow_the_prefix() {

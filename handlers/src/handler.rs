@@ -25,6 +25,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use commands::{Loaded, StateSet};
+use events::trace::{self, TraceContext};
 use events::{StreamId, Subjects, headers};
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -72,6 +73,8 @@ struct Incoming {
     msg: jetstream::Message,
     envelope: CommandEnvelope,
     reply_to: Option<String>,
+    /// The sender's span (the `traceparent` header), our parent.
+    parent: Option<TraceContext>,
 }
 
 impl Handlers {
@@ -170,10 +173,16 @@ impl Handlers {
                         .as_ref()
                         .and_then(|h| h.get(headers::REPLY_TO))
                         .map(|v| v.to_string());
+                    let parent = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(headers::TRACEPARENT))
+                        .and_then(|v| TraceContext::parse(v.as_str()));
                     batch.push(Incoming {
                         msg,
                         envelope,
                         reply_to,
+                        parent,
                     });
                 }
                 Err(e) => {
@@ -217,18 +226,42 @@ impl Handlers {
             } else {
                 "rejected"
             };
-            // One line per command, keyed by the request id the gateway logged: grep it across roles.
-            tracing::debug!(
-                command = inc.envelope.command.name(),
-                command_id = %outcome.command_id,
-                request_id = %inc.envelope.correlation_id,
-                status = outcome.status,
-                position = outcome.position,
-                replayed = outcome.replayed,
-                "command {kind}"
+            // The handler's span for this command continues the sender's trace; its
+            // span id is derived from the command id, so the relay can name it as
+            // the parent of the events' messages (see `events::trace`).
+            let me = TraceContext::new(
+                inc.envelope.correlation_id,
+                trace::span_id_of(inc.envelope.command_id),
             );
+            let span = tracing::info_span!(
+                "handlers.command",
+                command = inc.envelope.command.name(),
+                trace_id = %me.trace_id_hex(),
+                span_id = %me.span_id_hex(),
+                parent_span_id = inc.parent.map(|p| p.span_id_hex()),
+            );
+            // One line per command, keyed by the request id the gateway logged: grep it across roles.
+            span.in_scope(|| {
+                tracing::debug!(
+                    command = inc.envelope.command.name(),
+                    command_id = %outcome.command_id,
+                    request_id = %inc.envelope.correlation_id,
+                    status = outcome.status,
+                    position = outcome.position,
+                    replayed = outcome.replayed,
+                    "command {kind}"
+                )
+            });
             metrics::counter!("mathia_commands_total", "command" => inc.envelope.command.name(), "outcome" => kind)
                 .increment(1);
+            // From the gateway's accepting it to its decision: queueing, deciding, committing.
+            let latency = (Utc::now() - inc.envelope.issued_at)
+                .num_microseconds()
+                .unwrap_or(0)
+                .max(0) as f64
+                / 1e6;
+            metrics::histogram!("mathia_command_seconds", "command" => inc.envelope.command.name(), "outcome" => kind)
+                .record(latency);
             if let Some(reply_to) = &inc.reply_to
                 && let Ok(body) = serde_json::to_vec(&outcome)
                 && let Err(e) = self.client.publish(reply_to.clone(), body.into()).await

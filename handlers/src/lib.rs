@@ -7,6 +7,7 @@
 //! - [`handler`]: the handlers role: pull commands, decide in batches, append, answer, ack.
 //! - [`relay`]: the relay role: publish committed events to `EVENTS` in position order.
 //! - [`keystore`]: wrapped room and message keys, destroyed to erase (crypto-shredding).
+//! - [`master_key`]: re-wrapping the keystore under a new master key.
 //! - [`infra`]: connecting to Postgres and NATS, migrations.
 //!
 //! Data flow: gateway → `COMMANDS` → [`handler`] → Postgres → [`relay`] → `EVENTS` → projections.
@@ -17,6 +18,7 @@ pub mod handler;
 pub mod infra;
 pub mod keystore;
 pub mod ledger;
+pub mod master_key;
 pub mod relay;
 pub mod store;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use events::{EventEnvelope, Subjects, headers};
+use events::{EventEnvelope, Subjects, headers, trace};
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -135,6 +135,13 @@ impl Relay {
                 .header(headers::STREAM_VERSION, e.version.to_string().as_str())
                 .header(headers::EVENT_TYPE, e.event_type.as_str())
                 .header(headers::REQUEST_ID, e.correlation_id.to_string().as_str())
+                // The request's trace, parent = the handler's span for the command.
+                .header(
+                    headers::TRACEPARENT,
+                    trace::for_event(e.correlation_id, e.causation_id)
+                        .to_string()
+                        .as_str(),
+                )
                 .payload(payload.into());
             let ack = self
                 .js

@@ -3,10 +3,13 @@
 //! `mathia serve` runs the gateway, handlers, relay and projections in one
 //! process (the embedded default); `mathia gateway|handlers|relay|projections`
 //! runs one role, so each scales out on its own; `mathia migrate` applies the
-//! migrations. [`Config`] is read from flags and `MATHIA_*` environment variables.
+//! migrations. [`Config`] is read from flags, `MATHIA_*` environment variables
+//! and an optional TOML file, and checked before anything starts ([`config`]).
 
 pub mod bench;
+pub mod config;
 pub mod ops;
+pub mod sampler;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -259,6 +262,22 @@ pub struct Config {
     /// Argon2 memory cost in KiB.
     #[arg(long, env = "MATHIA_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
     pub argon2_memory_kib: u32,
+    /// How often the gateway process samples lags and consumer pending counts
+    /// into its `/metrics` gauges, in ms.
+    #[arg(long, env = "MATHIA_METRICS_SAMPLE_MS", default_value_t = 5000)]
+    pub metrics_sample_ms: u64,
+    /// In a process without the gateway, serve `/metrics` and `/healthz` here
+    /// (e.g. 0.0.0.0:9090); unset: such a process exports no metrics.
+    #[arg(long, env = "MATHIA_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Replicas of the `COMMANDS` and `EVENTS` streams (1 on a single node, 3 in a
+    /// JetStream cluster; consumers follow their stream). 0: keep the definitions' value.
+    #[arg(long, env = "MATHIA_NATS_REPLICAS", default_value_t = 0)]
+    pub nats_replicas: usize,
+    /// A TOML file of settings whose keys are these flags' names (`database_url = "…"`);
+    /// flags and `MATHIA_*` variables override it. See `deploy/mathia.example.toml`.
+    #[arg(long, env = "MATHIA_CONFIG_FILE")]
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -317,7 +336,7 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Infra> {
     let nats = infra::connect_nats(&config.nats_url, name).await?;
     let subjects = Subjects::with_prefix(&config.nats_prefix);
     let js = async_nats::jetstream::new(nats.clone());
-    handlers::bus::ensure_streams(&js, &subjects).await?;
+    handlers::bus::ensure_streams_replicated(&js, &subjects, config.nats_replicas).await?;
     Ok(Infra {
         pool,
         nats,
@@ -418,12 +437,17 @@ pub fn master_key(config: &Config, roles: Roles) -> anyhow::Result<commands::cry
             "MATHIA_MASTER_KEY is required when a role runs alone (all instances must share it)"
         ),
     };
+    decode_master_key(&encoded, "MATHIA_MASTER_KEY")
+}
+
+/// A master key from its base64 form (`what` names where it came from in errors).
+pub fn decode_master_key(encoded: &str, what: &str) -> anyhow::Result<commands::crypto::Key> {
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&encoded)
-        .context("MATHIA_MASTER_KEY is not valid base64")?;
-    commands::crypto::Key::from_slice(&bytes).context(
-        "MATHIA_MASTER_KEY must be 32 bytes (base64 of 32 random bytes: openssl rand -base64 32)",
-    )
+        .decode(encoded.trim())
+        .with_context(|| format!("{what} is not valid base64"))?;
+    commands::crypto::Key::from_slice(&bytes).with_context(|| {
+        format!("{what} must be 32 bytes (base64 of 32 random bytes: openssl rand -base64 32)")
+    })
 }
 
 fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
@@ -479,10 +503,30 @@ pub async fn run(
     listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if roles.gateway {
-        // Install the metrics recorder before any role records a figure.
-        gateway::routes::health::prometheus();
+    let problems = config::problems(&config);
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "the configuration has {} problem(s):\n  - {}",
+            problems.len(),
+            problems.join("\n  - ")
+        );
     }
+    // Install the metrics recorder before any role records a figure.
+    let metrics_listener = match (&config.metrics_listen, roles.gateway) {
+        (_, true) => {
+            gateway::routes::health::prometheus();
+            None
+        }
+        (Some(addr), false) => {
+            gateway::routes::health::prometheus();
+            Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("MATHIA_METRICS_LISTEN: cannot listen on {addr}"))?,
+            )
+        }
+        (None, false) => None,
+    };
     let keystore = if roles.gateway || roles.projections || roles.scheduler {
         Some(handlers::keystore::Keystore::new(master_key(
             &config, roles,
@@ -512,6 +556,16 @@ pub async fn run(
             }
         });
     };
+    if let Some(listener) = metrics_listener {
+        let stop = shutdown.clone();
+        spawn(
+            "metrics",
+            Box::pin(gateway::routes::health::serve_metrics(
+                listener,
+                async move { stop.cancelled().await },
+            )),
+        );
+    }
     if roles.handlers {
         let (config, shutdown) = (config.clone(), shutdown.clone());
         spawn(
@@ -879,6 +933,20 @@ pub async fn run(
         );
     }
     if roles.gateway {
+        // The process that serves /metrics samples everyone's lag into it.
+        let (stop, every) = (
+            shutdown.clone(),
+            Duration::from_millis(config.metrics_sample_ms.max(100)),
+        );
+        let (pool, js, subjects) = (
+            infra.pool.clone(),
+            async_nats::jetstream::new(infra.nats.clone()),
+            infra.subjects.clone(),
+        );
+        spawn(
+            "metrics-sampler",
+            Box::pin(sampler::run(pool, js, subjects, every, stop)),
+        );
         let listener = listener.context("the gateway needs a listener")?;
         let redis_client = redis::Client::open(config.redis_url.as_str())
             .context("MATHIA_REDIS_URL is not a Redis URL")?;
@@ -1028,6 +1096,22 @@ pub fn render_status(s: &projections::status::Status) -> String {
             r.updated_at.to_rfc3339()
         );
     }
+    // The handler backlog: commands stored in COMMANDS and not yet decided.
+    if let Some(h) = s
+        .streams
+        .iter()
+        .flat_map(|st| st.consumers.iter())
+        .find(|c| c.name == handlers::bus::HANDLERS)
+    {
+        let _ = writeln!(
+            out,
+            "{:<10} backlog {} commands ({} waiting, {} being decided)",
+            "handlers",
+            h.num_pending + h.num_ack_pending as u64,
+            h.num_pending,
+            h.num_ack_pending
+        );
+    }
     for reason in &s.stuck {
         let _ = writeln!(out, "STUCK: {reason}");
     }
@@ -1038,7 +1122,16 @@ pub fn render_status(s: &projections::status::Status) -> String {
 pub mod telemetry {
     use tracing_subscriber::EnvFilter;
 
-    /// Structured logs to stderr: `RUST_LOG` filters, `LOG_FORMAT=json` for JSON lines.
+    /// Whether `MATHIA_LOG_FORMAT` (or the older `LOG_FORMAT`) asks for JSON lines.
+    pub fn json_requested() -> bool {
+        std::env::var("MATHIA_LOG_FORMAT")
+            .or_else(|_| std::env::var("LOG_FORMAT"))
+            .is_ok_and(|f| f.trim().eq_ignore_ascii_case("json"))
+    }
+
+    /// Structured logs to stderr: `RUST_LOG` filters, `MATHIA_LOG_FORMAT=json`
+    /// (or `LOG_FORMAT=json`) for JSON lines, one object per event with the
+    /// fields of the spans it happened in (`trace_id`, `span_id`, `request_id`…).
     pub fn init() {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
             EnvFilter::new(
@@ -1048,8 +1141,12 @@ pub mod telemetry {
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr);
-        if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-            let _ = builder.json().try_init();
+        if json_requested() {
+            let _ = builder
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .try_init();
         } else {
             let _ = builder.try_init();
         }

@@ -1,13 +1,14 @@
 //! The `mathia` command. See the crate docs of `mathia` and the README.
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use clap::Subcommand;
 use mathia::{Config, Roles};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "mathia",
     version,
@@ -78,6 +79,18 @@ enum Cmd {
     Deadletters {
         #[command(subcommand)]
         action: DeadlettersAction,
+    },
+    /// The configuration: `mathia config check` prints the effective settings
+    /// (secrets redacted) and every problem; exits 1 when there is any.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Keys: `rotate-master` re-wraps every room key and webhook secret under a
+    /// new master key (stop every process first; see deploy/RUNBOOK.md).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
     },
     /// Where every stream, consumer, the relay and every projector stands.
     /// Exits 2 when something is behind and not moving.
@@ -162,6 +175,25 @@ enum DeadlettersAction {
 }
 
 #[derive(Subcommand)]
+enum KeysAction {
+    /// From MATHIA_MASTER_KEY to the key in --new-key-file, in one transaction;
+    /// idempotent. Then restart everything with the new key.
+    RotateMaster {
+        /// A file holding the new key, base64 of 32 bytes (not a flag value:
+        /// keys stay out of shell history and process lists).
+        #[arg(long)]
+        new_key_file: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the effective configuration and its source (flag, env, file,
+    /// default), secrets redacted, then every problem found.
+    Check,
+}
+
+#[derive(Subcommand)]
 enum AdminAction {
     /// Make the account with this email an admin (from its next login or refresh).
     Grant {
@@ -178,7 +210,40 @@ enum AdminAction {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     mathia::telemetry::init();
-    let cli = Cli::parse();
+    let loaded = mathia::config::load::<Cli>(std::env::args_os().collect());
+    let cli = loaded.parsed;
+    let mut problems = loaded.file_problems;
+    problems.extend(mathia::config::problems(&cli.config));
+    if let Cmd::Config {
+        action: ConfigAction::Check,
+    } = cli.command
+    {
+        print!(
+            "{}",
+            mathia::config::render(&loaded.matches, &loaded.from_file)
+        );
+        if problems.is_empty() {
+            println!("# the configuration is valid");
+            return Ok(());
+        }
+        for p in &problems {
+            eprintln!("problem: {p}");
+        }
+        eprintln!("{} problem(s)", problems.len());
+        std::process::exit(1);
+    }
+    if !problems.is_empty() {
+        // Every problem at once, not the first only.
+        eprintln!(
+            "mathia: the configuration has {} problem(s):",
+            problems.len()
+        );
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        eprintln!("(`mathia config check` prints the effective configuration)");
+        std::process::exit(2);
+    }
     let none = Roles {
         gateway: false,
         handlers: false,
@@ -268,6 +333,23 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "{email} is now {}",
                 if admin { "an admin" } else { "a user" }
+            );
+            return Ok(());
+        }
+        Cmd::Config { .. } => return Ok(()),
+        Cmd::Keys {
+            action: KeysAction::RotateMaster { new_key_file },
+        } => {
+            let old = mathia::master_key(&cli.config, none)?;
+            let text = std::fs::read_to_string(&new_key_file)
+                .with_context(|| format!("reading {}", new_key_file.display()))?;
+            let new = mathia::decode_master_key(&text, "the new master key")?;
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            let done = handlers::master_key::rotate(&pool, &old, &new).await?;
+            println!(
+                "re-wrapped {} room keys and {} webhook secrets ({} already under the new key); \
+                 now set MATHIA_MASTER_KEY to the new key everywhere and start again",
+                done.room_keys, done.webhook_secrets, done.already_new
             );
             return Ok(());
         }

@@ -24,6 +24,7 @@ pub mod classifier;
 pub mod deadletter;
 pub mod feed;
 pub mod itinerary;
+pub mod links;
 pub mod rebuild;
 pub mod reminder;
 pub mod runner;

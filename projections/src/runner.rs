@@ -9,6 +9,7 @@ use futures::StreamExt;
 use handlers::{bus, store};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{Projector, deadletter};
 
@@ -192,8 +193,10 @@ impl Runner {
                         .iter()
                         .cloned()
                         .partition(|e| !held.contains(e.stream_id.as_str()));
+                    let span =
+                        crate::links::batch_span(projector.name(), checkpoint, until, &ready);
                     if !ready.is_empty()
-                        && let Err(e) = projector.apply(&mut tx, &ready).await
+                        && let Err(e) = projector.apply(&mut tx, &ready).instrument(span).await
                     {
                         if deadletter::transient(&e) {
                             return Err(e);

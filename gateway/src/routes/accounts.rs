@@ -107,17 +107,15 @@ async fn audit(
     subject: &str,
     ip: Option<&SocketAddr>,
 ) {
-    let r =
-        sqlx::query("INSERT INTO audit_log (actor, action, subject, ip) VALUES ($1, $2, $3, $4)")
-            .bind(actor)
-            .bind(action)
-            .bind(subject)
-            .bind(ip.map(|a| a.ip().to_string()))
-            .execute(&state.pool)
-            .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, action, "could not write the audit log");
-    }
+    crate::audit::record(
+        &state.pool,
+        actor,
+        action,
+        Some(subject),
+        ip,
+        serde_json::json!({}),
+    )
+    .await;
 }
 
 /// Create an account (role `user`; admins are made with `mathia admin grant`).
@@ -406,13 +404,17 @@ pub async fn logout(
     AppJson(req): AppJson<RefreshRequest>,
 ) -> ApiResult<StatusCode> {
     let hash = auth::token_hash(&req.refresh_token);
-    sqlx::query(
+    let users: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE refresh_tokens SET revoked_at = coalesce(revoked_at, now())
-         WHERE family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)",
+         WHERE family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)
+         RETURNING user_id",
     )
     .bind(&hash)
-    .execute(&state.pool)
+    .fetch_all(&state.pool)
     .await?;
+    if let Some(user) = users.first() {
+        audit(&state, Some(*user), "logout", &user.to_string(), None).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

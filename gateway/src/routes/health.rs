@@ -102,3 +102,22 @@ pub async fn metrics() -> impl IntoResponse {
         prometheus().render(),
     )
 }
+
+/// `/metrics` and `/healthz` alone, for a process without the gateway
+/// (`MATHIA_METRICS_LISTEN`): handlers, relay and projectors record their own
+/// figures (command latency is measured in the handlers), so each process
+/// that does work can be scraped, and probed for liveness.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    prometheus();
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(healthz));
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}

@@ -183,7 +183,19 @@ pub async fn provider_webhook(
         .get("mathia-signature")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    verify_signature(secret.as_bytes(), header, &body, Utc::now().timestamp())?;
+    if let Err(e) = verify_signature(secret.as_bytes(), header, &body, Utc::now().timestamp()) {
+        // A forged or replayed delivery is worth an operator's eye (the header itself is not kept).
+        crate::audit::record(
+            &state.pool,
+            None,
+            "payment_webhook.rejected",
+            Some(&provider),
+            None,
+            serde_json::json!({"reason": "signature"}),
+        )
+        .await;
+        return Err(e);
+    }
     let event: ProviderEvent = serde_json::from_slice(&body)
         .map_err(|e| ApiError::Malformed(format!("not a provider event: {e}")))?;
     let status = match event.kind.as_str() {

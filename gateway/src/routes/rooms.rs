@@ -444,7 +444,19 @@ pub async fn delete_room(
     AppPath(room_id): AppPath<Uuid>,
 ) -> ApiResult<Response> {
     let cmd = ChatCommand::DeleteRoom { room_id };
-    room_command(&state, &principal, "DELETE", &uri, &options, rid, &(), cmd).await
+    let res = room_command(&state, &principal, "DELETE", &uri, &options, rid, &(), cmd).await?;
+    // Crypto-shredding: every key that sealed the room is gone.
+    let subject = room_id.to_string();
+    let detail = serde_json::json!({"keys_destroyed": true});
+    Ok(crate::audit::if_ok(
+        &state.pool,
+        res,
+        principal.user_id,
+        "room.deleted",
+        &subject,
+        detail,
+    )
+    .await)
 }
 
 /// Seal new messages under a new key version; older messages keep theirs (owners).
@@ -471,10 +483,21 @@ pub async fn rotate_key(
         version,
         room_key: Bytes64(wrapped),
     };
-    room_command(
+    let res = room_command(
         &state, &principal, "POST", &uri, &options, rid, &version, cmd,
     )
-    .await
+    .await?;
+    let subject = room_id.to_string();
+    let detail = serde_json::json!({"key_version": version});
+    Ok(crate::audit::if_ok(
+        &state.pool,
+        res,
+        principal.user_id,
+        "room.key_rotated",
+        &subject,
+        detail,
+    )
+    .await)
 }
 
 /// Members of the room (members only); moderators also see bans.

@@ -269,6 +269,15 @@ pub async fn register_webhook(
         .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?;
     let mut answer: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(anyhow::Error::from)?;
+    crate::audit::record(
+        &state.pool,
+        Some(principal.user_id),
+        "webhook.registered",
+        answer["webhook_id"].as_str(),
+        None,
+        serde_json::json!({"url": crate::audit::safe_url(&req.url), "filter": req.filter}),
+    )
+    .await;
     answer["secret"] = secret.into();
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Ok(Response::from_parts(
@@ -383,7 +392,19 @@ pub async fn update_webhook(
         description: req.description.clone(),
         enabled: req.enabled,
     };
-    command(&state, &principal, "PATCH", &uri, &options, rid, &req, cmd).await
+    let res = command(&state, &principal, "PATCH", &uri, &options, rid, &req, cmd).await?;
+    let url = req.url.as_deref().map(crate::audit::safe_url);
+    let subject = endpoint_id.to_string();
+    let detail = serde_json::json!({"url": url, "enabled": req.enabled});
+    Ok(crate::audit::if_ok(
+        &state.pool,
+        res,
+        principal.user_id,
+        "webhook.updated",
+        &subject,
+        detail,
+    )
+    .await)
 }
 
 /// Delete an endpoint: its secret is destroyed and pending deliveries are cancelled.
@@ -400,7 +421,18 @@ pub async fn delete_webhook(
     AppPath(endpoint_id): AppPath<Uuid>,
 ) -> ApiResult<Response> {
     let cmd = WebhookCommand::DeleteWebhook { endpoint_id };
-    command(&state, &principal, "DELETE", &uri, &options, rid, &(), cmd).await
+    let res = command(&state, &principal, "DELETE", &uri, &options, rid, &(), cmd).await?;
+    let subject = endpoint_id.to_string();
+    let detail = serde_json::json!({"secret_destroyed": true});
+    Ok(crate::audit::if_ok(
+        &state.pool,
+        res,
+        principal.user_id,
+        "webhook.deleted",
+        &subject,
+        detail,
+    )
+    .await)
 }
 
 async fn deliveries(
