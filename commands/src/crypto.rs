@@ -164,6 +164,37 @@ pub fn fingerprint(key: &Key, data: &[u8]) -> String {
         .collect()
 }
 
+/// A bearer capability for `id`: hex of `id ‖ HMAC(key, purpose, id)[..16]`
+/// (64 characters, 128 bits a guesser must find). Nothing is stored: the
+/// holder of the key recomputes the MAC to check one ([`open_capability`]).
+pub fn capability(key: &Key, purpose: &str, id: Uuid) -> String {
+    let mac = hmac(key.as_bytes(), &[purpose.as_bytes(), b"\0", id.as_bytes()]);
+    id.as_bytes()
+        .iter()
+        .chain(&mac[..16])
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The id a capability made by [`capability`] names, when its MAC is right
+/// (compared in constant time).
+pub fn open_capability(key: &Key, purpose: &str, token: &str) -> Option<Uuid> {
+    if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let id = Uuid::from_slice(&bytes[..16]).ok()?;
+    let mac = hmac(key.as_bytes(), &[purpose.as_bytes(), b"\0", id.as_bytes()]);
+    let diff = mac[..16]
+        .iter()
+        .zip(&bytes[16..])
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    (diff == 0).then_some(id)
+}
+
 /// Longest prefix indexed per word, in characters; longer query terms are cut to it.
 pub const MAX_PREFIX: usize = 24;
 /// Shortest searchable term, in characters.

@@ -22,6 +22,7 @@ pub mod assistant;
 pub mod chat;
 pub mod classifier;
 pub mod feed;
+pub mod invoice;
 pub mod itinerary;
 pub mod reminder;
 pub mod runner;
