@@ -256,6 +256,24 @@ mod tests {
     }
 
     #[test]
+    fn a_capability_opens_only_under_its_key_and_purpose_and_untouched() {
+        let (k, id) = (Key::random(), Uuid::now_v7());
+        let t = capability(&k, "link", id);
+        assert_eq!(t.len(), 64);
+        assert_eq!(open_capability(&k, "link", &t), Some(id));
+        assert_eq!(open_capability(&k, "other", &t), None);
+        assert_eq!(open_capability(&Key::random(), "link", &t), None);
+        let mut flipped = t.clone().into_bytes();
+        flipped[63] = if flipped[63] == b'0' { b'1' } else { b'0' };
+        assert_eq!(
+            open_capability(&k, "link", &String::from_utf8(flipped).unwrap()),
+            None
+        );
+        assert_eq!(open_capability(&k, "link", "zz"), None);
+        assert_eq!(open_capability(&k, "link", &"é".repeat(32)), None);
+    }
+
+    #[test]
     fn a_prefix_of_any_word_finds_it_and_other_words_do_not() {
         let k = Key::random();
         let idx = index_tokens(&k, "Meet at the Kilimanjaro café, 5pm!");

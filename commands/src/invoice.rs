@@ -1106,3 +1106,220 @@ fn number_and_send(
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Loaded;
+    use crate::aggregate::State;
+    use chrono::NaiveDate;
+
+    fn user(id: Uuid) -> Actor {
+        Actor {
+            user_id: Some(id),
+            role: Role::User,
+        }
+    }
+
+    fn at(y: i32, m: u32, d: u32) -> DateTime<Utc> {
+        NaiveDate::from_ymd_opt(y, m, d)
+            .unwrap()
+            .and_hms_opt(12, 0, 0)
+            .unwrap()
+            .and_utc()
+    }
+
+    fn line(q: i64, p: i64) -> LineInput {
+        LineInput {
+            description: "work".into(),
+            quantity: q,
+            unit_price: p,
+        }
+    }
+
+    /// Decide, then fold the events into `states` as the handler does.
+    fn run(states: &mut StateSet, actor: &Actor, c: InvoiceCommand) -> Result<Decision, Rejection> {
+        for s in c.streams() {
+            if !states.contains(&s) {
+                states.insert(
+                    s.clone(),
+                    Loaded {
+                        version: 0,
+                        state: State::empty_for(&s).unwrap(),
+                    },
+                );
+            }
+        }
+        let d = c.decide(actor, states)?;
+        states.apply(&d.events);
+        Ok(d)
+    }
+
+    fn drafted(states: &mut StateSet, issuer: Uuid, now: DateTime<Utc>) -> Uuid {
+        let id = Uuid::now_v7();
+        run(
+            states,
+            &user(issuer),
+            InvoiceCommand::CreateInvoice {
+                invoice_id: id,
+                client: Client {
+                    name: Some("Acme".into()),
+                    ..Client::default()
+                },
+                currency: "KES".parse().unwrap(),
+                lines: vec![line(3, 200), line(1, 400)],
+                due_at: now + Duration::days(30),
+                memo: None,
+                at: now,
+            },
+        )
+        .unwrap();
+        id
+    }
+
+    #[test]
+    fn totals_are_integer_products_with_overflow_refused() {
+        let (lines, total) = price(&[line(3, 200), line(1, 400), line(2, 0)]).unwrap();
+        assert_eq!(lines[0].amount, 600);
+        assert_eq!(total, 1000);
+        assert!(price(&[]).is_err());
+        assert!(price(&[line(0, 1)]).is_err());
+        assert!(price(&[line(1, -1)]).is_err());
+        assert!(price(&[line(2, 0)]).is_err(), "a total of 0 bills nothing");
+        assert!(price(&[line(MAX_QUANTITY, MAX_AMOUNT)]).is_err());
+        let near = MAX_AMOUNT / 2 + 1;
+        assert!(
+            price(&[line(1, near), line(1, near)]).is_err(),
+            "the sum too"
+        );
+    }
+
+    #[test]
+    fn sends_number_gap_free_per_issuer_and_restart_in_a_new_year_and_refusals_take_nothing() {
+        let (alice, carol) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut states = StateSet::default();
+        let now = at(2026, 12, 30);
+        let send = |states: &mut StateSet, issuer: Uuid, id: Uuid, when: DateTime<Utc>| {
+            run(
+                states,
+                &user(issuer),
+                InvoiceCommand::SendInvoice {
+                    invoice_id: id,
+                    issuer,
+                    at: when,
+                },
+            )
+        };
+        let ids: Vec<Uuid> = (0..3).map(|_| drafted(&mut states, alice, now)).collect();
+        assert_eq!(
+            send(&mut states, alice, ids[0], now).unwrap().answer["number"],
+            "INV-2026-00001"
+        );
+        // Refused: sent twice, someone else's, voided. None takes a number.
+        assert_eq!(
+            send(&mut states, alice, ids[0], now).unwrap_err().code,
+            "invoice_already_sent"
+        );
+        assert_eq!(
+            send(&mut states, carol, ids[1], now).unwrap_err().code,
+            "invoice_not_found"
+        );
+        run(
+            &mut states,
+            &user(alice),
+            InvoiceCommand::VoidInvoice {
+                invoice_id: ids[2],
+                reason: None,
+                at: now,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            send(&mut states, alice, ids[2], now).unwrap_err().code,
+            "invoice_void"
+        );
+        assert_eq!(
+            send(&mut states, alice, ids[1], now).unwrap().answer["number"],
+            "INV-2026-00002"
+        );
+        // Another issuer counts on their own; a new year starts again at 1.
+        let theirs = drafted(&mut states, carol, now);
+        assert_eq!(
+            send(&mut states, carol, theirs, now).unwrap().answer["number"],
+            "INV-2026-00001"
+        );
+        let jan = drafted(&mut states, alice, now);
+        assert_eq!(
+            send(&mut states, alice, jan, at(2027, 1, 2))
+                .unwrap()
+                .answer["number"],
+            "INV-2027-00001"
+        );
+    }
+
+    #[test]
+    fn only_the_scheduler_marks_overdue_and_only_once_past_the_due_time() {
+        let alice = Uuid::now_v7();
+        let mut states = StateSet::default();
+        let now = at(2026, 6, 1);
+        let id = drafted(&mut states, alice, now);
+        let system = Actor {
+            user_id: None,
+            role: Role::System,
+        };
+        let mark = |when| InvoiceCommand::MarkOverdue {
+            invoice_id: id,
+            at: when,
+        };
+        let late = now + Duration::days(31);
+        assert_eq!(
+            run(&mut states, &system, mark(late)).unwrap_err().code,
+            "not_overdue",
+            "a draft"
+        );
+        run(
+            &mut states,
+            &user(alice),
+            InvoiceCommand::SendInvoice {
+                invoice_id: id,
+                issuer: alice,
+                at: now,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            run(&mut states, &user(alice), mark(late))
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert_eq!(
+            run(&mut states, &system, mark(now)).unwrap_err().code,
+            "not_overdue"
+        );
+        assert_eq!(
+            run(&mut states, &system, mark(late)).unwrap().answer["status"],
+            "overdue"
+        );
+        assert_eq!(
+            run(&mut states, &system, mark(late)).unwrap_err().code,
+            "not_overdue"
+        );
+    }
+
+    #[test]
+    fn monthly_runs_count_from_the_first_so_the_31st_stays_at_month_end() {
+        let first = NaiveDate::from_ymd_opt(2027, 1, 31)
+            .unwrap()
+            .and_hms_opt(9, 0, 0)
+            .unwrap();
+        let start = crate::reminder::instant("UTC", first).unwrap();
+        let (l1, _) = next_run("UTC", first, Interval::Monthly, start).unwrap();
+        assert_eq!(l1.date(), NaiveDate::from_ymd_opt(2027, 2, 28).unwrap());
+        let (l2, t2) =
+            next_run("UTC", first, Interval::Monthly, start + Duration::days(30)).unwrap();
+        assert_eq!(l2.date(), NaiveDate::from_ymd_opt(2027, 3, 31).unwrap());
+        let (l3, _) = next_run("UTC", first, Interval::Weekly, t2).unwrap();
+        assert_eq!(l3.date(), NaiveDate::from_ymd_opt(2027, 4, 4).unwrap());
+    }
+}
