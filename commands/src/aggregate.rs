@@ -252,6 +252,27 @@ impl StateSet {
     }
 }
 
+/// given the loaded `states` (streams the command reads start empty);
+/// when `cmd` is decided; then its decision, folded into `states` as the
+/// handler folds it. For the domains' unit tests.
+#[cfg(test)]
+pub(crate) fn decide_and_apply(
+    states: &mut StateSet,
+    actor: &Actor,
+    cmd: impl Into<crate::Command>,
+) -> Result<Decision, Rejection> {
+    let cmd = cmd.into();
+    for s in cmd.streams() {
+        if !states.contains(&s) {
+            let state = State::empty_for(&s).unwrap_or(State::Reader);
+            states.insert(s, Loaded { version: 0, state });
+        }
+    }
+    let d = cmd.decide(actor, states)?;
+    states.apply(&d.events);
+    Ok(d)
+}
+
 /// Who the command acts for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {

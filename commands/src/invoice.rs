@@ -462,6 +462,27 @@ fn not_found() -> Rejection {
     Rejection::new(404, "invoice_not_found", "no such invoice")
 }
 
+/// The issuer (the actor, a person) and the priced lines and total of a
+/// draft or a schedule's template, after the same checks the gateway makes.
+fn issuer_and_priced(
+    actor: &Actor,
+    client: &Client,
+    lines: &[LineInput],
+    memo: &Option<String>,
+) -> Result<(Uuid, Vec<Line>, i64), Rejection> {
+    let Some(issuer) = actor.user_id else {
+        return Err(Rejection::new(
+            403,
+            "forbidden",
+            "invoices are issued by people",
+        ));
+    };
+    let (lines, total) = price(lines).map_err(rejected)?;
+    check_client(client, issuer).map_err(rejected)?;
+    check_memo("memo", memo).map_err(rejected)?;
+    Ok((issuer, lines, total))
+}
+
 fn schedule_not_found() -> Rejection {
     Rejection::new(
         404,
@@ -696,13 +717,6 @@ impl InvoiceCommand {
                 memo,
                 at,
             } => {
-                let Some(issuer) = actor.user_id else {
-                    return Err(Rejection::new(
-                        403,
-                        "forbidden",
-                        "invoices are issued by people",
-                    ));
-                };
                 let stream = invoice_stream(*invoice_id);
                 if states.invoice(&stream).exists {
                     return Err(Rejection::new(
@@ -711,9 +725,7 @@ impl InvoiceCommand {
                         "this invoice id is taken",
                     ));
                 }
-                let (lines, total) = price(lines).map_err(rejected)?;
-                check_client(client, issuer).map_err(rejected)?;
-                check_memo("memo", memo).map_err(rejected)?;
+                let (issuer, lines, total) = issuer_and_priced(actor, client, lines, memo)?;
                 if due_at <= at {
                     return Err(rejected(vec![problem("due_at", "must be in the future")]));
                 }
@@ -904,13 +916,6 @@ impl InvoiceCommand {
                 local,
                 at,
             } => {
-                let Some(issuer) = actor.user_id else {
-                    return Err(Rejection::new(
-                        403,
-                        "forbidden",
-                        "invoices are issued by people",
-                    ));
-                };
                 let stream = schedule_stream(*schedule_id);
                 if states.invoice_schedule(&stream).exists {
                     return Err(Rejection::new(
@@ -919,9 +924,7 @@ impl InvoiceCommand {
                         "this schedule id is taken",
                     ));
                 }
-                let (lines, total) = price(lines).map_err(rejected)?;
-                check_client(client, issuer).map_err(rejected)?;
-                check_memo("memo", memo).map_err(rejected)?;
+                let (issuer, lines, total) = issuer_and_priced(actor, client, lines, memo)?;
                 if !(1..=MAX_DUE_AFTER_SECS).contains(due_after_secs) {
                     return Err(rejected(vec![problem(
                         "due_after_secs",
@@ -1110,8 +1113,6 @@ fn number_and_send(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Loaded;
-    use crate::aggregate::State;
     use chrono::NaiveDate;
 
     fn user(id: Uuid) -> Actor {
@@ -1137,22 +1138,8 @@ mod tests {
         }
     }
 
-    /// Decide, then fold the events into `states` as the handler does.
     fn run(states: &mut StateSet, actor: &Actor, c: InvoiceCommand) -> Result<Decision, Rejection> {
-        for s in c.streams() {
-            if !states.contains(&s) {
-                states.insert(
-                    s.clone(),
-                    Loaded {
-                        version: 0,
-                        state: State::empty_for(&s).unwrap(),
-                    },
-                );
-            }
-        }
-        let d = c.decide(actor, states)?;
-        states.apply(&d.events);
-        Ok(d)
+        crate::aggregate::decide_and_apply(states, actor, c)
     }
 
     fn drafted(states: &mut StateSet, issuer: Uuid, now: DateTime<Utc>) -> Uuid {

@@ -9,12 +9,7 @@ use events::invoice::InvoiceEvent;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-fn snake<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
-    Ok(serde_json::to_value(v)?
-        .as_str()
-        .unwrap_or_default()
-        .to_owned())
-}
+use crate::reminder::snake;
 
 /// Apply one invoice-domain event.
 pub async fn apply(

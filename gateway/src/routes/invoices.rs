@@ -620,6 +620,7 @@ pub async fn send_invoice(
         (status = 401, body = Problem), (status = 404, body = Problem),
         (status = 409, description = "invoice_void, invoice_paid, invoice_has_payments", body = Problem),
         (status = 412, body = Problem), (status = 422, body = Problem)))]
+#[allow(clippy::too_many_arguments)] // axum extractors
 pub async fn void_invoice(
     State(state): State<AppState>,
     principal: Principal,
@@ -712,6 +713,7 @@ async fn pay(
         (status = 401, body = Problem), (status = 404, description = "no such invoice, not billed to you, or you have no wallet in its currency", body = Problem),
         (status = 409, description = "invoice_void, invoice_paid", body = Problem),
         (status = 422, description = "overpayment, insufficient_funds, a limit", body = Problem), (status = 429, body = Problem)))]
+#[allow(clippy::too_many_arguments)] // axum extractors
 pub async fn pay_invoice(
     State(state): State<AppState>,
     principal: Principal,
@@ -769,6 +771,7 @@ pub async fn get_by_link(
         (status = 401, body = Problem), (status = 404, description = "not a payment link, or you have no wallet in its currency", body = Problem),
         (status = 409, description = "invoice_void, invoice_paid", body = Problem),
         (status = 422, description = "overpayment, insufficient_funds, same_wallet, a limit", body = Problem), (status = 429, body = Problem)))]
+#[allow(clippy::too_many_arguments)] // axum extractors
 pub async fn pay_by_link(
     State(state): State<AppState>,
     principal: Principal,
