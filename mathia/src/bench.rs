@@ -214,3 +214,11 @@ impl Server {
         Ok(())
     }
 }
+
+/// The connection string of database `db` on the server of `admin`.
+pub fn db_url(admin: &str, db: &str) -> String {
+    match admin.rsplit_once('/') {
+        Some((base, _)) if base.contains("://") && !base.ends_with('/') => format!("{base}/{db}"),
+        _ => format!("{}/{db}", admin.trim_end_matches('/')),
+    }
+}

@@ -6,6 +6,7 @@
 //! migrations. [`Config`] is read from flags and `MATHIA_*` environment variables.
 
 pub mod bench;
+pub mod ops;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -1008,6 +1009,24 @@ pub fn render_status(s: &projections::status::Status) -> String {
                 c.name, c.num_pending, c.num_ack_pending, c.num_redelivered, c.ack_floor
             );
         }
+    }
+    for d in &s.dead_letters {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<16} parked {:<6} waiting {:<6} streams held {}",
+            "deadletter", d.model, d.parked, d.waiting, d.streams
+        );
+    }
+    for r in &s.rebuilds {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<16} position {:<10} started {} last moved {}",
+            "rebuild",
+            r.model,
+            r.position,
+            r.started_at.to_rfc3339(),
+            r.updated_at.to_rfc3339()
+        );
     }
     for reason in &s.stuck {
         let _ = writeln!(out, "STUCK: {reason}");

@@ -47,6 +47,38 @@ enum Cmd {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// Rebuild a read model (or `all`) from the event log into shadow tables
+    /// while the live ones keep serving, then swap them in atomically.
+    /// Resumes an interrupted rebuild of the same model.
+    Replay {
+        /// wallet, chat, feed, itinerary, reminders, or all (reactors are never rebuilt).
+        model: String,
+        /// Rebuild into shadow, compare with the live model row for row, report
+        /// the differences, swap nothing. Exits 1 when they differ.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start after this position instead of 0 (events up to it are left out).
+        #[arg(long)]
+        from: Option<i64>,
+        /// Throw away an interrupted rebuild of this model and start again.
+        #[arg(long)]
+        restart: bool,
+        /// Stop (resumably) after applying this many events.
+        #[arg(long)]
+        max_events: Option<u64>,
+        /// Drop an interrupted rebuild and exit.
+        #[arg(long, conflicts_with_all = ["dry_run", "from", "restart", "max_events"])]
+        discard: bool,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Events a projector could not apply, parked with their error while the
+    /// later events of their stream wait.
+    Deadletters {
+        #[command(subcommand)]
+        action: DeadlettersAction,
+    },
     /// Where every stream, consumer, the relay and every projector stands.
     /// Exits 2 when something is behind and not moving.
     Status {
@@ -102,6 +134,34 @@ enum EventsAction {
 }
 
 #[derive(Subcommand)]
+enum DeadlettersAction {
+    /// Parked and waiting events, oldest first.
+    List {
+        /// Only this projector.
+        #[arg(long)]
+        projector: Option<String>,
+        /// Include skipped ones.
+        #[arg(long)]
+        all: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the parked event again (after a fix is deployed), then the waiting
+    /// events of its stream in order. Exits 2 if one still fails.
+    Retry {
+        /// The dead letter's id.
+        id: i64,
+    },
+    /// Skip the parked event (it stays listed as skipped) and apply the waiting
+    /// events of its stream in order.
+    Skip {
+        /// The dead letter's id.
+        id: i64,
+    },
+}
+
+#[derive(Subcommand)]
 enum AdminAction {
     /// Make the account with this email an admin (from its next login or refresh).
     Grant {
@@ -152,6 +212,45 @@ async fn main() -> anyhow::Result<()> {
                 print!("{}", mathia::render_status(&status));
             }
             std::process::exit(if status.stuck.is_empty() { 0 } else { 2 });
+        }
+        Cmd::Replay {
+            model,
+            dry_run,
+            from,
+            restart,
+            max_events,
+            discard,
+            json,
+        } => {
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            if discard {
+                return mathia::ops::discard(&pool, &model).await;
+            }
+            let options = projections::rebuild::Options {
+                from,
+                dry_run,
+                restart,
+                max_events,
+                batch: None,
+            };
+            let code = mathia::ops::replay(&cli.config, &pool, &model, &options, json).await?;
+            std::process::exit(code);
+        }
+        Cmd::Deadletters { action } => {
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            return match action {
+                DeadlettersAction::List {
+                    projector,
+                    all,
+                    json,
+                } => mathia::ops::list_deadletters(&pool, projector.as_deref(), all, json).await,
+                DeadlettersAction::Retry { id } => {
+                    mathia::ops::settle_deadletter(&cli.config, &pool, id, false).await
+                }
+                DeadlettersAction::Skip { id } => {
+                    mathia::ops::settle_deadletter(&cli.config, &pool, id, true).await
+                }
+            };
         }
         Cmd::Events { action } => {
             let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;

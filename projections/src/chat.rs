@@ -45,6 +45,21 @@ impl Projector for ChatProjector {
         &[events::chat::DOMAIN]
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "proj_chat_rooms",
+            "proj_chat_members",
+            "proj_chat_email_invites",
+            "proj_chat_messages",
+            "proj_chat_edits",
+            "proj_chat_unread",
+            "proj_chat_search",
+            "proj_chat_flags",
+            "proj_chat_mutes",
+            "proj_chat_notes",
+        ]
+    }
+
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
         // Runs of consecutive main-timeline posts go in set-based (module `posts`).
         let mut run = Vec::new();

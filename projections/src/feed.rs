@@ -53,6 +53,20 @@ impl Projector for FeedProjector {
         ]
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "proj_feed",
+            "proj_feed_floor",
+            "feed_message_rooms",
+            "feed_account_owners",
+        ]
+    }
+
+    fn shadow_seed(&self) -> Option<&'static str> {
+        // A rebuild from position N holds no row at or below N.
+        Some("INSERT INTO proj_feed_floor (position) VALUES ($1)")
+    }
+
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
         let mut rows = Rows::default();
         for env in batch {

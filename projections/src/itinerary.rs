@@ -84,6 +84,15 @@ impl Projector for ItineraryProjector {
         &[events::itinerary::DOMAIN]
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "proj_itineraries",
+            "proj_itinerary_members",
+            "proj_itinerary_items",
+            "proj_itinerary_listings",
+        ]
+    }
+
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
         for env in batch {
             let Event::Itinerary(event) = env.event()? else {

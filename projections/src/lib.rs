@@ -21,9 +21,11 @@
 pub mod assistant;
 pub mod chat;
 pub mod classifier;
+pub mod deadletter;
 pub mod feed;
 pub mod invoice;
 pub mod itinerary;
+pub mod rebuild;
 pub mod reminder;
 pub mod runner;
 pub mod scheduler;
@@ -49,6 +51,19 @@ pub trait Projector: Send + Sync + 'static {
         tx: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// The tables this projector alone writes: what a rebuild recreates in a
+    /// shadow schema and swaps in ([`rebuild`]). Empty (the default) for a
+    /// reactor, whose rows trigger side effects (moderation calls, assistant
+    /// replies, webhook deliveries, trip-room posts): rebuilding it would fire
+    /// them again, so it cannot be rebuilt.
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// SQL run inside a new shadow schema before the first event (`$1` = the
+    /// position the rebuild starts after): rows a migration seeded.
+    fn shadow_seed(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// The position projector `model` has applied (0 if it never ran).

@@ -30,6 +30,10 @@ impl Projector for RemindersProjector {
         &[events::reminder::DOMAIN, events::notify::DOMAIN]
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["proj_reminders", "proj_notifications"]
+    }
+
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
         for env in batch {
             let id: Uuid = env.stream_id.id().parse()?;

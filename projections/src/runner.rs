@@ -10,7 +10,7 @@ use handlers::{bus, store};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::Projector;
+use crate::{Projector, deadletter};
 
 /// Most events applied in one transaction.
 const BATCH: i64 = 2000;
@@ -150,11 +150,14 @@ impl Runner {
     }
 
     /// Apply everything of the projector's domains up to `up_to`, in batches,
-    /// each in one transaction with the checkpoint.
+    /// each in one transaction with the checkpoint. An event that cannot be
+    /// applied is parked (see [`deadletter`]) and only its stream waits.
     pub async fn catch_up<P: Projector>(&self, projector: &P, up_to: i64) -> anyhow::Result<()> {
+        let mut one_by_one = false;
         loop {
             let mut tx = self.pool.begin().await?;
-            // The row lock serialises instances of the same projector.
+            // The row lock serialises instances of the same projector (and
+            // `mathia deadletters`, and the swap of a rebuild).
             let checkpoint: i64 = sqlx::query_scalar(
                 "SELECT position FROM proj_checkpoints WHERE model = $1 FOR UPDATE",
             )
@@ -175,7 +178,36 @@ impl Runner {
                 store::read_range(&mut tx, checkpoint, until, BATCH, Some(projector.domains()))
                     .await?;
             if !events.is_empty() {
-                projector.apply(&mut tx, &events).await?;
+                let mut held = deadletter::held_streams(&mut tx, projector.name()).await?;
+                if one_by_one {
+                    deadletter::apply_one_by_one(&mut tx, projector, &events, &mut held).await?;
+                    one_by_one = false;
+                } else {
+                    let (ready, waiting): (Vec<_>, Vec<_>) = events
+                        .iter()
+                        .cloned()
+                        .partition(|e| !held.contains(e.stream_id.as_str()));
+                    if !ready.is_empty()
+                        && let Err(e) = projector.apply(&mut tx, &ready).await
+                    {
+                        if deadletter::transient(&e) {
+                            return Err(e);
+                        }
+                        // Some event of this batch cannot be applied: roll back and
+                        // go through the same range one event at a time.
+                        tracing::warn!(
+                            projector = projector.name(),
+                            error = format!("{e:#}"),
+                            "batch failed; applying it one event at a time to find the poison event"
+                        );
+                        drop(tx);
+                        one_by_one = true;
+                        continue;
+                    }
+                    for event in &waiting {
+                        deadletter::park(&mut tx, projector.name(), event, None).await?;
+                    }
+                }
             }
             sqlx::query(
                 "UPDATE proj_checkpoints SET position = $2, updated_at = now() WHERE model = $1",

@@ -22,8 +22,38 @@ pub struct Status {
     pub projectors: Vec<Progress>,
     /// JetStream streams and their consumers.
     pub streams: Vec<StreamStatus>,
+    /// Events parked per projector (`mathia deadletters list`).
+    pub dead_letters: Vec<DeadLetters>,
+    /// Rebuilds in progress or interrupted (`mathia replay`).
+    pub rebuilds: Vec<Rebuild>,
     /// Human-readable reasons something is stuck; empty when all is well.
     pub stuck: Vec<String>,
+}
+
+/// The open dead letters of one projector.
+#[derive(Debug, Serialize)]
+pub struct DeadLetters {
+    /// The projector.
+    pub model: String,
+    /// Events that failed.
+    pub parked: i64,
+    /// Later events of their streams, held behind them.
+    pub waiting: i64,
+    /// Streams held.
+    pub streams: i64,
+}
+
+/// A rebuild in progress (or interrupted, waiting to be resumed).
+#[derive(Debug, Serialize)]
+pub struct Rebuild {
+    /// The model.
+    pub model: String,
+    /// The position its shadow tables have reached.
+    pub position: i64,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it last moved.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// The head of the event store.
@@ -181,6 +211,40 @@ pub async fn gather(
             p.name, p.lag_events, p.updated_at
         ));
     }
+    let dead_letters: Vec<DeadLetters> = sqlx::query(
+        "SELECT model, count(*) FILTER (WHERE status = 'parked') AS parked,
+                count(*) FILTER (WHERE status = 'waiting') AS waiting, count(DISTINCT stream_id) AS streams
+         FROM proj_deadletters WHERE status <> 'skipped' GROUP BY model ORDER BY model",
+    )
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|r| DeadLetters {
+        model: r.get("model"),
+        parked: r.get("parked"),
+        waiting: r.get("waiting"),
+        streams: r.get("streams"),
+    })
+    .collect();
+    for d in &dead_letters {
+        stuck.push(format!(
+            "projector {} has {} parked event(s) holding {} stream(s) ({} waiting): see `mathia deadletters list`",
+            d.model, d.parked, d.streams, d.waiting
+        ));
+    }
+    let rebuilds = sqlx::query_as::<_, (String, i64, DateTime<Utc>, DateTime<Utc>)>(
+        "SELECT model, position, started_at, updated_at FROM proj_rebuilds ORDER BY model",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|(model, position, started_at, updated_at)| Rebuild {
+        model,
+        position,
+        started_at,
+        updated_at,
+    })
+    .collect();
     if relays.is_empty() && log.head > 0 {
         stuck.push("no relay has ever run: nothing reaches EVENTS".into());
     }
@@ -189,6 +253,8 @@ pub async fn gather(
         relays,
         projectors,
         streams,
+        dead_letters,
+        rebuilds,
         stuck,
     })
 }

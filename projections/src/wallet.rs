@@ -25,6 +25,15 @@ impl Projector for WalletProjector {
         &[events::wallet::DOMAIN, events::invoice::DOMAIN]
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "proj_wallet_accounts",
+            "proj_wallet_entries",
+            "proj_wallet_holds",
+            "proj_wallet_disputes",
+        ]
+    }
+
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
         // Set-based: one statement per table per batch, whatever the batch size.
         let mut opened = (

@@ -14,6 +14,7 @@ mod nats;
 mod openapi;
 mod realtime;
 mod reminders;
+mod replay;
 mod store;
 mod wallet;
 mod webhooks;

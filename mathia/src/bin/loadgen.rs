@@ -32,6 +32,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use clap::Parser;
 use hdrhistogram::Histogram;
+use mathia::bench::db_url;
 use mathia::{Config, Roles};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -104,13 +105,6 @@ struct Args {
     /// Keep the benchmark's database at the end (to EXPLAIN its queries); prints its name.
     #[arg(long)]
     keep_database: bool,
-}
-
-fn db_url(admin: &str, db: &str) -> String {
-    match admin.rsplit_once('/') {
-        Some((base, _)) if base.contains("://") && !base.ends_with('/') => format!("{base}/{db}"),
-        _ => format!("{}/{db}", admin.trim_end_matches('/')),
-    }
 }
 
 struct Client {
