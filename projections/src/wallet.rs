@@ -31,6 +31,9 @@ impl Projector for WalletProjector {
             "proj_wallet_entries",
             "proj_wallet_holds",
             "proj_wallet_disputes",
+            "proj_invoices",
+            "proj_invoice_payments",
+            "proj_invoice_schedules",
         ]
     }
 
