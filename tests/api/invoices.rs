@@ -828,3 +828,52 @@ async fn a_recurring_schedule_makes_and_sends_its_next_invoice_once_with_two_sch
         .assert_problem(404, "invoice_schedule_not_found");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_payments_never_pay_an_invoice_beyond_its_total() {
+    let app = TestApp::spawn().await;
+    app.start(only(false, true, false, false));
+    let (_, admin) = app.admin().await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    app.funded_wallet(&alice, &admin, 0).await;
+    app.funded_wallet(&bob, &admin, 10_000).await;
+    let id = create(&app, &alice, &draft(bob_id, 3600)).await;
+    app.settle("wallet").await;
+    send(&app, &alice, id).await;
+    app.settle("wallet").await;
+    // Ten payments of 300 race on 1,000 due: three fit, the others are overpayments.
+    let replies = join_all((0..10).map(|i| {
+        let (app, bob) = (&app, bob.clone());
+        async move {
+            app.post(
+                &format!("/v1/invoices/{id}/payments"),
+                Some(&bob),
+                &json!({"amount": 300}),
+                &[("idempotency-key", &format!("race-{i}"))],
+            )
+            .await
+        }
+    }))
+    .await;
+    let ok = replies.iter().filter(|r| r.status == 201).count();
+    let over = replies
+        .iter()
+        .filter(|r| r.status == 422 && r.body["code"] == "overpayment")
+        .count();
+    assert_eq!(
+        (ok, over),
+        (3, 7),
+        "{:?}",
+        replies.iter().map(|r| &r.body).collect::<Vec<_>>()
+    );
+    app.settle("wallet").await;
+    let inv = app.get(&format!("/v1/invoices/{id}"), Some(&alice)).await;
+    assert_eq!(inv.body["amount_paid"], 900);
+    assert_eq!(inv.body["amount_due"], 100);
+    assert_eq!(inv.body["payments"].as_array().unwrap().len(), 3);
+    assert_eq!(posted(&app, &alice).await, 900);
+    assert_eq!(posted(&app, &bob).await, 10_000 - 900);
+    assert_eq!(ledger_sum(&app).await, 0);
+    app.stop().await;
+}
