@@ -295,6 +295,11 @@ async fn partial_then_full_payment_marks_the_invoice_paid_and_moves_money_throug
     assert_eq!(last.body["status"], "paid");
     assert_eq!(last.body["amount_due"], 0);
     pay(1, "pay-3").await.assert_problem(409, "invoice_paid");
+    // A key retried after the invoice moved on still gets its first answer.
+    let late = pay(300, "pay-1").await;
+    assert_eq!(late.status, 201, "{}", late.body);
+    assert_eq!(late.header("idempotent-replayed"), Some("true"));
+    assert_eq!(late.body["amount_paid"], 300);
 
     assert_eq!(
         posted(&app, &alice).await,

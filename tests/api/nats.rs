@@ -52,9 +52,10 @@ async fn streams_consumers_subjects_and_headers_are_what_the_readme_lists() {
     assert_eq!(handlers["config"]["durable_name"], "handlers");
     assert_eq!(handlers["config"]["ack_policy"], "explicit");
     let projector = consumer_info(&app, &events, "proj-wallet").await;
+    // Invoices are part of the wallet model (a payment's legs and its invoice row move together).
     assert_eq!(
-        projector["config"]["filter_subject"],
-        format!("{p}.evt.wallet.>")
+        projector["config"]["filter_subjects"],
+        json!([format!("{p}.evt.wallet.>"), format!("{p}.evt.invoice.>")])
     );
     for chat in ["proj-chat", "proj-screen"] {
         let c = consumer_info(&app, &events, chat).await;

@@ -660,22 +660,9 @@ async fn pay(
         .get::<String, _>("currency")
         .parse()
         .map_err(|e: commands::money::UnknownCurrency| anyhow::anyhow!(e))?;
-    let status: String = row.get("status");
-    let (total, paid): (i64, i64) = (row.get("total"), row.get("amount_paid"));
-    // Refusals the aggregate would make anyway, made before anything is written.
-    if matches!(status.as_str(), "sent" | "overdue") && amount.get() > total - paid {
-        return Err(ApiError::Coded {
-            status: http::StatusCode::UNPROCESSABLE_ENTITY,
-            code: "overpayment".into(),
-            message: format!(
-                "{} {currency} remain due on this invoice; pay at most that",
-                total - paid
-            ),
-            extra: [("amount_due".to_owned(), serde_json::json!(total - paid))]
-                .into_iter()
-                .collect(),
-        });
-    }
+    // No overpayment check here from the read model: the aggregate decides it on
+    // the invoice's current version, and a retried key must get its first answer
+    // (a payment that fitted then may not fit what remains now).
     let cmd = InvoiceCommand::PayInvoice {
         payment_id: Uuid::nil(),
         invoice_id: row.get("invoice_id"),
