@@ -4,7 +4,7 @@ use events::{Event, StreamId};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{chat, itinerary, reminder, wallet, webhook};
+use crate::{chat, invoice, itinerary, reminder, wallet, webhook};
 
 /// The folded state of one stream, by domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,12 @@ pub enum State {
     Inbox,
     /// An outbound webhook endpoint.
     Webhook(webhook::Endpoint),
+    /// An invoice.
+    Invoice(invoice::Invoice),
+    /// An issuer's invoice number counter of one year.
+    InvoiceCounter(invoice::Counter),
+    /// A recurring invoice schedule.
+    InvoiceSchedule(invoice::Schedule),
 }
 
 impl State {
@@ -49,6 +55,13 @@ impl State {
             (events::reminder::DOMAIN, _) => Some(State::Reminder(reminder::Reminder::default())),
             (events::notify::DOMAIN, _) => Some(State::Inbox),
             (events::webhook::DOMAIN, _) => Some(State::Webhook(webhook::Endpoint::default())),
+            (events::invoice::DOMAIN, events::invoice::COUNTER) => {
+                Some(State::InvoiceCounter(invoice::Counter::default()))
+            }
+            (events::invoice::DOMAIN, events::invoice::SCHEDULE) => {
+                Some(State::InvoiceSchedule(invoice::Schedule::default()))
+            }
+            (events::invoice::DOMAIN, _) => Some(State::Invoice(invoice::Invoice::default())),
             _ => None,
         }
     }
@@ -64,6 +77,9 @@ impl State {
             (State::Listing(s), Event::Itinerary(e)) => s.evolve(e),
             (State::Reminder(s), Event::Reminder(e)) => s.evolve(e),
             (State::Webhook(s), Event::Webhook(e)) => s.evolve(e),
+            (State::Invoice(s), Event::Invoice(e)) => s.evolve(e),
+            (State::InvoiceCounter(s), Event::Invoice(e)) => s.evolve(e),
+            (State::InvoiceSchedule(s), Event::Invoice(e)) => s.evolve(e),
             _ => {}
         }
     }
@@ -177,6 +193,39 @@ impl StateSet {
         }
     }
 
+    /// The invoice in `stream`, or an empty (non-existent) one.
+    pub fn invoice(&self, stream: &StreamId) -> invoice::Invoice {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::Invoice(i),
+                ..
+            }) => i.clone(),
+            _ => invoice::Invoice::default(),
+        }
+    }
+
+    /// The invoice number counter in `stream`, or a fresh one (nothing taken).
+    pub fn invoice_counter(&self, stream: &StreamId) -> invoice::Counter {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::InvoiceCounter(c),
+                ..
+            }) => c.clone(),
+            _ => invoice::Counter::default(),
+        }
+    }
+
+    /// The invoice schedule in `stream`, or an empty one.
+    pub fn invoice_schedule(&self, stream: &StreamId) -> invoice::Schedule {
+        match self.streams.get(stream) {
+            Some(Loaded {
+                state: State::InvoiceSchedule(s),
+                ..
+            }) => s.clone(),
+            _ => invoice::Schedule::default(),
+        }
+    }
+
     /// Apply decided events: bump versions, fold. Returns the version each event got.
     pub fn apply(&mut self, events: &[(StreamId, Event)]) -> Vec<i64> {
         events
@@ -201,6 +250,27 @@ impl StateSet {
     pub fn into_inner(self) -> HashMap<StreamId, Loaded> {
         self.streams
     }
+}
+
+/// given the loaded `states` (streams the command reads start empty);
+/// when `cmd` is decided; then its decision, folded into `states` as the
+/// handler folds it. For the domains' unit tests.
+#[cfg(test)]
+pub(crate) fn decide_and_apply(
+    states: &mut StateSet,
+    actor: &Actor,
+    cmd: impl Into<crate::Command>,
+) -> Result<Decision, Rejection> {
+    let cmd = cmd.into();
+    for s in cmd.streams() {
+        if !states.contains(&s) {
+            let state = State::empty_for(&s).unwrap_or(State::Reader);
+            states.insert(s, Loaded { version: 0, state });
+        }
+    }
+    let d = cmd.decide(actor, states)?;
+    states.apply(&d.events);
+    Ok(d)
 }
 
 /// Who the command acts for.

@@ -164,6 +164,37 @@ pub fn fingerprint(key: &Key, data: &[u8]) -> String {
         .collect()
 }
 
+/// A bearer capability for `id`: hex of `id ‖ HMAC(key, purpose, id)[..16]`
+/// (64 characters, 128 bits a guesser must find). Nothing is stored: the
+/// holder of the key recomputes the MAC to check one ([`open_capability`]).
+pub fn capability(key: &Key, purpose: &str, id: Uuid) -> String {
+    let mac = hmac(key.as_bytes(), &[purpose.as_bytes(), b"\0", id.as_bytes()]);
+    id.as_bytes()
+        .iter()
+        .chain(&mac[..16])
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The id a capability made by [`capability`] names, when its MAC is right
+/// (compared in constant time).
+pub fn open_capability(key: &Key, purpose: &str, token: &str) -> Option<Uuid> {
+    if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&token[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let id = Uuid::from_slice(&bytes[..16]).ok()?;
+    let mac = hmac(key.as_bytes(), &[purpose.as_bytes(), b"\0", id.as_bytes()]);
+    let diff = mac[..16]
+        .iter()
+        .zip(&bytes[16..])
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    (diff == 0).then_some(id)
+}
+
 /// Longest prefix indexed per word, in characters; longer query terms are cut to it.
 pub const MAX_PREFIX: usize = 24;
 /// Shortest searchable term, in characters.
@@ -222,6 +253,24 @@ mod tests {
         assert_eq!(unwrap(&master, b"room:a:v1", &w).unwrap(), room);
         assert!(unwrap(&master, b"room:a:v2", &w).is_err());
         assert!(unwrap(&Key::random(), b"room:a:v1", &w).is_err());
+    }
+
+    #[test]
+    fn a_capability_opens_only_under_its_key_and_purpose_and_untouched() {
+        let (k, id) = (Key::random(), Uuid::now_v7());
+        let t = capability(&k, "link", id);
+        assert_eq!(t.len(), 64);
+        assert_eq!(open_capability(&k, "link", &t), Some(id));
+        assert_eq!(open_capability(&k, "other", &t), None);
+        assert_eq!(open_capability(&Key::random(), "link", &t), None);
+        let mut flipped = t.clone().into_bytes();
+        flipped[63] = if flipped[63] == b'0' { b'1' } else { b'0' };
+        assert_eq!(
+            open_capability(&k, "link", &String::from_utf8(flipped).unwrap()),
+            None
+        );
+        assert_eq!(open_capability(&k, "link", "zz"), None);
+        assert_eq!(open_capability(&k, "link", &"é".repeat(32)), None);
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod aggregate;
 pub mod assistant;
 pub mod chat;
 pub mod crypto;
+pub mod invoice;
 pub mod itinerary;
 pub mod money;
 pub mod reminder;
@@ -39,6 +40,8 @@ pub enum Command {
     Reminder(reminder::ReminderCommand),
     /// Outbound webhook endpoints.
     Webhook(webhook::WebhookCommand),
+    /// Invoices and recurring invoice schedules.
+    Invoice(invoice::InvoiceCommand),
 }
 
 macro_rules! from_domain {
@@ -57,6 +60,7 @@ from_domain!(
     Itinerary(itinerary::ItineraryCommand),
     Reminder(reminder::ReminderCommand),
     Webhook(webhook::WebhookCommand),
+    Invoice(invoice::InvoiceCommand),
 );
 
 impl Command {
@@ -68,6 +72,7 @@ impl Command {
             Command::Itinerary(c) => c.name(),
             Command::Reminder(c) => c.name(),
             Command::Webhook(c) => c.name(),
+            Command::Invoice(c) => c.name(),
         }
     }
 
@@ -79,6 +84,7 @@ impl Command {
             Command::Itinerary(c) => c.target(),
             Command::Reminder(c) => c.target(),
             Command::Webhook(c) => c.target(),
+            Command::Invoice(c) => c.target(),
         }
     }
 
@@ -90,6 +96,7 @@ impl Command {
             Command::Itinerary(c) => c.streams(),
             Command::Reminder(c) => c.streams(),
             Command::Webhook(c) => c.streams(),
+            Command::Invoice(c) => c.streams(),
         }
     }
 
@@ -102,6 +109,7 @@ impl Command {
             Command::Itinerary(c) => c.decide(actor, states),
             Command::Reminder(c) => c.decide(actor, states),
             Command::Webhook(c) => c.decide(actor, states),
+            Command::Invoice(c) => c.decide(actor, states),
         }
     }
 }

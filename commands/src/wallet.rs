@@ -1929,7 +1929,7 @@ fn legs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Loaded, State};
+    use crate::State;
 
     fn user(id: Uuid) -> Actor {
         Actor {
@@ -1948,20 +1948,7 @@ mod tests {
         actor: &Actor,
         cmd: WalletCommand,
     ) -> Result<Decision, Rejection> {
-        for s in cmd.streams() {
-            if !states.contains(&s) {
-                states.insert(
-                    s.clone(),
-                    Loaded {
-                        version: 0,
-                        state: State::empty_for(&s).unwrap(),
-                    },
-                );
-            }
-        }
-        let d = cmd.decide(actor, states)?;
-        states.apply(&d.events);
-        Ok(d)
+        crate::aggregate::decide_and_apply(states, actor, cmd)
     }
 
     fn funded(states: &mut StateSet, owner: Uuid, amount: i64) -> Uuid {

@@ -13,6 +13,7 @@
 
 pub mod chat;
 mod envelope;
+pub mod invoice;
 pub mod itinerary;
 pub mod notify;
 pub mod reminder;
@@ -47,6 +48,8 @@ pub enum Event {
     Notify(notify::NotifyEvent),
     /// Outbound webhook endpoints.
     Webhook(webhook::WebhookEvent),
+    /// Invoices, their number counters and recurring schedules.
+    Invoice(invoice::InvoiceEvent),
 }
 
 /// Errors turning stored bytes back into a typed event.
@@ -75,6 +78,7 @@ impl Event {
             Event::Reminder(e) => e.event_type(),
             Event::Notify(e) => e.event_type(),
             Event::Webhook(e) => e.event_type(),
+            Event::Invoice(e) => e.event_type(),
         }
     }
 
@@ -92,6 +96,7 @@ impl Event {
             Event::Reminder(_) => reminder::DOMAIN,
             Event::Notify(_) => notify::DOMAIN,
             Event::Webhook(_) => webhook::DOMAIN,
+            Event::Invoice(_) => invoice::DOMAIN,
         }
     }
 
@@ -123,6 +128,9 @@ impl Event {
             )),
             webhook::DOMAIN => Ok(Event::Webhook(
                 webhook::WebhookEvent::deserialize(payload).map_err(payload_err)?,
+            )),
+            invoice::DOMAIN => Ok(Event::Invoice(
+                invoice::InvoiceEvent::deserialize(payload).map_err(payload_err)?,
             )),
             other => Err(DecodeError::UnknownDomain(other.to_owned())),
         }

@@ -8,8 +8,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::routes::{
-    accounts, admin, attachments, commands, health, itineraries, messages, moderation, notes,
-    payments, reminders, rooms, sync, wallets, webhooks, ws,
+    accounts, admin, attachments, commands, health, invoices, itineraries, messages, moderation,
+    notes, payments, reminders, rooms, sync, wallets, webhooks, ws,
 };
 use crate::state::AppState;
 
@@ -25,7 +25,7 @@ use crate::state::AppState;
     modifiers(&Bearer),
     tags(
         (name = "accounts", description = "Register, log in, tokens"),
-        (name = "wallet", description = "Double-entry wallets: open, deposit, transfer, withdraw, holds (post, void, expiry), limits, balances, history"),
+        (name = "wallet", description = "Double-entry wallets: open, deposit, transfer, withdraw, holds (post, void, expiry), limits, balances, history; invoices (gap-free numbers, payments, payment links, recurring schedules)"),
         (name = "chat", description = "Rooms, members, messages (sealed at rest), threads, receipts, unread counts, search, moderation, notes"),
         (name = "itineraries", description = "Trips with typed reservations in local time + IANA zone, sharing, day plan, budget, conflicts, trip room, events catalogue, travel search"),
         (name = "commands", description = "Poll a command answered 202"),
@@ -87,6 +87,16 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(wallets::get_hold))
         .routes(routes!(wallets::post_hold))
         .routes(routes!(wallets::void_hold))
+        .routes(routes!(invoices::create_invoice, invoices::list_invoices))
+        .routes(routes!(invoices::get_invoice))
+        .routes(routes!(invoices::send_invoice))
+        .routes(routes!(invoices::void_invoice))
+        .routes(routes!(invoices::pay_invoice))
+        .routes(routes!(invoices::get_by_link))
+        .routes(routes!(invoices::pay_by_link))
+        .routes(routes!(invoices::create_schedule))
+        .routes(routes!(invoices::get_schedule))
+        .routes(routes!(invoices::cancel_schedule))
         .routes(routes!(rooms::create_room, rooms::list_rooms))
         .routes(routes!(rooms::public_rooms))
         .routes(routes!(

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod attachments;
 pub mod commands;
 pub mod health;
+pub mod invoices;
 pub mod itineraries;
 pub mod messages;
 pub mod moderation;

@@ -14,6 +14,8 @@ use commands::crypto::{self, Key};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+const INVOICE_LINK: &str = "mathia invoice payment link v1";
+
 /// A room's keys as a writer needs them.
 #[derive(Debug, Clone)]
 pub struct RoomKeys {
@@ -59,6 +61,16 @@ impl Keystore {
         let mut out = s.nonce.0;
         out.extend_from_slice(&s.ct.0);
         out
+    }
+
+    /// The payment link token of `invoice` (nothing stored; see [`crypto::capability`]).
+    pub fn invoice_link(&self, invoice: Uuid) -> String {
+        crypto::capability(&self.master, INVOICE_LINK, invoice)
+    }
+
+    /// The invoice a payment link token names, if it is one of ours.
+    pub fn open_invoice_link(&self, token: &str) -> Option<Uuid> {
+        crypto::open_capability(&self.master, INVOICE_LINK, token)
     }
 
     /// The signing secret of `endpoint`; none once the endpoint is deleted.

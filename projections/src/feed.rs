@@ -83,7 +83,10 @@ impl Projector for FeedProjector {
                     }
                     rows.push(user_topic(user), env, payload);
                 }
-                Event::Itinerary(_) | Event::Reminder(_) | Event::Webhook(_) => {}
+                Event::Itinerary(_)
+                | Event::Reminder(_)
+                | Event::Webhook(_)
+                | Event::Invoice(_) => {}
             }
         }
         rows.write(tx).await

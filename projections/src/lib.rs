@@ -23,6 +23,7 @@ pub mod chat;
 pub mod classifier;
 pub mod deadletter;
 pub mod feed;
+pub mod invoice;
 pub mod itinerary;
 pub mod links;
 pub mod rebuild;

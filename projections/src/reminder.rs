@@ -13,7 +13,8 @@ use crate::Projector;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RemindersProjector;
 
-fn snake<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
+/// A unit enum's serde name (`daily`, `high`): what the read models store.
+pub(crate) fn snake<T: serde::Serialize>(v: &T) -> anyhow::Result<String> {
     Ok(serde_json::to_value(v)?
         .as_str()
         .unwrap_or_default()

@@ -1,6 +1,8 @@
 //! The scheduler role: fires due work. Due work is state derived from events
-//! (`proj_reminders.next_due_at`, kept by projector `reminders`); firing is a
-//! command like any other (`reminder.FireReminder`, from the system actor).
+//! (`proj_reminders.next_due_at`, kept by projector `reminders`; overdue
+//! invoices and recurring invoice runs, kept by projector `wallet`); firing is
+//! a command like any other (`reminder.FireReminder`, `invoice.MarkOverdue`,
+//! `invoice.RunSchedule`, from the system actor).
 //!
 //! Exactly once, with any number of schedulers and restarts: the command names
 //! the occurrence it fires and its id is derived from (reminder, occurrence), so
@@ -129,6 +131,16 @@ impl Scheduler {
                 );
             }
             published.insert(id, (due, std::time::Instant::now()));
+        }
+        // Invoices: overdue marks and recurring runs (see `crate::invoice::due_work`).
+        let now = Utc::now();
+        for envelope in crate::invoice::due_work(&self.pool, now).await? {
+            let id = envelope.command_id;
+            if published.contains_key(&id) {
+                continue;
+            }
+            acks.push(self.publish(envelope));
+            published.insert(id, (now, std::time::Instant::now()));
         }
         let n = acks.len();
         for a in futures::future::join_all(acks).await {

@@ -1,6 +1,7 @@
 //! The wallet read models: `proj_wallet_accounts` (balances: posted, pending,
 //! limits), `proj_wallet_entries` (one row per ledger leg, the history) and
-//! `proj_wallet_holds` (pending transfers; the expiry scheduler reads it).
+//! `proj_wallet_holds` (pending transfers; the expiry scheduler reads it), and
+//! the invoices ([`crate::invoice`]).
 
 use std::collections::BTreeMap;
 
@@ -21,7 +22,7 @@ impl Projector for WalletProjector {
     }
 
     fn domains(&self) -> &'static [&'static str] {
-        &[events::wallet::DOMAIN]
+        &[events::wallet::DOMAIN, events::invoice::DOMAIN]
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -30,6 +31,9 @@ impl Projector for WalletProjector {
             "proj_wallet_entries",
             "proj_wallet_holds",
             "proj_wallet_disputes",
+            "proj_invoices",
+            "proj_invoice_payments",
+            "proj_invoice_schedules",
         ]
     }
 
@@ -47,8 +51,13 @@ impl Projector for WalletProjector {
         // Last (version, posted, pending, time) per account in this batch.
         let mut balances: BTreeMap<Uuid, Balance> = BTreeMap::new();
         for env in batch {
-            let Event::Wallet(event) = env.event()? else {
-                continue;
+            let event = match env.event()? {
+                Event::Wallet(e) => e,
+                Event::Invoice(e) => {
+                    crate::invoice::apply(tx, env, e).await?;
+                    continue;
+                }
+                _ => continue,
             };
             match event {
                 WalletEvent::AccountOpened {

@@ -7,6 +7,7 @@ mod attachments;
 mod chat;
 mod crash;
 mod input;
+mod invoices;
 mod itineraries;
 mod keys;
 mod moderation;

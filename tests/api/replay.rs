@@ -15,7 +15,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 /// A dry run against the live model: every table identical.
-async fn assert_live_equals_a_fresh_rebuild(app: &TestApp) {
+pub(crate) async fn assert_live_equals_a_fresh_rebuild(app: &TestApp) {
     let outcome = rebuild::rebuild(
         &app.pool,
         &WalletProjector,

@@ -5,7 +5,7 @@ use mathia_tests::{Parties, TestApp, only};
 use serde_json::json;
 
 /// Σ over every ledger account, from the event store (each account's last balance_after).
-async fn ledger_sum(app: &TestApp) -> i64 {
+pub(crate) async fn ledger_sum(app: &TestApp) -> i64 {
     sqlx::query_scalar::<_, Option<i64>>(
         "SELECT sum(b)::bigint FROM (
             SELECT DISTINCT ON (stream_id) (payload->>'balance_after')::bigint AS b

@@ -1070,7 +1070,7 @@ pub async fn set_limits(
 
 /// The configured fee on a transfer of `amount`: fixed + amount × bps / 10,000,
 /// rounded down in integer minor units; none when it comes to 0.
-fn transfer_fee(state: &AppState, amount: Amount) -> Option<Amount> {
+pub(crate) fn transfer_fee(state: &AppState, amount: Amount) -> Option<Amount> {
     let proportional =
         (i128::from(amount.get()) * i128::from(state.settings.wallet_fee_bps) / 10_000) as i64;
     let fee = state
