@@ -288,7 +288,7 @@ pub async fn rebuild<P: Projector>(
 pub async fn discard(pool: &PgPool, model: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS {} CASCADE",
+        "SET LOCAL client_min_messages = warning; DROP SCHEMA IF EXISTS {} CASCADE",
         ident(&shadow_schema(model))
     )))
     .execute(&mut *tx)
@@ -313,7 +313,7 @@ async fn create_shadow<P: Projector>(
     let model = projector.name();
     let mut tx = pool.begin().await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}",
+        "SET LOCAL client_min_messages = warning; DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}",
         ident(shadow)
     )))
     .execute(&mut *tx)
@@ -514,7 +514,7 @@ async fn swap<P: Projector>(
     .await?;
     let retired = retired_schema(model);
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}",
+        "SET LOCAL client_min_messages = warning; DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}",
         ident(&retired)
     )))
     .execute(&mut *tx)
@@ -545,7 +545,7 @@ async fn swap<P: Projector>(
         .execute(&mut *tx)
         .await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA {} CASCADE; DROP SCHEMA {}",
+        "SET LOCAL client_min_messages = warning; DROP SCHEMA {} CASCADE; DROP SCHEMA {}",
         ident(&retired),
         ident(shadow)
     )))
