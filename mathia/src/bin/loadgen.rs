@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use base64::Engine as _;
 use clap::Parser;
+use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use mathia::bench::db_url;
 use mathia::{Config, Roles};
@@ -46,6 +47,9 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// Setup requests (registrations, wallets, trips, limits) in flight at once.
+const SETUP_IN_FLIGHT: usize = 64;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -692,7 +696,9 @@ async fn main() -> anyhow::Result<()> {
         .as_str()
         .context("admin login")?
         .to_owned();
-    let setup = futures::future::join_all((0..args.wallets).map(|i| {
+    // At most SETUP_IN_FLIGHT at once: on a busy machine a thousand at a time
+    // outwait the command timeout (answered 202, no wallet id).
+    let setup = futures::stream::iter(0..args.wallets).map(|i| {
         let client = client.clone();
         let admin_token = admin_token.clone();
         async move {
@@ -722,7 +728,10 @@ async fn main() -> anyhow::Result<()> {
                     None,
                 )
                 .await?;
-            let wallet: Uuid = w["wallet_id"].as_str().context("wallet")?.parse()?;
+            let wallet: Uuid = w["wallet_id"]
+                .as_str()
+                .with_context(|| format!("opening a wallet answered {w}"))?
+                .parse()?;
             let (s, _) = client
                 .post(
                     &format!("/v1/wallets/{wallet}/deposits"),
@@ -739,8 +748,8 @@ async fn main() -> anyhow::Result<()> {
                 user,
             })
         }
-    }))
-    .await;
+    });
+    let setup: Vec<anyhow::Result<Wallet>> = setup.buffered(SETUP_IN_FLIGHT).collect().await;
     let wallets: Arc<Vec<Wallet>> = Arc::new(setup.into_iter().collect::<anyhow::Result<_>>()?);
 
     if let Some(path) = &args.probe {

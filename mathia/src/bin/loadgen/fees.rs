@@ -22,12 +22,13 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use mathia::{Config, Roles};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Client, Load, Wallet, transfer, verdict, write_phase};
+use super::{Client, Load, SETUP_IN_FLIGHT, Wallet, transfer, verdict, write_phase};
 
 /// Issue 7's target: fee transfers/s ÷ plain transfers/s.
 const RATIO_TARGET: f64 = 0.7;
@@ -87,20 +88,23 @@ impl Fees {
             "setting a daily spend limit of {DAILY_LIMIT} on {} wallets…",
             wallets.len()
         );
-        let set = futures::future::join_all(wallets.iter().map(|w| async move {
-            let (s, b) = client
-                .send(
-                    reqwest::Method::PUT,
-                    &format!("/v1/wallets/{}/limits", w.wallet),
-                    Some(&w.token),
-                    &json!({"daily_spend_limit": DAILY_LIMIT}),
-                    Some(&Uuid::now_v7().to_string()),
-                )
-                .await?;
-            anyhow::ensure!(s == 200, "setting limits answered {s}: {b}");
-            anyhow::Ok(())
-        }))
-        .await;
+        let set: Vec<anyhow::Result<()>> = futures::stream::iter(wallets.iter())
+            .map(|w| async move {
+                let (s, b) = client
+                    .send(
+                        reqwest::Method::PUT,
+                        &format!("/v1/wallets/{}/limits", w.wallet),
+                        Some(&w.token),
+                        &json!({"daily_spend_limit": DAILY_LIMIT}),
+                        Some(&Uuid::now_v7().to_string()),
+                    )
+                    .await?;
+                anyhow::ensure!(s == 200, "setting limits answered {s}: {b}");
+                anyhow::Ok(())
+            })
+            .buffer_unordered(SETUP_IN_FLIGHT)
+            .collect()
+            .await;
         set.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
 
         let (payer, payee) = (&wallets[0], &wallets[1]);

@@ -4,7 +4,7 @@
 //! everything written through the API (the handlers decide it, the `itinerary`
 //! projector builds the read model, so the rows are what the system writes):
 //! 1. **Trips**: one itinerary per funded user (1,000); the first user gets
-//!    `--itinerary-list` in all (default 10,000), created 64 at a time; ten
+//!    `--itinerary-list` in all (default 10,000), created 64 at a time like all the setup; ten
 //!    users get a second trip of [`DETAIL_ITEMS`] typed items (flights across
 //!    zones and midnight, hotels, trains, buses, events, …, with prices,
 //!    providers and booking references). Then the read tables are
@@ -37,7 +37,8 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use super::{
-    Client, Load, Reader, Sample, Wallet, caught_up, read_phase, report_reads, verdict, write_phase,
+    Client, Load, Reader, SETUP_IN_FLIGHT, Sample, Wallet, caught_up, read_phase, report_reads,
+    verdict, write_phase,
 };
 
 /// Trips read by the detail phase, and the items in each.
@@ -45,8 +46,6 @@ const DETAIL_TRIPS: usize = 10;
 const DETAIL_ITEMS: usize = 100;
 /// Issue 5's target for both reads.
 const READ_P99_TARGET_MS: f64 = 10.0;
-/// Creations in flight while seeding the long list.
-const SEED_CONCURRENCY: usize = 64;
 /// Where the trips happen: no DST change in any of them in January.
 const ZONES: [&str; 6] = [
     "Africa/Nairobi",
@@ -171,28 +170,26 @@ pub async fn prepare(
     );
     let started = Instant::now();
     eprintln!("creating one itinerary per user ({})…", wallets.len());
-    let trips: Vec<Uuid> = futures::future::join_all(
-        wallets
-            .iter()
-            .enumerate()
-            .map(|(i, w)| create(client, w, i)),
-    )
-    .await
-    .into_iter()
-    .collect::<anyhow::Result<_>>()?;
+    let trips: Vec<Uuid> = futures::stream::iter(wallets.iter().enumerate())
+        .map(|(i, w)| create(client, w, i))
+        .buffered(SETUP_IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
 
     eprintln!("creating {} more for the list user…", list - 1);
     let seeding = Instant::now();
     let mut listed: Vec<Uuid> = futures::stream::iter(1..list)
         .map(|n| create(client, &wallets[0], n))
-        .buffer_unordered(SEED_CONCURRENCY)
+        .buffer_unordered(SETUP_IN_FLIGHT)
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect::<anyhow::Result<_>>()?;
     listed.push(trips[0]);
     eprintln!(
-        "  {} itineraries in {:.1} s ({:.0}/s through the API, {SEED_CONCURRENCY} in flight)",
+        "  {} itineraries in {:.1} s ({:.0}/s through the API, {SETUP_IN_FLIGHT} in flight)",
         list - 1,
         seeding.elapsed().as_secs_f64(),
         (list - 1) as f64 / seeding.elapsed().as_secs_f64()
