@@ -218,8 +218,14 @@ pub async fn prepare(
     .into_iter()
     .collect::<anyhow::Result<_>>()?;
 
+    // Every projector past the seed (the feed and the trip-room queue read
+    // these events too), or the baseline would share the machine with their backlog.
     let mut conn = PgConnection::connect(database_url).await?;
-    caught_up(&mut conn, &["itinerary"]).await?;
+    let models: Vec<String> = sqlx::query_scalar("SELECT model FROM proj_checkpoints")
+        .fetch_all(&mut conn)
+        .await?;
+    let models: Vec<&str> = models.iter().map(String::as_str).collect();
+    caught_up(&mut conn, &models).await?;
     for table in [
         "proj_itineraries",
         "proj_itinerary_members",
