@@ -446,6 +446,15 @@ async fn caught_up(conn: &mut PgConnection, models: &[&str]) -> anyhow::Result<(
     }
 }
 
+/// Wait until every running projector has caught up with the store's head.
+async fn all_caught_up(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let models: Vec<String> = sqlx::query_scalar("SELECT model FROM proj_checkpoints")
+        .fetch_all(&mut *conn)
+        .await?;
+    let models: Vec<&str> = models.iter().map(String::as_str).collect();
+    caught_up(conn, &models).await
+}
+
 /// One read request: its kind, how long it took, how many items it returned.
 type Sample = (&'static str, Duration, usize);
 

@@ -37,7 +37,7 @@ use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use super::{
-    Client, Load, Reader, SETUP_IN_FLIGHT, Sample, Wallet, caught_up, read_phase, report_reads,
+    Client, Load, Reader, SETUP_IN_FLIGHT, Sample, Wallet, all_caught_up, read_phase, report_reads,
     verdict, write_phase,
 };
 
@@ -221,11 +221,7 @@ pub async fn prepare(
     // Every projector past the seed (the feed and the trip-room queue read
     // these events too), or the baseline would share the machine with their backlog.
     let mut conn = PgConnection::connect(database_url).await?;
-    let models: Vec<String> = sqlx::query_scalar("SELECT model FROM proj_checkpoints")
-        .fetch_all(&mut conn)
-        .await?;
-    let models: Vec<&str> = models.iter().map(String::as_str).collect();
-    caught_up(&mut conn, &models).await?;
+    all_caught_up(&mut conn).await?;
     for table in [
         "proj_itineraries",
         "proj_itinerary_members",
@@ -300,7 +296,9 @@ impl Itinerary {
             items / transfers
         );
 
+        // The reads meet the store at rest, not the projectors' backlog of the writes.
         let mut conn = PgConnection::connect(database_url).await?;
+        all_caught_up(&mut conn).await?;
         let (trips, rows): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM proj_itineraries), (SELECT count(*) FROM proj_itinerary_items)",
         )
