@@ -18,19 +18,27 @@
 //!
 //! `--chat` runs the chat benchmark instead (module [`chat`]): the saturation
 //! phase above as the same-run baseline, then message sends, timeline pages and
-//! search with 1,000,000 messages in the store.
+//! search with 1,000,000 messages in the store. `--itinerary` (module
+//! [`itinerary`]) and `--fees` (module [`fees`]) do the same for item writes and
+//! itinerary reads, and for transfers with a fee leg and a daily limit.
 
 // Not `src/bin/chat.rs`: Cargo would take that for a binary of its own.
 #[path = "loadgen/chat.rs"]
 mod chat;
+#[path = "loadgen/fees.rs"]
+mod fees;
+#[path = "loadgen/itinerary.rs"]
+mod itinerary;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use base64::Engine as _;
 use clap::Parser;
+use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use mathia::bench::db_url;
 use mathia::{Config, Roles};
@@ -39,6 +47,9 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// Setup requests (registrations, wallets, trips, limits) in flight at once.
+const SETUP_IN_FLIGHT: usize = 64;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -95,13 +106,25 @@ struct Args {
     /// Messages seeded into the read model (and keystore) for the read phases.
     #[arg(long, default_value_t = 1_000_000)]
     chat_store: usize,
-    /// Requests per read phase (timeline, search).
-    #[arg(long, default_value_t = 4000)]
-    chat_reads: usize,
+    /// Itinerary benchmark: transfer saturation as the baseline, then item writes
+    /// into one trip per user, and detail reads (trips of 100 items) and "my
+    /// itineraries" reads (one user with `--itinerary-list` trips).
+    #[arg(long)]
+    itinerary: bool,
+    /// Itineraries of the one user whose list is read.
+    #[arg(long, default_value_t = 10_000)]
+    itinerary_list: usize,
+    /// Fees benchmark: transfer saturation as the baseline, then transfers with a
+    /// fee leg and a daily spend limit on every wallet.
+    #[arg(long)]
+    fees: bool,
+    /// Requests per read phase (timeline, search; itinerary detail, list).
+    #[arg(long, alias = "chat-reads", default_value_t = 4000)]
+    reads: usize,
     /// Concurrent clients of the read phases (closed loop: latency is measured at
     /// the load these clients make, not at saturation).
-    #[arg(long, default_value_t = 8)]
-    chat_read_clients: usize,
+    #[arg(long, alias = "chat-read-clients", default_value_t = 8)]
+    read_clients: usize,
     /// Keep the benchmark's database at the end (to EXPLAIN its queries); prints its name.
     #[arg(long)]
     keep_database: bool,
@@ -113,6 +136,29 @@ struct Client {
 }
 
 impl Client {
+    /// A client of the gateway at `base`, once it answers `/healthz` (or 10 s have passed).
+    async fn ready(base: String) -> anyhow::Result<Arc<Client>> {
+        let client = Arc::new(Client {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(1024)
+                .build()?,
+            base,
+        });
+        for _ in 0..200 {
+            if client
+                .http
+                .get(format!("{}/healthz", client.base))
+                .send()
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(client)
+    }
+
     async fn post(
         &self,
         path: &str,
@@ -120,7 +166,23 @@ impl Client {
         body: &Value,
         key: Option<&str>,
     ) -> anyhow::Result<(u16, Value)> {
-        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        self.send(reqwest::Method::POST, path, token, body, key)
+            .await
+    }
+
+    /// `method` with a JSON `body` (and an `Idempotency-Key`); the status and the JSON answer.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+        key: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -131,6 +193,25 @@ impl Client {
         let status = res.status().as_u16();
         Ok((status, res.json().await.unwrap_or(Value::Null)))
     }
+
+    async fn get(&self, path: &str, token: &str) -> anyhow::Result<(u16, Value)> {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let status = res.status().as_u16();
+        Ok((status, res.json().await.unwrap_or(Value::Null)))
+    }
+}
+
+/// Load of the measured phases of `--chat`, `--itinerary` and `--fees`.
+struct Load {
+    seconds: u64,
+    clients: usize,
+    reads: usize,
+    read_clients: usize,
 }
 
 struct Wallet {
@@ -147,21 +228,58 @@ struct Phase {
     failed: AtomicU64,
     answer: std::sync::Mutex<Histogram<u64>>,
     visible: std::sync::Mutex<Histogram<u64>>,
+    /// The first failure's status and body (or error), for the report.
+    first_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl Phase {
     fn new() -> Arc<Phase> {
-        let h = || {
-            std::sync::Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
-            )
-        };
+        let h = || std::sync::Mutex::new(histogram());
         Arc::new(Phase {
             answered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             answer: h(),
             visible: h(),
+            first_failure: std::sync::Mutex::new(None),
         })
+    }
+
+    /// POST one write and count it: a 201 is answered (its latency recorded,
+    /// its position left in `pending` for the visibility watcher), anything
+    /// else failed.
+    async fn post(
+        &self,
+        client: &Client,
+        path: &str,
+        token: &str,
+        body: &Value,
+        key: Option<&str>,
+        pending: &Pending,
+    ) {
+        let sent = Instant::now();
+        match client.post(path, Some(token), body, key).await {
+            Ok((201, answer)) => {
+                self.answer
+                    .lock()
+                    .expect("histogram")
+                    .record(sent.elapsed().as_micros() as u64)
+                    .ok();
+                self.answered.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = answer["position"].as_i64() {
+                    pending.lock().await.push((p, sent));
+                }
+            }
+            other => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut f = self.first_failure.lock().expect("failure");
+                if f.is_none() {
+                    *f = Some(match other {
+                        Ok((s, b)) => format!("{s} {b}"),
+                        Err(e) => format!("{e:#}"),
+                    });
+                }
+            }
+        }
     }
 
     fn report(&self, name: &str, elapsed: Duration) -> f64 {
@@ -184,11 +302,21 @@ impl Phase {
             n,
             self.failed.load(Ordering::Relaxed)
         );
+        if let Some(f) = self.first_failure.lock().expect("failure").as_ref() {
+            println!("  first failure: {f}");
+        }
         rate
     }
 }
 
-async fn transfer(client: &Client, wallets: &[Wallet], phase: &Phase, pending: &Pending) {
+/// One transfer of `amount` between a uniformly random pair of wallets.
+async fn transfer(
+    client: &Client,
+    wallets: &[Wallet],
+    amount: i64,
+    phase: &Phase,
+    pending: &Pending,
+) {
     let (i, j) = loop {
         let i = rand::random_range(0..wallets.len());
         let j = rand::random_range(0..wallets.len());
@@ -196,28 +324,219 @@ async fn transfer(client: &Client, wallets: &[Wallet], phase: &Phase, pending: &
             break (i, j);
         }
     };
-    let body = json!({"from_wallet": wallets[i].wallet, "to_user": wallets[j].user, "amount": 1, "currency": "KES"});
+    let body = json!({"from_wallet": wallets[i].wallet, "to_user": wallets[j].user, "amount": amount, "currency": "KES"});
     let key = Uuid::now_v7().to_string();
-    let sent = Instant::now();
-    match client
-        .post("/v1/transfers", Some(&wallets[i].token), &body, Some(&key))
-        .await
-    {
-        Ok((201, answer)) => {
-            phase
-                .answer
-                .lock()
-                .expect("histogram")
-                .record(sent.elapsed().as_micros() as u64)
-                .ok();
-            phase.answered.fetch_add(1, Ordering::Relaxed);
-            if let Some(p) = answer["position"].as_i64() {
-                pending.lock().await.push((p, sent));
-            }
+    phase
+        .post(
+            client,
+            "/v1/transfers",
+            &wallets[i].token,
+            &body,
+            Some(&key),
+            pending,
+        )
+        .await;
+}
+
+/// `clients` concurrent clients each repeat `one` until `seconds` have passed;
+/// returns how long they took (the last requests end after the deadline).
+async fn closed_loop<F, Fut>(clients: usize, seconds: u64, one: F) -> anyhow::Result<Duration>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let one = Arc::new(one);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let one = one.clone();
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    one().await;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await?;
+    }
+    Ok(started.elapsed())
+}
+
+/// A measured saturation phase of writes: [`closed_loop`] over `one`, with
+/// visibility watched on projector `model`'s checkpoint (bounded wait for the
+/// last ones after the phase); prints the phase's line and returns committed
+/// `unit`/s and how many were answered.
+async fn write_phase<F, Fut>(
+    name: &str,
+    unit: &str,
+    model: &'static str,
+    database_url: &str,
+    clients: usize,
+    seconds: u64,
+    one: F,
+) -> anyhow::Result<(f64, u64)>
+where
+    F: Fn(Arc<Phase>, Pending) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let pending: Pending = Arc::new(Mutex::new(Vec::new()));
+    let phase = Phase::new();
+    let stop = CancellationToken::new();
+    let watcher = tokio::spawn(watch_visibility(
+        model,
+        database_url.to_owned(),
+        pending.clone(),
+        Arc::new(std::sync::Mutex::new(phase.clone())),
+        stop.clone(),
+    ));
+    let (p, q) = (phase.clone(), pending.clone());
+    let elapsed = closed_loop(clients, seconds, move || one(p.clone(), q.clone())).await?;
+    let settle = Instant::now() + Duration::from_secs(10);
+    while !pending.lock().await.is_empty() && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    let _ = watcher.await;
+    let rate = phase.report_as(name, unit, elapsed);
+    Ok((rate, phase.answered.load(Ordering::Relaxed)))
+}
+
+/// Latency histogram in microseconds.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// Wait until every projector in `models` has caught up with the store's head.
+async fn caught_up(conn: &mut PgConnection, models: &[&str]) -> anyhow::Result<()> {
+    let head: i64 = sqlx::query_scalar("SELECT position FROM event_log_head")
+        .fetch_one(&mut *conn)
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let behind: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM proj_checkpoints WHERE model = ANY($1) AND position < $2",
+        )
+        .bind(models)
+        .bind(head)
+        .fetch_one(&mut *conn)
+        .await?;
+        let present: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM proj_checkpoints WHERE model = ANY($1)")
+                .bind(models)
+                .fetch_one(&mut *conn)
+                .await?;
+        if behind == 0 && present == models.len() as i64 {
+            return Ok(());
         }
-        _ => {
-            phase.failed.fetch_add(1, Ordering::Relaxed);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "projectors {models:?} did not reach position {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until every running projector has caught up with the store's head.
+async fn all_caught_up(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let models: Vec<String> = sqlx::query_scalar("SELECT model FROM proj_checkpoints")
+        .fetch_all(&mut *conn)
+        .await?;
+    let models: Vec<&str> = models.iter().map(String::as_str).collect();
+    caught_up(conn, &models).await
+}
+
+/// One read request: its kind, how long it took, how many items it returned.
+type Sample = (&'static str, Duration, usize);
+
+/// A client of a read phase, with what it carries from one request to the next.
+trait Reader: Send + 'static {
+    /// Make one request.
+    fn read(&mut self) -> impl Future<Output = anyhow::Result<Sample>> + Send;
+}
+
+/// Closed-loop reads: `reads` requests (after a warm-up of a tenth as many)
+/// from `clients` readers made by `reader`; latency by kind of request.
+async fn read_phase<R: Reader>(
+    reads: usize,
+    clients: usize,
+    reader: impl Fn() -> R,
+) -> anyhow::Result<ReadStats> {
+    let stats: Arc<std::sync::Mutex<ReadStats>> = Arc::default();
+    for (measured, total) in [(false, reads / 10), (true, reads)] {
+        let left = Arc::new(AtomicUsize::new(total));
+        let started = Instant::now();
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let (mut r, left, stats) = (reader(), left.clone(), stats.clone());
+                tokio::spawn(async move {
+                    while left
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        let (kind, took, items) = r.read().await?;
+                        if measured {
+                            let mut s = stats.lock().expect("stats");
+                            let us = took.as_micros() as u64;
+                            for k in ["", kind] {
+                                let e = s.by_kind.entry(k).or_insert_with(|| (histogram(), 0));
+                                e.0.record(us).ok();
+                                e.1 += items as u64;
+                            }
+                        }
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await??;
         }
+        if measured {
+            stats.lock().expect("stats").elapsed = started.elapsed();
+        }
+    }
+    let s = std::mem::take(&mut *stats.lock().expect("stats"));
+    Ok(s)
+}
+
+/// Read latencies by request kind ("" = all), with the items they returned.
+#[derive(Default)]
+struct ReadStats {
+    by_kind: BTreeMap<&'static str, (Histogram<u64>, u64)>,
+    elapsed: Duration,
+}
+
+fn report_reads(name: &str, stats: &ReadStats, target_ms: f64, unit: &str) {
+    let Some((all, _)) = stats.by_kind.get("") else {
+        return;
+    };
+    let p99 = ms(all.value_at_quantile(0.99));
+    println!(
+        "{name:<12} {:>9.0} requests/s  p50 {:>6.1} ms  p99 {p99:>6.1} ms  max {:>6.1} ms  ({} requests; target p99 ≤ {target_ms} ms: {})",
+        all.len() as f64 / stats.elapsed.as_secs_f64(),
+        ms(all.value_at_quantile(0.5)),
+        ms(all.max()),
+        all.len(),
+        verdict(p99 <= target_ms)
+    );
+    for (kind, (h, items)) in stats.by_kind.iter().filter(|(k, _)| !k.is_empty()) {
+        println!(
+            "  {kind:<14} p50 {:>6.1} ms  p99 {:>6.1} ms  ({} requests, {:.1} {unit})",
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            h.len(),
+            *items as f64 / h.len().max(1) as f64
+        );
     }
 }
 
@@ -357,25 +676,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Roles::ALL
     };
+    // `--fees` serves its phase from a second gateway configured with a fee.
+    let fee_config = config.clone();
     let server = tokio::spawn(mathia::run(config, roles, Some(listener), shutdown.clone()));
-    let client = Arc::new(Client {
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(1024)
-            .build()?,
-        base,
-    });
-    for _ in 0..200 {
-        if client
-            .http
-            .get(format!("{}/healthz", client.base))
-            .send()
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let client = Client::ready(base).await?;
 
     eprintln!("setting up {} funded wallets…", args.wallets);
     let pw = "Bench&Mark-2026";
@@ -401,7 +705,9 @@ async fn main() -> anyhow::Result<()> {
         .as_str()
         .context("admin login")?
         .to_owned();
-    let setup = futures::future::join_all((0..args.wallets).map(|i| {
+    // At most SETUP_IN_FLIGHT at once: on a busy machine a thousand at a time
+    // outwait the command timeout (answered 202, no wallet id).
+    let setup = futures::stream::iter(0..args.wallets).map(|i| {
         let client = client.clone();
         let admin_token = admin_token.clone();
         async move {
@@ -431,7 +737,10 @@ async fn main() -> anyhow::Result<()> {
                     None,
                 )
                 .await?;
-            let wallet: Uuid = w["wallet_id"].as_str().context("wallet")?.parse()?;
+            let wallet: Uuid = w["wallet_id"]
+                .as_str()
+                .with_context(|| format!("opening a wallet answered {w}"))?
+                .parse()?;
             let (s, _) = client
                 .post(
                     &format!("/v1/wallets/{wallet}/deposits"),
@@ -448,8 +757,8 @@ async fn main() -> anyhow::Result<()> {
                 user,
             })
         }
-    }))
-    .await;
+    });
+    let setup: Vec<anyhow::Result<Wallet>> = setup.buffered(SETUP_IN_FLIGHT).collect().await;
     let wallets: Arc<Vec<Wallet>> = Arc::new(setup.into_iter().collect::<anyhow::Result<_>>()?);
 
     if let Some(path) = &args.probe {
@@ -486,15 +795,26 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    // The chat benchmark builds its rooms and its million messages first, so the
-    // transfer baseline and the sends run against the same store.
+    // The chat and itinerary benchmarks build their stores first, so the
+    // transfer baseline and their writes run against the same store.
     let chat = match args.chat {
         true => {
             Some(chat::prepare(&client, &wallets, &database_url, &master, args.chat_store).await?)
         }
         false => None,
     };
-    let raw = if chat.is_none() {
+    let itinerary = match args.itinerary {
+        true => {
+            Some(itinerary::prepare(&client, &wallets, &database_url, args.itinerary_list).await?)
+        }
+        false => None,
+    };
+    let fees = match args.fees {
+        true => Some(fees::Fees::start(fee_config, &shutdown).await?),
+        false => None,
+    };
+    let only_spine = chat.is_none() && itinerary.is_none() && fees.is_none();
+    let raw = if only_spine {
         eprintln!(
             "baseline: single-event INSERT transactions from 32 connections for {} s…",
             args.seconds
@@ -520,28 +840,26 @@ async fn main() -> anyhow::Result<()> {
     // Saturation: closed loop, many clients.
     let phase = Phase::new();
     *current.lock().expect("phase") = phase.clone();
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.seconds);
-    let workers: Vec<_> = (0..args.clients)
-        .map(|_| {
+    let elapsed = {
+        let (client, wallets, phase, pending) = (
+            client.clone(),
+            wallets.clone(),
+            phase.clone(),
+            pending.clone(),
+        );
+        closed_loop(args.clients, args.seconds, move || {
             let (client, wallets, phase, pending) = (
                 client.clone(),
                 wallets.clone(),
                 phase.clone(),
                 pending.clone(),
             );
-            tokio::spawn(async move {
-                while Instant::now() < deadline {
-                    transfer(&client, &wallets, &phase, &pending).await;
-                }
-            })
+            async move { transfer(&client, &wallets, 1, &phase, &pending).await }
         })
-        .collect();
-    for w in workers {
-        w.await?;
-    }
+        .await?
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let saturated = phase.report("saturation", started.elapsed());
+    let saturated = phase.report("saturation", elapsed);
     if args.show_metrics {
         let text = client
             .http
@@ -559,22 +877,27 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    if let Some(chat) = chat {
+    if !only_spine {
         watch_stop.cancel();
         let _ = watcher.await;
-        chat.run(
-            &client,
-            &wallets,
-            &database_url,
-            saturated,
-            &chat::Load {
-                seconds: args.seconds,
-                clients: args.clients,
-                reads: args.chat_reads,
-                read_clients: args.chat_read_clients,
-            },
-        )
-        .await?;
+        let load = Load {
+            seconds: args.seconds,
+            clients: args.clients,
+            reads: args.reads,
+            read_clients: args.read_clients,
+        };
+        if let Some(chat) = chat {
+            chat.run(&client, &wallets, &database_url, saturated, &load)
+                .await?;
+        }
+        if let Some(itinerary) = itinerary {
+            itinerary
+                .run(&client, &wallets, &database_url, saturated, &load)
+                .await?;
+        }
+        if let Some(fees) = fees {
+            fees.run(&wallets, &database_url, saturated, &load).await?;
+        }
         return cleanup(shutdown, server, admin, &db, &args, &prefix).await;
     }
 
@@ -597,7 +920,7 @@ async fn main() -> anyhow::Result<()> {
             pending.clone(),
         );
         inflight.push(tokio::spawn(async move {
-            transfer(&client, &wallets, &phase, &pending).await
+            transfer(&client, &wallets, 1, &phase, &pending).await
         }));
     }
     for t in inflight {

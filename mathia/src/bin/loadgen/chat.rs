@@ -19,20 +19,18 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use commands::crypto::{self, Key};
-use hdrhistogram::Histogram;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::{Connection, PgConnection, Row};
-use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Client, Pending, Phase, Wallet, watch_visibility};
+use super::{
+    Client, Load, Reader, Sample, Wallet, caught_up, read_phase, report_reads, verdict, write_phase,
+};
 
 /// Rooms of the benchmark.
 const ROOMS: usize = 100;
@@ -128,60 +126,11 @@ struct Room {
     seeded: Vec<(Uuid, DateTime<Utc>)>,
 }
 
-/// Load of the measured chat phases.
-pub struct Load {
-    pub seconds: u64,
-    pub clients: usize,
-    pub reads: usize,
-    pub read_clients: usize,
-}
-
 /// The rooms and the seeded store, ready for [`Chat::run`].
 pub struct Chat {
     rooms: Arc<Vec<Room>>,
     /// Messages in the store when the measured phases start.
     stored: i64,
-}
-
-async fn get(client: &Client, path: &str, token: &str) -> anyhow::Result<(u16, Value)> {
-    let res = client
-        .http
-        .get(format!("{}{path}", client.base))
-        .bearer_auth(token)
-        .send()
-        .await?;
-    let status = res.status().as_u16();
-    Ok((status, res.json().await.unwrap_or(Value::Null)))
-}
-
-/// Wait until projector `model` has caught up with the store's head.
-async fn caught_up(conn: &mut PgConnection, models: &[&str]) -> anyhow::Result<()> {
-    let head: i64 = sqlx::query_scalar("SELECT position FROM event_log_head")
-        .fetch_one(&mut *conn)
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let behind: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM proj_checkpoints WHERE model = ANY($1) AND position < $2",
-        )
-        .bind(models)
-        .bind(head)
-        .fetch_one(&mut *conn)
-        .await?;
-        let present: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM proj_checkpoints WHERE model = ANY($1)")
-                .bind(models)
-                .fetch_one(&mut *conn)
-                .await?;
-        if behind == 0 && present == models.len() as i64 {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "projectors {models:?} did not reach position {head}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Create the rooms through the API, wait for the read model, then seed `store` messages.
@@ -547,19 +496,6 @@ async fn seed(
     Ok(())
 }
 
-/// Latency histogram in microseconds.
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
-}
-
-fn ms(us: u64) -> f64 {
-    us as f64 / 1000.0
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "NOT met" }
-}
-
 impl Chat {
     /// The measured chat phases; `transfers` is the same run's saturation rate.
     pub async fn run(
@@ -588,9 +524,21 @@ impl Chat {
             "timeline and search: {} requests each from {} clients…",
             load.reads, load.read_clients
         );
-        let timeline = self.reads(Read::Timeline, load, client, wallets).await?;
+        let timeline = read_phase(load.reads, load.read_clients, || Timeline {
+            client: client.clone(),
+            wallets: wallets.clone(),
+            rooms: self.rooms.clone(),
+            last: None,
+        })
+        .await?;
         report_reads("timeline", &timeline, TIMELINE_P99_TARGET_MS, "items/page");
-        let search = self.reads(Read::Search, load, client, wallets).await?;
+        let search = read_phase(load.reads, load.read_clients, || Search {
+            client: client.clone(),
+            wallets: wallets.clone(),
+            rooms: self.rooms.clone(),
+            vocab: vocabulary(),
+        })
+        .await?;
         report_reads("search", &search, SEARCH_P99_TARGET_MS, "hits/page");
         Ok(())
     }
@@ -603,184 +551,90 @@ impl Chat {
         database_url: &str,
         load: &Load,
     ) -> anyhow::Result<f64> {
-        let pending: Pending = Arc::new(Mutex::new(Vec::new()));
-        let phase = Phase::new();
-        let current = Arc::new(std::sync::Mutex::new(phase.clone()));
-        let stop = CancellationToken::new();
-        let watcher = tokio::spawn(watch_visibility(
-            "chat",
-            database_url.to_owned(),
-            pending.clone(),
-            current,
-            stop.clone(),
-        ));
-        let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-        let before: i64 = {
-            let mut conn = PgConnection::connect(database_url).await?;
-            sqlx::query_scalar("SELECT count(*) FROM proj_chat_messages")
-                .fetch_one(&mut conn)
-                .await?
-        };
+        let mut conn = PgConnection::connect(database_url).await?;
+        let before: i64 = sqlx::query_scalar("SELECT count(*) FROM proj_chat_messages")
+            .fetch_one(&mut conn)
+            .await?;
         eprintln!(
             "chat send: {} clients for {} s…",
             load.clients, load.seconds
         );
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs(load.seconds);
-        let workers: Vec<_> = (0..load.clients)
-            .map(|_| {
-                let (client, wallets, rooms, phase, pending, failure) = (
+        let (client, wallets, rooms) = (client.clone(), wallets.clone(), self.rooms.clone());
+        let vocab = Arc::new(vocabulary());
+        let (rate, answered) = write_phase(
+            "chat send",
+            "messages",
+            "chat",
+            database_url,
+            load.clients,
+            load.seconds,
+            move |phase, pending| {
+                let (client, wallets, rooms, vocab) = (
                     client.clone(),
                     wallets.clone(),
-                    self.rooms.clone(),
-                    phase.clone(),
-                    pending.clone(),
-                    failure.clone(),
+                    rooms.clone(),
+                    vocab.clone(),
                 );
-                tokio::spawn(async move {
-                    let vocab = vocabulary();
-                    while Instant::now() < deadline {
-                        let room = &rooms[rand::random_range(0..rooms.len())];
-                        let member = room.members[rand::random_range(0..room.members.len())];
-                        let body = json!({
-                            "body": text(&vocab),
-                            "client_message_id": Uuid::now_v7().simple().to_string(),
-                        });
-                        let sent = Instant::now();
-                        match client
-                            .post(
-                                &format!("/v1/rooms/{}/messages", room.id),
-                                Some(&wallets[member].token),
-                                &body,
-                                None,
-                            )
-                            .await
-                        {
-                            Ok((201, answer)) => {
-                                phase
-                                    .answer
-                                    .lock()
-                                    .expect("histogram")
-                                    .record(sent.elapsed().as_micros() as u64)
-                                    .ok();
-                                phase.answered.fetch_add(1, Ordering::Relaxed);
-                                if let Some(p) = answer["position"].as_i64() {
-                                    pending.lock().await.push((p, sent));
-                                }
-                            }
-                            other => {
-                                phase.failed.fetch_add(1, Ordering::Relaxed);
-                                let mut f = failure.lock().expect("failure");
-                                if f.is_none() {
-                                    *f = Some(match other {
-                                        Ok((s, b)) => format!("{s} {b}"),
-                                        Err(e) => format!("{e:#}"),
-                                    });
-                                }
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.await?;
-        }
-        let elapsed = started.elapsed();
-        // Let the last ones become visible (bounded).
-        let settle = Instant::now() + Duration::from_secs(10);
-        while !pending.lock().await.is_empty() && Instant::now() < settle {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        stop.cancel();
-        let _ = watcher.await;
-        let rate = phase.report_as("chat send", "messages", elapsed);
-        if let Some(f) = failure.lock().expect("failure").take() {
-            println!("  first failure: {f}");
-        }
-        let mut conn = PgConnection::connect(database_url).await?;
+                async move {
+                    let room = &rooms[rand::random_range(0..rooms.len())];
+                    let member = room.members[rand::random_range(0..room.members.len())];
+                    let body = json!({
+                        "body": text(&vocab),
+                        "client_message_id": Uuid::now_v7().simple().to_string(),
+                    });
+                    let path = format!("/v1/rooms/{}/messages", room.id);
+                    phase
+                        .post(
+                            &client,
+                            &path,
+                            &wallets[member].token,
+                            &body,
+                            None,
+                            &pending,
+                        )
+                        .await;
+                }
+            },
+        )
+        .await?;
         let after: i64 = sqlx::query_scalar("SELECT count(*) FROM proj_chat_messages")
             .fetch_one(&mut conn)
             .await?;
         println!(
             "  in the timeline: {} of {} answered messages",
             after - before,
-            phase.answered.load(Ordering::Relaxed)
+            answered
         );
         Ok(rate)
     }
+}
 
-    /// Timeline pages and searches from concurrent members: `load.reads`
-    /// requests (after a warm-up of a tenth as many) from `load.read_clients`
-    /// clients; latency by kind of request.
-    async fn reads(
-        &self,
-        read: Read,
-        load: &Load,
-        client: &Arc<Client>,
-        wallets: &Arc<Vec<Wallet>>,
-    ) -> anyhow::Result<ReadStats> {
-        let stats: Arc<std::sync::Mutex<ReadStats>> = Arc::default();
-        for (measured, total) in [(false, load.reads / 10), (true, load.reads)] {
-            let left = Arc::new(AtomicUsize::new(total));
-            let started = Instant::now();
-            let workers: Vec<_> = (0..load.read_clients)
-                .map(|_| {
-                    let (client, wallets, rooms, left, stats) = (
-                        client.clone(),
-                        wallets.clone(),
-                        self.rooms.clone(),
-                        left.clone(),
-                        stats.clone(),
-                    );
-                    tokio::spawn(async move {
-                        let vocab = vocabulary();
-                        let mut last = None;
-                        while left
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                                n.checked_sub(1)
-                            })
-                            .is_ok()
-                        {
-                            let (kind, took, items) = match read {
-                                Read::Timeline => {
-                                    timeline_page(&rooms, &wallets, &client, &mut last).await?
-                                }
-                                Read::Search => {
-                                    search_page(&rooms, &wallets, &client, &vocab).await?
-                                }
-                            };
-                            if measured {
-                                let mut s = stats.lock().expect("stats");
-                                let us = took.as_micros() as u64;
-                                for k in ["", kind] {
-                                    let e = s.by_kind.entry(k).or_insert_with(|| (histogram(), 0));
-                                    e.0.record(us).ok();
-                                    e.1 += items as u64;
-                                }
-                            }
-                        }
-                        anyhow::Ok(())
-                    })
-                })
-                .collect();
-            for w in workers {
-                w.await??;
-            }
-            if measured {
-                stats.lock().expect("stats").elapsed = started.elapsed();
-            }
-        }
-        let s = std::mem::take(&mut *stats.lock().expect("stats"));
-        Ok(s)
+/// A timeline reader: a member of a random room, carrying a cursor of its last page.
+struct Timeline {
+    client: Arc<Client>,
+    wallets: Arc<Vec<Wallet>>,
+    rooms: Arc<Vec<Room>>,
+    last: Option<(usize, String)>,
+}
+
+impl Reader for Timeline {
+    async fn read(&mut self) -> anyhow::Result<Sample> {
+        timeline_page(&self.rooms, &self.wallets, &self.client, &mut self.last).await
     }
 }
 
-/// Which read phase.
-#[derive(Clone, Copy)]
-enum Read {
-    Timeline,
-    Search,
+/// A searcher: a member of a random room, searching all their rooms.
+struct Search {
+    client: Arc<Client>,
+    wallets: Arc<Vec<Wallet>>,
+    rooms: Arc<Vec<Room>>,
+    vocab: Vec<&'static str>,
+}
+
+impl Reader for Search {
+    async fn read(&mut self) -> anyhow::Result<Sample> {
+        search_page(&self.rooms, &self.wallets, &self.client, &self.vocab).await
+    }
 }
 
 /// One timeline page: the latest, from a seeded message, at a date (either
@@ -790,7 +644,7 @@ async fn timeline_page(
     wallets: &[Wallet],
     client: &Client,
     last: &mut Option<(usize, String)>,
-) -> anyhow::Result<(&'static str, Duration, usize)> {
+) -> anyhow::Result<Sample> {
     let mut r = rand::random_range(0..rooms.len());
     let dir = if rand::random::<bool>() {
         "forward"
@@ -819,12 +673,9 @@ async fn timeline_page(
     let room = &rooms[r];
     let token = &wallets[room.members[rand::random_range(0..room.members.len())]].token;
     let sent = Instant::now();
-    let (s, page) = get(
-        client,
-        &format!("/v1/rooms/{}/messages{query}", room.id),
-        token,
-    )
-    .await?;
+    let (s, page) = client
+        .get(&format!("/v1/rooms/{}/messages{query}", room.id), token)
+        .await?;
     let took = sent.elapsed();
     anyhow::ensure!(s == 200, "timeline answered {s}: {page}");
     let items = page["items"].as_array().map_or(0, |a| a.len());
@@ -846,7 +697,7 @@ async fn search_page(
     wallets: &[Wallet],
     client: &Client,
     vocab: &[&'static str],
-) -> anyhow::Result<(&'static str, Duration, usize)> {
+) -> anyhow::Result<Sample> {
     let room = &rooms[rand::random_range(0..rooms.len())];
     let token = &wallets[room.members[rand::random_range(0..room.members.len())]].token;
     let q = query(vocab);
@@ -856,45 +707,14 @@ async fn search_page(
         "one term"
     };
     let sent = Instant::now();
-    let (s, page) = get(
-        client,
-        &format!("/v1/search/messages?q={}", q.replace(' ', "%20")),
-        token,
-    )
-    .await?;
+    let (s, page) = client
+        .get(
+            &format!("/v1/search/messages?q={}", q.replace(' ', "%20")),
+            token,
+        )
+        .await?;
     let took = sent.elapsed();
     anyhow::ensure!(s == 200, "search answered {s}: {page}");
     let items = page["items"].as_array().map_or(0, |a| a.len());
     Ok((kind, took, items))
-}
-
-/// Read latencies by request kind ("" = all), with the items they returned.
-#[derive(Default)]
-struct ReadStats {
-    by_kind: std::collections::BTreeMap<&'static str, (Histogram<u64>, u64)>,
-    elapsed: Duration,
-}
-
-fn report_reads(name: &str, stats: &ReadStats, target_ms: f64, unit: &str) {
-    let Some((all, _)) = stats.by_kind.get("") else {
-        return;
-    };
-    let p99 = ms(all.value_at_quantile(0.99));
-    println!(
-        "{name:<12} {:>9.0} requests/s  p50 {:>6.1} ms  p99 {p99:>6.1} ms  max {:>6.1} ms  ({} requests; target p99 ≤ {target_ms} ms: {})",
-        all.len() as f64 / stats.elapsed.as_secs_f64(),
-        ms(all.value_at_quantile(0.5)),
-        ms(all.max()),
-        all.len(),
-        verdict(p99 <= target_ms)
-    );
-    for (kind, (h, items)) in stats.by_kind.iter().filter(|(k, _)| !k.is_empty()) {
-        println!(
-            "  {kind:<14} p50 {:>6.1} ms  p99 {:>6.1} ms  ({} requests, {:.1} {unit})",
-            ms(h.value_at_quantile(0.5)),
-            ms(h.value_at_quantile(0.99)),
-            h.len(),
-            *items as f64 / h.len().max(1) as f64
-        );
-    }
 }
