@@ -223,10 +223,12 @@ impl Hub {
 
     fn deliver(&self, items: Vec<Arc<Item>>, up_to: i64, epoch: i64) {
         let mut s = self.state.lock().expect("hub lock");
+        let mut cut = HashMap::new();
         if epoch != s.epoch {
             // A rebuild: every cursor handed out is stale. Cut every subscriber
-            // off; they resubscribe and are told `recovered: false`.
-            s.topics.clear();
+            // off (after the new epoch is published below, so each sees why);
+            // they resubscribe and are told `recovered: false`.
+            cut = std::mem::take(&mut s.topics);
             s.epoch = epoch;
         } else {
             for item in items {
@@ -241,6 +243,7 @@ impl Hub {
         s.position = up_to;
         drop(s);
         self.moved.send_replace((up_to, epoch));
+        drop(cut);
     }
 }
 

@@ -476,6 +476,14 @@ async fn sync_long_polls_with_the_sockets_cursors_and_a_second_gateway_serves_th
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // The feed moves for something Bob cannot see: the poll must keep waiting.
+    room(&app, &alice, "Not Bob's", "private").await;
+    app.settle("feed").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !poll.is_finished(),
+        "a long poll ended before anything of Bob's arrived"
+    );
     let (m, _) = say(&app, &alice, r, "hello over sync").await;
     let page = poll.await.unwrap();
     assert_eq!(page["recovered"], true);

@@ -113,7 +113,10 @@ pub async fn sync(
     };
     let topics = topics(&state, principal.user_id).await?;
     let mut up_to = position;
-    let mut waited = false;
+    // Wait until something for this caller arrives or the timeout is spent: the
+    // feed also moves for events that concern other people, which must not end
+    // the poll with an empty page.
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let items = match realtime::replay(&state, &topics, since, up_to, epoch, limit + 1).await? {
             Ok(items) => items,
@@ -130,9 +133,9 @@ pub async fn sync(
                 }));
             }
         };
-        if items.is_empty() && !waited && !timeout.is_zero() {
-            waited = true;
-            state.hub.wait_past(up_to, timeout).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if items.is_empty() && !left.is_zero() {
+            state.hub.wait_past(up_to, left).await;
             let (now, now_epoch) = state.hub.now();
             if now_epoch != epoch {
                 return Ok(Json(SyncPage {
@@ -146,8 +149,10 @@ pub async fn sync(
                     reason: Some(NotRecovered::EpochChanged),
                 }));
             }
-            up_to = now;
-            continue;
+            if now > up_to {
+                up_to = now;
+                continue;
+            }
         }
         return Ok(Json(page(items, limit, epoch, up_to)));
     }
