@@ -120,6 +120,16 @@ impl From<redis::RedisError> for ApiError {
 pub struct InternalCause(pub String);
 
 impl ApiError {
+    /// A problem with a machine-readable `code` and no extra members.
+    pub fn coded(status: StatusCode, code: &str, message: &str) -> Self {
+        ApiError::Coded {
+            status,
+            code: code.into(),
+            message: message.into(),
+            extra: Default::default(),
+        }
+    }
+
     /// A 422 for one field.
     pub fn field(field: &str, message: impl Into<String>) -> Self {
         ApiError::Invalid(vec![FieldError {

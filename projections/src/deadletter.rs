@@ -71,18 +71,30 @@ fn sqlx_transient(e: &sqlx::Error) -> bool {
     }
 }
 
-/// The streams of `model` that have a parked or waiting event.
-pub async fn held_streams(
-    conn: &mut PgConnection,
-    model: &str,
-) -> Result<HashSet<String>, sqlx::Error> {
-    let rows: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT stream_id FROM proj_deadletters WHERE model = $1 AND status <> 'skipped'",
-    )
-    .bind(model)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows.into_iter().collect())
+/// Apply one event under a savepoint: `Ok(None)` when applied, `Ok(Some(error))`
+/// when it failed for a reason of its own (rolled back to the savepoint), and
+/// `Err` for a [`transient`] failure or a broken connection.
+async fn try_apply<P: Projector>(
+    tx: &mut PgConnection,
+    projector: &P,
+    event: &EventEnvelope,
+) -> anyhow::Result<Option<anyhow::Error>> {
+    sqlx::query("SAVEPOINT one_event").execute(&mut *tx).await?;
+    match projector.apply(tx, std::slice::from_ref(event)).await {
+        Ok(()) => {
+            sqlx::query("RELEASE SAVEPOINT one_event")
+                .execute(&mut *tx)
+                .await?;
+            Ok(None)
+        }
+        Err(e) if transient(&e) => Err(e),
+        Err(e) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT one_event")
+                .execute(&mut *tx)
+                .await?;
+            Ok(Some(e))
+        }
+    }
 }
 
 /// Record `event` as parked (with `error`) or waiting (`error` = None).
@@ -137,29 +149,17 @@ pub async fn apply_one_by_one<P: Projector>(
             park(tx, model, event, None).await?;
             continue;
         }
-        sqlx::query("SAVEPOINT one_event").execute(&mut *tx).await?;
-        match projector.apply(tx, std::slice::from_ref(event)).await {
-            Ok(()) => {
-                sqlx::query("RELEASE SAVEPOINT one_event")
-                    .execute(&mut *tx)
-                    .await?;
+        if let Some(e) = try_apply(tx, projector, event).await? {
+            parked += 1;
+            if parked > MAX_PARKED_PER_BATCH {
+                anyhow::bail!(
+                    "more than {MAX_PARKED_PER_BATCH} events of one batch failed (last at position {}: {e:#}); \
+                     not parking them: the projector or its database is broken",
+                    event.position
+                );
             }
-            Err(e) if transient(&e) => return Err(e),
-            Err(e) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT one_event")
-                    .execute(&mut *tx)
-                    .await?;
-                parked += 1;
-                if parked > MAX_PARKED_PER_BATCH {
-                    anyhow::bail!(
-                        "more than {MAX_PARKED_PER_BATCH} events of one batch failed (last at position {}: {e:#}); \
-                         not parking them: the projector or its database is broken",
-                        event.position
-                    );
-                }
-                park(tx, model, event, Some(&format!("{e:#}"))).await?;
-                held.insert(event.stream_id.as_str().to_owned());
-            }
+            park(tx, model, event, Some(&format!("{e:#}"))).await?;
+            held.insert(event.stream_id.as_str().to_owned());
         }
     }
     Ok(())
@@ -309,23 +309,15 @@ async fn settle<P: Projector>(
         let Some(event) = events.first() else {
             anyhow::bail!("position {position} is not in the event store");
         };
-        sqlx::query("SAVEPOINT one_event").execute(&mut *tx).await?;
-        match projector.apply(&mut tx, std::slice::from_ref(event)).await {
-            Ok(()) => {
-                sqlx::query("RELEASE SAVEPOINT one_event")
-                    .execute(&mut *tx)
-                    .await?;
+        match try_apply(&mut tx, projector, event).await? {
+            None => {
                 sqlx::query("DELETE FROM proj_deadletters WHERE id = $1")
                     .bind(row_id)
                     .execute(&mut *tx)
                     .await?;
                 done.applied += 1;
             }
-            Err(e) if transient(&e) => return Err(e),
-            Err(e) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT one_event")
-                    .execute(&mut *tx)
-                    .await?;
+            Some(e) => {
                 sqlx::query(
                     "UPDATE proj_deadletters SET status = 'parked', error = $2, attempts = attempts + 1,
                             updated_at = now() WHERE id = $1",

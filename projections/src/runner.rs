@@ -1,5 +1,6 @@
 //! Runs one projector: consumer wake-ups, catch-up from the store, checkpoint in the same transaction.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -159,17 +160,19 @@ impl Runner {
             let mut tx = self.pool.begin().await?;
             // The row lock serialises instances of the same projector (and
             // `mathia deadletters`, and the swap of a rebuild).
-            let checkpoint: i64 = sqlx::query_scalar(
-                "SELECT position FROM proj_checkpoints WHERE model = $1 FOR UPDATE",
+            // One round trip: the checkpoint, the head of the log (never go past it:
+            // a position announced by the bus that the store does not have, after a
+            // restore, must not move the checkpoint) and the streams held behind a
+            // parked event (see `deadletter`).
+            let (checkpoint, head, held): (i64, i64, Vec<String>) = sqlx::query_as(
+                "SELECT c.position, h.position,
+                        ARRAY(SELECT DISTINCT d.stream_id FROM proj_deadletters d
+                              WHERE d.model = $1 AND d.status <> 'skipped')
+                 FROM proj_checkpoints c, event_log_head h WHERE c.model = $1 FOR UPDATE OF c",
             )
             .bind(projector.name())
             .fetch_one(&mut *tx)
             .await?;
-            // Never past the store's head: a position announced by the bus that the
-            // store does not have (a restored database) must not move the checkpoint.
-            let head: i64 = sqlx::query_scalar("SELECT position FROM event_log_head")
-                .fetch_one(&mut *tx)
-                .await?;
             let up_to = up_to.min(head);
             if checkpoint >= up_to {
                 return Ok(());
@@ -184,7 +187,7 @@ impl Runner {
                 store::read_range(&mut tx, checkpoint, until, BATCH, Some(projector.domains()))
                     .await?;
             if !events.is_empty() {
-                let mut held = deadletter::held_streams(&mut tx, projector.name()).await?;
+                let mut held: HashSet<String> = held.into_iter().collect();
                 if one_by_one {
                     deadletter::apply_one_by_one(&mut tx, projector, &events, &mut held).await?;
                     one_by_one = false;

@@ -145,30 +145,19 @@ struct SealedMeta {
 }
 
 fn attachment_not_found() -> ApiError {
-    ApiError::Coded {
-        status: StatusCode::NOT_FOUND,
-        code: "attachment_not_found".into(),
-        message: "this message has no attachment, or it was redacted".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "attachment_not_found",
+        "this message has no attachment, or it was redacted",
+    )
 }
 
 fn upload_not_found() -> ApiError {
-    ApiError::Coded {
-        status: StatusCode::NOT_FOUND,
-        code: "upload_not_found".into(),
-        message: "no such upload of yours in this room".into(),
-        extra: Default::default(),
-    }
-}
-
-fn coded(status: StatusCode, code: &str, message: &str) -> ApiError {
-    ApiError::Coded {
-        status,
-        code: code.into(),
-        message: message.into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "upload_not_found",
+        "no such upload of yours in this room",
+    )
 }
 
 /// Associated data of a file key wrapped by a room data key.
@@ -438,7 +427,7 @@ pub async fn upload(
             .fetch_optional(&state.pool)
             .await?;
     if archived == Some(true) {
-        return Err(coded(
+        return Err(ApiError::coded(
             StatusCode::CONFLICT,
             "room_archived",
             "the room is archived: it is read-only",
@@ -615,7 +604,7 @@ pub async fn staged(
     let message_id: Option<Uuid> = row.get("message_id");
     let content_type: String = row.get("content_type");
     if message_id.is_none() && row.get::<bool, _>("expired") {
-        return Err(coded(
+        return Err(ApiError::coded(
             StatusCode::UNPROCESSABLE_ENTITY,
             "upload_expired",
             "this upload waited too long to be sent; upload it again",
@@ -678,7 +667,7 @@ pub fn seal(
         // ledger (or refuses it as a duplicate); this command is never appended.
         (None, Some(m)) if m == message_id => Bytes64::default(),
         (None, _) => {
-            return Err(coded(
+            return Err(ApiError::coded(
                 StatusCode::CONFLICT,
                 "upload_already_sent",
                 "this upload was sent with another message; upload it again",

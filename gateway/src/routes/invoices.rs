@@ -271,12 +271,11 @@ pub struct ListParams {
 }
 
 fn invoice_not_found() -> ApiError {
-    ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "invoice_not_found".into(),
-        message: "no such invoice".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "invoice_not_found",
+        "no such invoice",
+    )
 }
 
 fn invalid(problems: Vec<FieldProblem>) -> ApiError {
@@ -877,12 +876,11 @@ pub async fn create_schedule(
 }
 
 fn schedule_not_found() -> ApiError {
-    ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "invoice_schedule_not_found".into(),
-        message: "no such invoice schedule".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "invoice_schedule_not_found",
+        "no such invoice schedule",
+    )
 }
 
 /// One of your schedules.

@@ -60,12 +60,11 @@ fn rejected(r: commands::Rejection) -> ApiError {
 }
 
 fn not_found() -> ApiError {
-    ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "itinerary_not_found".into(),
-        message: "no such itinerary".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "itinerary_not_found",
+        "no such itinerary",
+    )
 }
 
 fn link_token() -> String {

@@ -225,12 +225,11 @@ pub struct SearchPage {
 }
 
 fn message_not_found() -> ApiError {
-    ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "message_not_found".into(),
-        message: "no such message in this room".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "message_not_found",
+        "no such message in this room",
+    )
 }
 
 fn body_text(field: &str, body: &str) -> ApiResult<()> {

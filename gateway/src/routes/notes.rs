@@ -240,11 +240,12 @@ pub async fn edit_note(
         Some(_) => {
             let mut conn = state.pool.acquire().await?;
             let mut keys = state.keystore.message_keys(&mut conn, &[note_id]).await?;
-            Some(keys.remove(&note_id).ok_or_else(|| ApiError::Coded {
-                status: http::StatusCode::NOT_FOUND,
-                code: "note_not_found".into(),
-                message: "no such note in this room".into(),
-                extra: Default::default(),
+            Some(keys.remove(&note_id).ok_or_else(|| {
+                ApiError::coded(
+                    http::StatusCode::NOT_FOUND,
+                    "note_not_found",
+                    "no such note in this room",
+                )
             })?)
         }
     };

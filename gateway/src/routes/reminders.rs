@@ -362,12 +362,11 @@ pub async fn list_reminders(
 }
 
 fn reminder_not_found() -> ApiError {
-    ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "reminder_not_found".into(),
-        message: "no such reminder".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "reminder_not_found",
+        "no such reminder",
+    )
 }
 
 /// One of your reminders.

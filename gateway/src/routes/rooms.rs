@@ -198,12 +198,11 @@ pub async fn require_member(state: &AppState, room: Uuid, user: Uuid) -> ApiResu
 
 /// The 404 of every room endpoint.
 pub fn room_not_found() -> ApiError {
-    ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "room_not_found".into(),
-        message: "no such room".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "room_not_found",
+        "no such room",
+    )
 }
 
 /// Send a room command (the usual write).

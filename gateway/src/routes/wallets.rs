@@ -879,11 +879,12 @@ async fn hold_parties(
             .fetch_optional(&state.pool)
             .await?;
     row.map(|r| (r.get("from_account"), r.get("to_account")))
-        .ok_or_else(|| ApiError::Coded {
-            status: http::StatusCode::NOT_FOUND,
-            code: "hold_not_found".into(),
-            message: "no such hold".into(),
-            extra: Default::default(),
+        .ok_or_else(|| {
+            ApiError::coded(
+                http::StatusCode::NOT_FOUND,
+                "hold_not_found",
+                "no such hold",
+            )
         })
 }
 
@@ -1548,12 +1549,7 @@ pub async fn refund(
     .bind(principal.admin)
     .fetch_optional(&state.pool)
     .await?
-    .ok_or_else(|| ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "transfer_not_found".into(),
-        message: "no such transfer received".into(),
-        extra: Default::default(),
-    })?;
+    .ok_or_else(|| ApiError::coded(http::StatusCode::NOT_FOUND, "transfer_not_found", "no such transfer received"))?;
     let currency = currency("currency", &row.get::<String, _>("currency"))
         .map_err(|e| ApiError::Invalid(vec![e]))?;
     let (payee, payer, original_amount): (Uuid, Uuid, i64) = (
@@ -1672,12 +1668,11 @@ fn dispute_text(field: &str, v: &str) -> Result<String, ApiError> {
 }
 
 fn dispute_not_found() -> ApiError {
-    ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "dispute_not_found".into(),
-        message: "no such dispute".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "dispute_not_found",
+        "no such dispute",
+    )
 }
 
 /// Dispute a transfer: the payee's wallet is frozen and the claimed money moved
@@ -1715,11 +1710,12 @@ pub async fn open_dispute(
     .bind(req.transfer_id)
     .fetch_optional(&state.pool)
     .await?
-    .ok_or_else(|| ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "transfer_not_found".into(),
-        message: "no such transfer".into(),
-        extra: Default::default(),
+    .ok_or_else(|| {
+        ApiError::coded(
+            http::StatusCode::NOT_FOUND,
+            "transfer_not_found",
+            "no such transfer",
+        )
     })?;
     let currency = currency("currency", &row.get::<String, _>("currency"))
         .map_err(|e| ApiError::Invalid(vec![e]))?;

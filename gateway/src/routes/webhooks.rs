@@ -155,12 +155,11 @@ pub struct DeliveryParams {
 }
 
 fn not_found() -> ApiError {
-    ApiError::Coded {
-        status: http::StatusCode::NOT_FOUND,
-        code: "webhook_not_found".into(),
-        message: "no such webhook".into(),
-        extra: Default::default(),
-    }
+    ApiError::coded(
+        http::StatusCode::NOT_FOUND,
+        "webhook_not_found",
+        "no such webhook",
+    )
 }
 
 fn check(url: Option<&str>, filter: Option<&[String]>, description: Option<&str>) -> ApiResult<()> {
@@ -568,12 +567,11 @@ pub async fn redrive_one(
     .fetch_optional(&state.pool)
     .await?;
     if dead.is_none() {
-        return Err(ApiError::Coded {
-            status: http::StatusCode::NOT_FOUND,
-            code: "dead_letter_not_found".into(),
-            message: "no such dead letter".into(),
-            extra: Default::default(),
-        });
+        return Err(ApiError::coded(
+            http::StatusCode::NOT_FOUND,
+            "dead_letter_not_found",
+            "no such dead letter",
+        ));
     }
     let cmd = WebhookCommand::RedriveDeadLetters {
         endpoint_id,
