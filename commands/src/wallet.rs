@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use chrono::{DateTime, Duration, Utc};
 use events::StreamId;
 use events::wallet::{
-    ACCOUNT, AccountKind, DOMAIN, DisputeOutcome, EntryKind, HoldEnd, Leg, WalletEvent,
+    ACCOUNT, AccountKind, DOMAIN, DisputeOutcome, EntryKind, FxRate, HoldEnd, Leg, WalletEvent,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -69,6 +69,40 @@ pub fn disputes_account_id(currency: Currency, dispute_id: Uuid) -> Uuid {
         &NAMESPACE,
         format!("disputes:{currency}:{shard}").as_bytes(),
     )
+}
+
+/// The currency desk shard of `currency` that conversion `conversion_id` goes through.
+pub fn fx_account_id(currency: Currency, conversion_id: Uuid) -> Uuid {
+    let shard = conversion_id.as_u128() % FLOAT_SHARDS;
+    Uuid::new_v5(&NAMESPACE, format!("fx:{currency}:{shard}").as_bytes())
+}
+
+/// The id of the buying side of conversion `conversion_id` (the selling side
+/// carries the conversion id itself), so that each side balances on its own.
+pub fn conversion_buy_id(conversion_id: Uuid) -> Uuid {
+    leg_id(conversion_id, "buy")
+}
+
+/// `amount` minor units of `from` at `rate_micros` (units of `to` per
+/// 1,000,000 of `from`, major units) in minor units of `to`, rounded down;
+/// none when it overflows the largest amount.
+///
+/// ```
+/// use commands::money::Currency;
+/// use commands::wallet::convert_minor;
+/// let (usd, kes, jpy): (Currency, Currency, Currency) =
+///     ("USD".parse().unwrap(), "KES".parse().unwrap(), "JPY".parse().unwrap());
+/// // 100.00 USD at 129.25 → 12,925.00 KES.
+/// assert_eq!(convert_minor(10_000, usd, kes, 129_250_000), Some(1_292_500));
+/// // 1.00 USD at 151.337 JPY → 151 JPY (scale 0), rounded down.
+/// assert_eq!(convert_minor(100, usd, jpy, 151_337_000), Some(151));
+/// ```
+pub fn convert_minor(amount: i64, from: Currency, to: Currency, rate_micros: i64) -> Option<i64> {
+    let num = i128::from(amount)
+        .checked_mul(i128::from(rate_micros))?
+        .checked_mul(10i128.pow(u32::from(to.scale())))?;
+    let den = 1_000_000i128 * 10i128.pow(u32::from(from.scale()));
+    i64::try_from(num / den).ok().filter(|v| *v <= MAX_AMOUNT)
 }
 
 /// Longest dispute reason or evidence text.
@@ -455,6 +489,35 @@ pub enum WalletCommand {
         /// When the gateway issued it.
         at: DateTime<Utc>,
     },
+    /// Sell money of one of the actor's wallets for another currency, into
+    /// another of the actor's wallets, at the rate the gateway quoted: two
+    /// transfers, each through the currency desk of its own currency, so that
+    /// every currency balances by itself, with the rate recorded on all four
+    /// legs. A conversion moves the owner's money between the owner's wallets,
+    /// so it is not a spend for the daily limit (what leaves the bought wallet
+    /// later is).
+    Convert {
+        /// The conversion id (the command id; the selling side's transfer id).
+        conversion_id: Uuid,
+        /// The wallet sold from, owned by the actor.
+        from: Uuid,
+        /// The wallet bought into, owned by the actor.
+        to: Uuid,
+        /// The sold wallet's currency.
+        from_currency: Currency,
+        /// The bought wallet's currency.
+        to_currency: Currency,
+        /// Minor units of `from_currency` sold.
+        amount: Amount,
+        /// Units of `to_currency` per 1,000,000 of `from_currency`.
+        rate_micros: i64,
+        /// The rate the client was quoted and agreed to; when it differs from
+        /// `rate_micros` the conversion is refused (`rate_changed`).
+        #[serde(default)]
+        quoted_rate_micros: Option<i64>,
+        /// When the gateway issued it.
+        at: DateTime<Utc>,
+    },
     /// Pay money out of the actor's wallet to a destination outside Mathia.
     Withdraw {
         /// The transfer id (the command id).
@@ -633,6 +696,7 @@ impl WalletCommand {
             WalletCommand::Deposit { .. } => "wallet.Deposit",
             WalletCommand::Transfer { .. } => "wallet.Transfer",
             WalletCommand::Withdraw { .. } => "wallet.Withdraw",
+            WalletCommand::Convert { .. } => "wallet.Convert",
             WalletCommand::PlaceHold { .. } => "wallet.PlaceHold",
             WalletCommand::PostHold { .. } => "wallet.PostHold",
             WalletCommand::VoidHold { .. } => "wallet.VoidHold",
@@ -656,6 +720,7 @@ impl WalletCommand {
             | WalletCommand::Withdraw { wallet_id, .. }
             | WalletCommand::SetLimits { wallet_id, .. } => account_stream(*wallet_id),
             WalletCommand::Transfer { from, .. }
+            | WalletCommand::Convert { from, .. }
             | WalletCommand::PlaceHold { from, .. }
             | WalletCommand::PostHold { from, .. }
             | WalletCommand::VoidHold { from, .. }
@@ -708,6 +773,19 @@ impl WalletCommand {
             WalletCommand::Refund { payee, payer, .. } => {
                 vec![account_stream(*payee), account_stream(*payer)]
             }
+            WalletCommand::Convert {
+                conversion_id,
+                from,
+                to,
+                from_currency,
+                to_currency,
+                ..
+            } => vec![
+                account_stream(*from),
+                account_stream(*to),
+                account_stream(fx_account_id(*from_currency, *conversion_id)),
+                account_stream(fx_account_id(*to_currency, *conversion_id)),
+            ],
             WalletCommand::OpenDispute {
                 dispute_id,
                 payee,
@@ -778,6 +856,15 @@ impl WalletCommand {
                 reference,
                 ..
             } => json!({ "transfer_id": transfer_id, "amount": amount, "reference": reference }),
+            WalletCommand::Convert {
+                from,
+                to,
+                from_currency,
+                to_currency,
+                amount,
+                ..
+            } => json!({ "from_wallet": from, "to_wallet": to, "currency": from_currency,
+                         "to_currency": to_currency, "amount": amount }),
             WalletCommand::OpenDispute {
                 transfer_id,
                 amount,
@@ -993,6 +1080,147 @@ impl WalletCommand {
                 );
                 decision.answer["fee"] = json!(fee.map_or(0, Amount::get));
                 Ok(decision)
+            }
+            WalletCommand::Convert {
+                conversion_id,
+                from,
+                to,
+                from_currency,
+                to_currency,
+                amount,
+                rate_micros,
+                quoted_rate_micros,
+                at,
+            } => {
+                if quoted_rate_micros.is_some_and(|q| q != *rate_micros) {
+                    return Err(Rejection::new(
+                        409,
+                        "rate_changed",
+                        "the rate moved since the quote; ask for a new quote",
+                    )
+                    .with_details(json!({ "rate_micros": rate_micros, "quoted_rate_micros": quoted_rate_micros })));
+                }
+                let source = owned_wallet(actor, states, *from)?;
+                check_currency(&source, *from_currency)?;
+                // Money may enter a frozen wallet; it only may not leave it.
+                let target = states.wallet(&account_stream(*to));
+                if !target.opened
+                    || target.kind != Some(AccountKind::User)
+                    || target.owner_id != actor.user_id
+                {
+                    return Err(Rejection::new(
+                        404,
+                        "recipient_not_found",
+                        "no such wallet of yours to convert into",
+                    ));
+                }
+                check_currency(&target, *to_currency)?;
+                if from_currency == to_currency {
+                    return Err(Rejection::new(
+                        422,
+                        "same_currency",
+                        "a conversion needs wallets of two currencies; use a transfer",
+                    ));
+                }
+                if *rate_micros <= 0 {
+                    return Err(Rejection::new(
+                        422,
+                        "invalid_rate",
+                        "the rate must be positive",
+                    ));
+                }
+                let bought =
+                    convert_minor(amount.get(), *from_currency, *to_currency, *rate_micros)
+                        .ok_or_else(|| {
+                            Rejection::new(
+                                422,
+                                "amount_too_large",
+                                "the converted amount exceeds the largest movement",
+                            )
+                        })?;
+                let bought = Amount::new(bought).map_err(|_| {
+                    Rejection::new(
+                        422,
+                        "amount_too_small",
+                        format!(
+                            "{} minor units of {from_currency} buy nothing at this rate",
+                            amount.get()
+                        ),
+                    )
+                    .with_details(json!({ "rate_micros": rate_micros }))
+                })?;
+                if amount.get() > source.available() {
+                    return Err(insufficient(&source, amount.get()));
+                }
+                let fx = FxRate {
+                    conversion_id: *conversion_id,
+                    from: from_currency.code().to_owned(),
+                    to: to_currency.code().to_owned(),
+                    rate_micros: *rate_micros,
+                    sold: amount.get(),
+                    bought: bought.get(),
+                };
+                let (mut events, sell_desk) = system_account(
+                    states,
+                    fx_account_id(*from_currency, *conversion_id),
+                    *from_currency,
+                    AccountKind::SystemFx,
+                );
+                let (opened, buy_desk) = system_account(
+                    states,
+                    fx_account_id(*to_currency, *conversion_id),
+                    *to_currency,
+                    AccountKind::SystemFx,
+                );
+                events.extend(opened);
+                let reference = Some(format!("fx:{from_currency}/{to_currency}"));
+                let (sell_debit, sell_credit) = legs(
+                    *conversion_id,
+                    &source,
+                    &sell_desk,
+                    *amount,
+                    EntryKind::Conversion,
+                    &reference,
+                    Some(*at),
+                )?;
+                let (buy_debit, buy_credit) = legs(
+                    conversion_buy_id(*conversion_id),
+                    &buy_desk,
+                    &target,
+                    bought,
+                    EntryKind::Conversion,
+                    &reference,
+                    Some(*at),
+                )?;
+                for mut leg in [sell_debit, sell_credit, buy_debit, buy_credit] {
+                    if let Event::Wallet(WalletEvent::Debited(l) | WalletEvent::Credited(l)) =
+                        &mut leg.1
+                    {
+                        l.fx = Some(fx.clone());
+                    }
+                    events.push(leg);
+                }
+                let sold_after = evolved(&source, &events);
+                let bought_after = evolved(&target, &events);
+                Ok(Decision {
+                    events,
+                    status: 201,
+                    answer: json!({
+                        "conversion_id": conversion_id,
+                        "kind": "conversion",
+                        "status": "posted",
+                        "from_wallet": from,
+                        "to_wallet": to,
+                        "sold": { "amount": amount.get(), "currency": from_currency, "transfer_id": conversion_id },
+                        "bought": { "amount": bought.get(), "currency": to_currency,
+                                    "transfer_id": conversion_buy_id(*conversion_id) },
+                        "rate_micros": rate_micros,
+                        "balance": sold_after.balance_json(),
+                        "to_balance": bought_after.balance_json(),
+                        "request": self.request_fields(),
+                    }),
+                    keys: vec![],
+                })
             }
             WalletCommand::Refund {
                 refund_id,
@@ -1907,6 +2135,7 @@ fn legs(
         balance_after,
         at,
         refund_of: None,
+        fx: None,
     };
     Ok((
         (
@@ -2500,6 +2729,132 @@ mod tests {
             at: later,
         };
         run(&mut s, &user(alice), t).unwrap();
+    }
+
+    #[test]
+    fn a_conversion_is_two_transfers_through_desks_at_the_recorded_rate() {
+        let mut s = StateSet::default();
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let usd: Currency = "USD".parse().unwrap();
+        let k = funded(&mut s, alice, 0);
+        run(
+            &mut s,
+            &user(alice),
+            WalletCommand::OpenWallet {
+                owner_id: alice,
+                currency: usd,
+            },
+        )
+        .unwrap();
+        let u = user_wallet_id(alice, usd);
+        let admin = Actor {
+            user_id: None,
+            role: Role::Admin,
+        };
+        let dep = WalletCommand::Deposit {
+            transfer_id: Uuid::new_v4(),
+            wallet_id: u,
+            currency: usd,
+            amount: Amount::new(10_000).unwrap(),
+            reference: None,
+        };
+        run(&mut s, &admin, dep).unwrap();
+        let bob_kes = funded(&mut s, bob, 0);
+        let convert =
+            |id, from, to, from_currency, to_currency, amount: i64| WalletCommand::Convert {
+                conversion_id: id,
+                from,
+                to,
+                from_currency,
+                to_currency,
+                amount: Amount::new(amount).unwrap(),
+                rate_micros: 129_250_000,
+                quoted_rate_micros: None,
+                at: Utc::now(),
+            };
+        // Into someone else's wallet, within one currency, above the balance: refused, nothing moves.
+        let e = run(
+            &mut s,
+            &user(alice),
+            convert(Uuid::new_v4(), u, bob_kes, usd, kes(), 100),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "recipient_not_found");
+        let e = run(
+            &mut s,
+            &user(alice),
+            convert(Uuid::new_v4(), u, u, usd, usd, 100),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "same_currency");
+        let e = run(
+            &mut s,
+            &user(alice),
+            convert(Uuid::new_v4(), u, k, usd, kes(), 10_001),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "insufficient_funds");
+        let id = Uuid::new_v4();
+        let d = run(&mut s, &user(alice), convert(id, u, k, usd, kes(), 4_000)).unwrap();
+        // 40.00 USD at 129.25 → 5,170.00 KES.
+        assert_eq!(
+            (
+                &d.answer["bought"]["amount"],
+                &d.answer["balance"]["posted"],
+                &d.answer["to_balance"]["posted"]
+            ),
+            (&json!(517_000), &json!(6_000), &json!(517_000))
+        );
+        // Each currency balances through its own desk; every leg carries the rate.
+        let sell = s.wallet(&account_stream(fx_account_id(usd, id)));
+        let buy = s.wallet(&account_stream(fx_account_id(kes(), id)));
+        assert_eq!(
+            (sell.kind, sell.posted, buy.kind, buy.posted),
+            (
+                Some(AccountKind::SystemFx),
+                4_000,
+                Some(AccountKind::SystemFx),
+                -517_000
+            )
+        );
+        let rates: Vec<i64> = d
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Wallet(WalletEvent::Debited(l) | WalletEvent::Credited(l)) => {
+                    l.fx.as_ref().map(|f| f.rate_micros)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rates, vec![129_250_000; 4]);
+        // Not a spend: the daily window is untouched.
+        assert_eq!(
+            s.wallet(&account_stream(u))
+                .spent_since(Utc::now() - Duration::hours(1)),
+            0
+        );
+        // One cent of JPY-scale rounding buys nothing at a tiny rate: refused, not a zero leg.
+        let mut tiny = convert(Uuid::new_v4(), u, k, usd, kes(), 1);
+        if let WalletCommand::Convert { rate_micros, .. } = &mut tiny {
+            *rate_micros = 1;
+        }
+        assert_eq!(
+            run(&mut s, &user(alice), tiny).unwrap_err().code,
+            "amount_too_small"
+        );
+        // A quote the rate moved away from is refused.
+        let mut moved = convert(Uuid::new_v4(), u, k, usd, kes(), 100);
+        if let WalletCommand::Convert {
+            quoted_rate_micros, ..
+        } = &mut moved
+        {
+            *quoted_rate_micros = Some(129_000_000);
+        }
+        assert_eq!(
+            run(&mut s, &user(alice), moved).unwrap_err().code,
+            "rate_changed"
+        );
     }
 
     #[test]

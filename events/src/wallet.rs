@@ -27,6 +27,10 @@ pub enum AccountKind {
     SystemFees,
     /// Where disputed money waits for the outcome, sharded like the float.
     SystemDisputes,
+    /// Mathia's currency desk, one per currency, sharded like the float: a
+    /// conversion pays into the desk of one currency and out of the desk of
+    /// the other, so each currency balances on its own.
+    SystemFx,
 }
 
 impl AccountKind {
@@ -37,6 +41,7 @@ impl AccountKind {
             AccountKind::SystemFloat => "system_float",
             AccountKind::SystemFees => "system_fees",
             AccountKind::SystemDisputes => "system_disputes",
+            AccountKind::SystemFx => "system_fx",
         }
     }
 }
@@ -57,6 +62,8 @@ pub enum EntryKind {
     Refund,
     /// Disputed money moved aside, released back or paid to the payer.
     Dispute,
+    /// One side of a currency conversion, through a currency desk.
+    Conversion,
 }
 
 impl EntryKind {
@@ -69,6 +76,7 @@ impl EntryKind {
             EntryKind::Fee => "fee",
             EntryKind::Refund => "refund",
             EntryKind::Dispute => "dispute",
+            EntryKind::Conversion => "conversion",
         }
     }
 }
@@ -95,6 +103,28 @@ pub struct Leg {
     /// For a refund: the transfer (or leg) it gives money back for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refund_of: Option<Uuid>,
+    /// For a conversion leg: the rate it was made at, recorded with the money.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fx: Option<FxRate>,
+}
+
+/// The rate a conversion was made at: `rate_micros` units of `to` per
+/// 1,000,000 units of `from` (major units, so `USD/KES` 129.25 is 129,250,000),
+/// and what went in and came out, so either leg alone tells the whole story.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FxRate {
+    /// The conversion (the command id); the two sides are its leg ids.
+    pub conversion_id: Uuid,
+    /// ISO code of the currency sold.
+    pub from: String,
+    /// ISO code of the currency bought.
+    pub to: String,
+    /// Units of `to` per 1,000,000 of `from`.
+    pub rate_micros: i64,
+    /// Minor units of `from` sold.
+    pub sold: i64,
+    /// Minor units of `to` bought (rounded down).
+    pub bought: i64,
 }
 
 /// How a dispute ended.
@@ -271,6 +301,7 @@ mod tests {
             balance_after: 10,
             at: None,
             refund_of: None,
+            fx: None,
         });
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["type"], "Debited");

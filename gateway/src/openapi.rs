@@ -8,8 +8,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::routes::{
-    accounts, admin, attachments, commands, health, invoices, itineraries, messages, moderation,
-    notes, payments, reminders, rooms, sync, wallets, webhooks, ws,
+    accounts, admin, attachments, commands, fx, health, invoices, itineraries, messages,
+    moderation, notes, payments, reminders, rooms, sync, wallets, webhooks, ws,
 };
 use crate::state::AppState;
 
@@ -73,6 +73,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(wallets::transfer))
         .routes(routes!(wallets::set_limits))
         .routes(routes!(wallets::linked_transfer))
+        .routes(routes!(fx::quote))
+        .routes(routes!(fx::convert))
         .routes(routes!(wallets::refund))
         .routes(routes!(wallets::open_dispute))
         .routes(routes!(wallets::add_evidence))
@@ -81,6 +83,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(payments::provider_webhook))
         .routes(routes!(payments::top_up))
         .routes(routes!(wallets::reconciliation))
+        .routes(routes!(wallets::reconciliation_runs))
         .routes(routes!(wallets::journal))
         .routes(routes!(wallets::balance_at))
         .routes(routes!(wallets::place_hold))

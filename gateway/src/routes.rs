@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod admin;
 pub mod attachments;
 pub mod commands;
+pub mod fx;
 pub mod health;
 pub mod invoices;
 pub mod itineraries;

@@ -71,6 +71,13 @@ pub struct Settings {
     pub payments_url: Option<String>,
     /// Its API key.
     pub payments_api_key: Option<crate::routes::payments::WebhookSecret>,
+    /// Base URL of the card provider (Stripe-style payment intents); none: card top-ups answer 503.
+    pub card_url: Option<String>,
+    /// Its secret key.
+    pub card_api_key: Option<crate::routes::payments::WebhookSecret>,
+    /// The rates conversions are made at (`MATHIA_FX_RATES`); a pair not in
+    /// them cannot be converted (no invented rates).
+    pub fx_rates: Arc<projections::assistant::FixedRates>,
     /// Origins allowed to open the WebSocket (empty: any).
     pub ws_origins: Vec<String>,
     /// Largest WebSocket frame a client may send, in bytes.
@@ -118,6 +125,9 @@ impl Default for Settings {
             payments_webhook_secret: None,
             payments_url: None,
             payments_api_key: None,
+            card_url: None,
+            card_api_key: None,
+            fx_rates: Arc::default(),
             ws_origins: vec![],
             ws_max_frame: 64 * 1024,
             ws_frames_per_sec: 20,

@@ -237,6 +237,7 @@ pub fn problems(c: &Config) -> Vec<String> {
         ("MATHIA_MODERATION_URL", &c.moderation_url),
         ("MATHIA_TRAVEL_URL", &c.travel_url),
         ("MATHIA_PAYMENTS_URL", &c.payments_url),
+        ("MATHIA_CARD_URL", &c.card_url),
     ] {
         if let Some(url) = url {
             p.url(var, url, &["http", "https"]);

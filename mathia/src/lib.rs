@@ -124,10 +124,15 @@ pub struct Config {
     /// Bearer key of that API.
     #[arg(long, env = "MATHIA_LLM_API_KEY", hide_env_values = true)]
     pub llm_api_key: Option<String>,
-    /// Exchange rates the assistant converts with, `USD/KES=129.25,EUR/KES=140.10`
-    /// (it never guesses a rate it was not given).
+    /// Exchange rates conversions (`POST /v1/conversions`) are made at and the
+    /// assistant quotes, `USD/KES=129.25,EUR/KES=140.10` (the inverse of each
+    /// pair is implied; a pair not given is never guessed).
     #[arg(long, env = "MATHIA_FX_RATES", default_value = "")]
     pub fx_rates: String,
+    /// How often the scheduler runs the ledger reconciliation report, in
+    /// seconds (0: never; admins still run it on demand).
+    #[arg(long, env = "MATHIA_RECONCILE_SECS", default_value_t = 3600)]
+    pub reconcile_secs: u64,
     /// How often the scheduler looks for due work, in ms.
     #[arg(long, env = "MATHIA_SCHEDULER_TICK_MS", default_value_t = 100)]
     pub scheduler_tick_ms: u64,
@@ -259,6 +264,13 @@ pub struct Config {
     /// API key of that provider.
     #[arg(long, env = "MATHIA_PAYMENTS_API_KEY", hide_env_values = true)]
     pub payments_api_key: Option<String>,
+    /// Base URL of the card provider (Stripe-style payment intents) behind
+    /// card top-ups (`POST /v1/wallets/{id}/topups` with `method: card`).
+    #[arg(long, env = "MATHIA_CARD_URL")]
+    pub card_url: Option<String>,
+    /// Secret key of the card provider.
+    #[arg(long, env = "MATHIA_CARD_API_KEY", hide_env_values = true)]
+    pub card_api_key: Option<String>,
     /// Argon2 memory cost in KiB.
     #[arg(long, env = "MATHIA_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
     pub argon2_memory_kib: u32,
@@ -918,6 +930,20 @@ pub async fn run(
                 },
             ),
         );
+        if config.reconcile_secs > 0 {
+            let (stop, every) = (shutdown.clone(), Duration::from_secs(config.reconcile_secs));
+            spawn(
+                "reconciler",
+                role(&config, &infra, "reconciler", 1, move |infra| async move {
+                    projections::reconcile::Reconciler {
+                        pool: infra.pool.clone(),
+                        every,
+                    }
+                    .run(stop)
+                    .await
+                }),
+            );
+        }
         spawn(
             "scheduler",
             role(&config, &infra, "scheduler", 2, move |infra| async move {
@@ -983,6 +1009,12 @@ pub async fn run(
                 .payments_api_key
                 .clone()
                 .map(gateway::routes::payments::WebhookSecret),
+            card_url: config.card_url.clone(),
+            card_api_key: config
+                .card_api_key
+                .clone()
+                .map(gateway::routes::payments::WebhookSecret),
+            fx_rates: Arc::new(FixedRates::parse(&config.fx_rates).context("MATHIA_FX_RATES")?),
             ws_origins: config
                 .ws_origins
                 .iter()

@@ -92,6 +92,14 @@ enum Cmd {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// The ledger reconciliation report: Σ debits = Σ credits per currency,
+    /// balanced transfers, the read model, provider payments against their
+    /// deposits. Kept as a run; exits 1 when anything disagrees.
+    Reconcile {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Where every stream, consumer, the relay and every projector stands.
     /// Exits 2 when something is behind and not moving.
     Status {
@@ -277,6 +285,17 @@ async fn main() -> anyhow::Result<()> {
                 print!("{}", mathia::render_status(&status));
             }
             std::process::exit(if status.stuck.is_empty() { 0 } else { 2 });
+        }
+        Cmd::Reconcile { json } => {
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            let report = projections::reconcile::reconcile(&pool).await?;
+            projections::reconcile::record(&pool, &report, "cli").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", mathia::ops::render_reconciliation(&report));
+            }
+            std::process::exit(if report.balanced { 0 } else { 1 });
         }
         Cmd::Replay {
             model,

@@ -339,3 +339,55 @@ pub async fn settle_deadletter(
     }
     Ok(())
 }
+
+/// The reconciliation report for a terminal: one line per currency, then every finding.
+pub fn render_reconciliation(r: &projections::reconcile::Reconciliation) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let verdict = if r.balanced {
+        "BALANCED"
+    } else {
+        "DIFFERENCES FOUND"
+    };
+    let _ = writeln!(
+        out,
+        "ledger reconciliation at {}: {verdict}",
+        r.generated_at.to_rfc3339()
+    );
+    let _ = writeln!(
+        out,
+        "{:<4} {:>18} {:>18} {:>10} {:>10} {:>14} {:>14} {:>14}",
+        "CUR", "DEBITS", "CREDITS", "DIFF", "LEGS", "MODEL SUM", "FLOAT", "FX DESKS"
+    );
+    for c in &r.currencies {
+        let _ = writeln!(
+            out,
+            "{:<4} {:>18} {:>18} {:>10} {:>10} {:>14} {:>14} {:>14}",
+            c.currency, c.debits, c.credits, c.difference, c.legs, c.posted_sum, c.float, c.fx
+        );
+    }
+    for t in &r.unbalanced_transfers {
+        let _ = writeln!(out, "unbalanced transfer {t}");
+    }
+    let p = &r.providers;
+    let _ = writeln!(
+        out,
+        "provider payments: {} matched, {} in flight, {} pending, {} failed, {} findings",
+        p.matched, p.in_flight, p.pending, p.failed, p.findings_count
+    );
+    for f in &p.findings {
+        let _ = writeln!(
+            out,
+            "  {:<22} {}:{} status={} expected={:?}@{:?} credited={:?}@{:?}",
+            f.problem,
+            f.provider,
+            f.payment_id,
+            f.status.as_deref().unwrap_or("unknown"),
+            f.expected_amount,
+            f.expected_wallet,
+            f.credited_amount,
+            f.credited_wallet
+        );
+    }
+    out
+}

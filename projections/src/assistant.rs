@@ -197,6 +197,7 @@ pub trait Rates: Send + Sync + 'static {
 
 /// Rates from configuration: `USD/KES=129.25,EUR/KES=140.10` (no invented rates:
 /// an unknown pair is said to be unknown).
+#[derive(Debug, Default)]
 pub struct FixedRates {
     rates: std::collections::HashMap<(String, String), i64>,
 }

@@ -27,6 +27,7 @@ pub mod invoice;
 pub mod itinerary;
 pub mod links;
 pub mod rebuild;
+pub mod reconcile;
 pub mod reminder;
 pub mod runner;
 pub mod scheduler;

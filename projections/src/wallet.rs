@@ -238,9 +238,9 @@ impl Projector for WalletProjector {
         if !entries.account.is_empty() {
             sqlx::query(
                 "INSERT INTO proj_wallet_entries (account_id, version, position, transfer_id, kind, amount, counterparty,
-                                                  reference, balance_after, occurred_at)
+                                                  reference, balance_after, occurred_at, fx)
                  SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::uuid[], $5::text[], $6::bigint[],
-                                      $7::uuid[], $8::text[], $9::bigint[], $10::timestamptz[])
+                                      $7::uuid[], $8::text[], $9::bigint[], $10::timestamptz[], $11::jsonb[])
                  ON CONFLICT (account_id, version) DO NOTHING",
             )
             .bind(&entries.account)
@@ -253,6 +253,7 @@ impl Projector for WalletProjector {
             .bind(&entries.reference)
             .bind(&entries.balance_after)
             .bind(&entries.at)
+            .bind(&entries.fx)
             .execute(&mut *tx)
             .await?;
         }
@@ -324,6 +325,7 @@ struct EntryRows {
     reference: Vec<Option<String>>,
     balance_after: Vec<i64>,
     at: Vec<chrono::DateTime<chrono::Utc>>,
+    fx: Vec<Option<serde_json::Value>>,
 }
 
 impl EntryRows {
@@ -347,6 +349,8 @@ impl EntryRows {
         self.reference.push(leg.reference.clone());
         self.balance_after.push(leg.balance_after);
         self.at.push(env.occurred_at);
+        self.fx
+            .push(leg.fx.as_ref().and_then(|f| serde_json::to_value(f).ok()));
         balance(balances, account, env).posted = Some(leg.balance_after);
     }
 }

@@ -10,6 +10,7 @@ mod input;
 mod invoices;
 mod itineraries;
 mod keys;
+mod ledger;
 mod moderation;
 mod nats;
 mod observability;

@@ -1142,7 +1142,7 @@ async fn wallet_disputes_freeze_collect_evidence_and_resolve_as_ledger_moves() {
     app.stop().await;
 }
 
-fn provider_signature(secret: &str, t: i64, body: &str) -> String {
+pub(crate) fn provider_signature(secret: &str, t: i64, body: &str) -> String {
     use hmac::{KeyInit as _, Mac};
     let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.{body}").as_bytes());

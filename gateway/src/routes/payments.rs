@@ -150,6 +150,68 @@ pub fn verify_signature(
     ))
 }
 
+/// A Stripe event (`{"id", "type": "payment_intent.succeeded", "data": {"object":
+/// <payment intent>}}`), as the card provider delivers it.
+#[derive(Debug, Deserialize)]
+struct StripeEvent {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    data: StripeData,
+}
+
+#[derive(Debug, Deserialize)]
+struct StripeData {
+    object: StripeIntent,
+}
+
+#[derive(Debug, Deserialize)]
+struct StripeIntent {
+    id: String,
+    amount: i64,
+    #[serde(default)]
+    amount_received: Option<i64>,
+    currency: String,
+    #[serde(default)]
+    metadata: std::collections::HashMap<String, String>,
+}
+
+/// Either wire shape: ours (flat) or Stripe's (the intent under `data.object`,
+/// the wallet in its metadata, the currency in lower case).
+fn parse_event(body: &[u8]) -> Result<ProviderEvent, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::Malformed(format!("not a provider event: {e}")))?;
+    if value.get("data").is_some() {
+        let e: StripeEvent = serde_json::from_value(value)
+            .map_err(|e| ApiError::Malformed(format!("not a payment intent event: {e}")))?;
+        let intent = e.data.object;
+        let wallet_id = intent
+            .metadata
+            .get("wallet_id")
+            .and_then(|w| w.parse().ok())
+            .ok_or_else(|| {
+                ApiError::field(
+                    "data.object.metadata.wallet_id",
+                    "the payment intent names no wallet",
+                )
+            })?;
+        let amount = match e.kind.as_str() {
+            "payment_intent.succeeded" => intent.amount_received.unwrap_or(intent.amount),
+            _ => intent.amount,
+        };
+        return Ok(ProviderEvent {
+            id: e.id,
+            kind: e.kind,
+            payment_id: intent.id,
+            wallet_id,
+            amount,
+            currency: intent.currency.to_uppercase(),
+        });
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::Malformed(format!("not a provider event: {e}")))
+}
+
 fn rank(status: &str) -> i16 {
     match status {
         "pending" => 1,
@@ -179,8 +241,10 @@ pub async fn provider_webhook(
             "payment webhooks are not configured".into(),
         ));
     };
+    // The card provider signs with Stripe's header name; the scheme is the same.
     let header = headers
         .get("mathia-signature")
+        .or_else(|| headers.get("stripe-signature"))
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     if let Err(e) = verify_signature(secret.as_bytes(), header, &body, Utc::now().timestamp()) {
@@ -196,16 +260,17 @@ pub async fn provider_webhook(
         .await;
         return Err(e);
     }
-    let event: ProviderEvent = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::Malformed(format!("not a provider event: {e}")))?;
+    let event = parse_event(&body)?;
     let status = match event.kind.as_str() {
-        "payment.pending" => "pending",
-        "payment.completed" => "completed",
-        "payment.failed" => "failed",
+        "payment.pending" | "payment_intent.processing" | "payment_intent.requires_action" => {
+            "pending"
+        }
+        "payment.completed" | "payment_intent.succeeded" => "completed",
+        "payment.failed" | "payment_intent.payment_failed" | "payment_intent.canceled" => "failed",
         _ => {
             return Err(ApiError::field(
                 "type",
-                "payment.pending, payment.completed or payment.failed",
+                "payment.pending, payment.completed, payment.failed, or a payment_intent.* event",
             ));
         }
     };
@@ -389,8 +454,8 @@ pub struct PaymentRequest {
     pub amount: Amount,
     /// Currency.
     pub currency: Currency,
-    /// The payer's phone (digits, country code first).
-    pub phone_number: String,
+    /// The payer's phone (digits, country code first), for an STK push; none for a card.
+    pub phone_number: Option<String>,
     /// Our idempotency reference: the provider answers the same payment for it.
     pub reference: String,
 }
@@ -400,8 +465,11 @@ pub struct PaymentRequest {
 pub struct PaymentCreated {
     /// The provider's payment id (what its webhooks name).
     pub payment_id: String,
-    /// Its state as the provider reports it (`PENDING`, …).
+    /// Its state as the provider reports it (`PENDING`, `requires_payment_method`, …).
     pub state: String,
+    /// For a card payment: the secret the client's card SDK confirms the
+    /// payment with (handed to the payer only, never logged or stored).
+    pub client_secret: Option<String>,
 }
 
 /// Why a payment could not be created.
@@ -506,10 +574,97 @@ impl PaymentGateway for HttpPaymentGateway {
                     Ok(PaymentCreated {
                         payment_id: id.to_owned(),
                         state: state.to_owned(),
+                        client_secret: None,
                     })
                 }
                 _ => Err(PaymentError::Unavailable(
                     "an answer without an invoice".into(),
+                )),
+            }
+        })
+    }
+}
+
+/// A card provider over HTTP (Stripe's wire format): `POST {base}/v1/payment_intents`,
+/// form-encoded (`amount` in minor units, `currency` in lower case,
+/// `metadata[wallet_id]`, `metadata[reference]`), a bearer secret key and an
+/// `Idempotency-Key`; answered with the intent (`id`, `status`, `client_secret`),
+/// or `{"error": {"type", "message"}}`.
+pub struct HttpCardGateway {
+    client: reqwest::Client,
+    base: String,
+    key: WebhookSecret,
+}
+
+impl HttpCardGateway {
+    /// A gateway to `base` with secret key `key`.
+    pub fn new(base: &str, key: WebhookSecret) -> Result<Self, PaymentError> {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| PaymentError::Unavailable(e.to_string()))?;
+        Ok(HttpCardGateway {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+            key,
+        })
+    }
+}
+
+impl PaymentGateway for HttpCardGateway {
+    fn create_payment<'a>(
+        &'a self,
+        request: &'a PaymentRequest,
+    ) -> futures::future::BoxFuture<'a, Result<PaymentCreated, PaymentError>> {
+        Box::pin(async move {
+            let wallet = request.wallet_id.to_string();
+            let amount = request.amount.get().to_string();
+            let currency = request.currency.code().to_ascii_lowercase();
+            let form = [
+                ("amount", amount.as_str()),
+                ("currency", currency.as_str()),
+                ("metadata[wallet_id]", wallet.as_str()),
+                ("metadata[reference]", request.reference.as_str()),
+                ("automatic_payment_methods[enabled]", "true"),
+            ];
+            let res = self
+                .client
+                .post(format!("{}/v1/payment_intents", self.base))
+                .bearer_auth(&self.key.0)
+                .header("idempotency-key", &request.reference)
+                .form(&form)
+                .send()
+                .await
+                .map_err(|e| PaymentError::Unavailable(e.without_url().to_string()))?;
+            let status = res.status();
+            let body: serde_json::Value = res.json().await.unwrap_or_default();
+            if status.is_client_error() {
+                return Err(PaymentError::Refused(
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap_or("refused")
+                        .chars()
+                        .take(200)
+                        .collect(),
+                ));
+            }
+            if !status.is_success() {
+                return Err(PaymentError::Unavailable(format!("status {status}")));
+            }
+            match (
+                body["id"].as_str(),
+                body["status"].as_str(),
+                body["client_secret"].as_str(),
+            ) {
+                (Some(id), Some(state), Some(secret)) if !id.is_empty() && id.len() <= 255 => {
+                    Ok(PaymentCreated {
+                        payment_id: id.to_owned(),
+                        state: state.to_owned(),
+                        client_secret: Some(secret.to_owned()),
+                    })
+                }
+                _ => Err(PaymentError::Unavailable(
+                    "an answer without a payment intent".into(),
                 )),
             }
         })
@@ -525,8 +680,11 @@ pub struct TopUpRequest {
     pub amount: i64,
     /// The wallet's currency.
     pub currency: String,
-    /// The phone the STK push goes to: 10 to 15 digits, country code first.
-    pub phone_number: String,
+    /// `mpesa` (an STK push to `phone_number`, the default) or `card` (a
+    /// payment intent the client confirms with `client_secret`).
+    pub method: Option<String>,
+    /// For `mpesa`: the phone the STK push goes to, 10 to 15 digits, country code first.
+    pub phone_number: Option<String>,
 }
 
 /// A started top-up: the wallet is credited when the provider's webhook says `completed`.
@@ -534,7 +692,7 @@ pub struct TopUpRequest {
 pub struct TopUp {
     /// The provider's payment id.
     pub payment_id: String,
-    /// `mpesa`.
+    /// `mpesa` or `card`.
     pub provider: String,
     /// `pending`.
     pub status: String,
@@ -542,14 +700,17 @@ pub struct TopUp {
     pub amount: i64,
     /// Currency.
     pub currency: String,
+    /// For `card`: what the client's card SDK confirms the payment with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
 }
 
-/// Start a top-up of one of your wallets: an STK push to your phone.
+/// Start a top-up of one of your wallets: an STK push to your phone, or a card payment intent.
 #[utoipa::path(post, path = "/v1/wallets/{wallet_id}/topups", tag = "wallet", security(("bearer" = [])), request_body = TopUpRequest,
     params(("wallet_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "sent to the provider, which answers the same payment for it")),
     responses((status = 201, body = TopUp), (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 404, body = Problem), (status = 422, body = Problem),
-        (status = 502, description = "the provider refused", body = Problem), (status = 503, description = "no provider, or it is down", body = Problem)))]
+        (status = 502, description = "the provider refused", body = Problem), (status = 503, description = "no provider for the method, or it is down", body = Problem)))]
 pub async fn top_up(
     State(state): State<AppState>,
     principal: crate::auth::Principal,
@@ -564,13 +725,31 @@ pub async fn top_up(
             .map_err(|e: commands::money::UnknownCurrency| {
                 ApiError::field("currency", e.to_string())
             })?;
-    let phone = req.phone_number.trim();
-    if !(10..=15).contains(&phone.len()) || !phone.chars().all(|c| c.is_ascii_digit()) {
-        return Err(ApiError::field(
-            "phone_number",
-            "10 to 15 digits, country code first",
-        ));
-    }
+    let provider = match req.method.as_deref().unwrap_or("mpesa") {
+        "mpesa" => "mpesa",
+        "card" => "card",
+        _ => return Err(ApiError::field("method", "mpesa or card")),
+    };
+    let phone = match (provider, req.phone_number.as_deref().map(str::trim)) {
+        ("mpesa", Some(p))
+            if (10..=15).contains(&p.len()) && p.chars().all(|c| c.is_ascii_digit()) =>
+        {
+            Some(p.to_owned())
+        }
+        ("mpesa", _) => {
+            return Err(ApiError::field(
+                "phone_number",
+                "10 to 15 digits, country code first",
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(ApiError::field(
+                "phone_number",
+                "only an mpesa top-up goes to a phone",
+            ));
+        }
+        (_, None) => None,
+    };
     let owned: Option<String> = sqlx::query_scalar(
         "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
     )
@@ -585,16 +764,26 @@ pub async fn top_up(
         }
         Some(_) => {}
     }
-    let (Some(base), Some(key)) = (
-        state.settings.payments_url.as_deref(),
-        state.settings.payments_api_key.clone(),
-    ) else {
-        return Err(ApiError::Unavailable(
-            "no payment provider is configured".into(),
-        ));
+    let configured = match provider {
+        "mpesa" => (
+            state.settings.payments_url.as_deref(),
+            state.settings.payments_api_key.clone(),
+        ),
+        _ => (
+            state.settings.card_url.as_deref(),
+            state.settings.card_api_key.clone(),
+        ),
     };
-    let gateway =
-        HttpPaymentGateway::new(base, key).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let (Some(base), Some(key)) = configured else {
+        return Err(ApiError::Unavailable(format!(
+            "no {provider} payment provider is configured"
+        )));
+    };
+    let unavailable = |e: PaymentError| ApiError::Unavailable(e.to_string());
+    let gateway: Box<dyn PaymentGateway> = match provider {
+        "mpesa" => Box::new(HttpPaymentGateway::new(base, key).map_err(unavailable)?),
+        _ => Box::new(HttpCardGateway::new(base, key).map_err(unavailable)?),
+    };
     let reference = match &options.idempotency_key {
         Some(k) => deposit_command_id(&principal.user_id.to_string(), k).to_string(),
         None => Uuid::now_v7().to_string(),
@@ -603,7 +792,7 @@ pub async fn top_up(
         wallet_id,
         amount,
         currency,
-        phone_number: phone.to_owned(),
+        phone_number: phone,
         reference,
     };
     let created = gateway
@@ -620,26 +809,29 @@ pub async fn top_up(
         })?;
     sqlx::query(
         "INSERT INTO payment_intents (provider, payment_id, wallet_id, amount, currency, status, rank)
-         VALUES ('mpesa', $1, $2, $3, $4, 'pending', 1) ON CONFLICT DO NOTHING",
+         VALUES ($5, $1, $2, $3, $4, 'pending', 1) ON CONFLICT DO NOTHING",
     )
     .bind(&created.payment_id)
     .bind(wallet_id)
     .bind(amount.get())
     .bind(currency.code())
+    .bind(provider)
     .execute(&state.pool)
     .await?;
     let status: String = sqlx::query_scalar(
-        "SELECT status FROM payment_intents WHERE provider = 'mpesa' AND payment_id = $1",
+        "SELECT status FROM payment_intents WHERE provider = $2 AND payment_id = $1",
     )
     .bind(&created.payment_id)
+    .bind(provider)
     .fetch_one(&state.pool)
     .await?;
     let body = TopUp {
         payment_id: created.payment_id,
-        provider: "mpesa".into(),
+        provider: provider.into(),
         status,
         amount: amount.get(),
         currency: currency.code().into(),
+        client_secret: created.client_secret,
     };
     Ok((http::StatusCode::CREATED, Json(body)).into_response())
 }

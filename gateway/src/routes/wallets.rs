@@ -182,7 +182,7 @@ pub struct WithdrawRequest {
 pub struct Entry {
     /// The transfer.
     pub transfer_id: Uuid,
-    /// deposit, transfer, withdrawal.
+    /// deposit, transfer, withdrawal, fee, refund, dispute, conversion.
     pub kind: String,
     /// Signed minor units: + credit, − debit.
     pub amount: i64,
@@ -198,6 +198,11 @@ pub struct Entry {
     pub position: i64,
     /// When.
     pub occurred_at: DateTime<Utc>,
+    /// For a conversion: the rate it was made at (`conversion_id`, `from`, `to`,
+    /// `rate_micros` = units of `to` per 1,000,000 of `from`, `sold`, `bought`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub fx: Option<serde_json::Value>,
 }
 
 /// A page of entries, newest first.
@@ -225,7 +230,7 @@ pub struct PageParams {
     pub cursor: Option<String>,
     /// Wait until the read model has applied this position.
     pub after_position: Option<i64>,
-    /// Only legs of this kind: deposit, transfer, withdrawal, fee, refund, dispute.
+    /// Only legs of this kind: deposit, transfer, withdrawal, fee, refund, dispute, conversion.
     pub kind: Option<String>,
     /// Only legs with this account on the other side.
     pub counterparty: Option<Uuid>,
@@ -237,7 +242,7 @@ pub struct PageParams {
     pub until: Option<DateTime<Utc>>,
 }
 
-fn currency(field: &str, code: &str) -> Result<Currency, FieldError> {
+pub(crate) fn currency(field: &str, code: &str) -> Result<Currency, FieldError> {
     code.parse()
         .map_err(|e: commands::money::UnknownCurrency| FieldError {
             field: field.into(),
@@ -245,7 +250,7 @@ fn currency(field: &str, code: &str) -> Result<Currency, FieldError> {
         })
 }
 
-fn amount(v: i64) -> Result<Amount, FieldError> {
+pub(crate) fn amount(v: i64) -> Result<Amount, FieldError> {
     Amount::new(v).map_err(|e| FieldError {
         field: "amount".into(),
         message: e.to_string(),
@@ -262,7 +267,7 @@ fn text(field: &str, v: &Option<String>, max: usize) -> Result<Option<String>, F
     }
 }
 
-fn collect<T>(errors: &mut Vec<FieldError>, r: Result<T, FieldError>) -> Option<T> {
+pub(crate) fn collect<T>(errors: &mut Vec<FieldError>, r: Result<T, FieldError>) -> Option<T> {
     r.map_err(|e| errors.push(e)).ok()
 }
 
@@ -399,12 +404,13 @@ pub async fn list_entries(
             "fee",
             "refund",
             "dispute",
+            "conversion",
         ]
         .contains(&k.as_str())
     {
         return Err(ApiError::field(
             "kind",
-            "one of deposit, transfer, withdrawal, fee, refund, dispute",
+            "one of deposit, transfer, withdrawal, fee, refund, dispute, conversion",
         ));
     }
     if page
@@ -440,7 +446,7 @@ pub async fn list_entries(
         return Err(ApiError::NotFound("no such wallet".into()));
     }
     let rows = sqlx::query(
-        "SELECT transfer_id, kind, amount, counterparty, reference, balance_after, version, position, occurred_at
+        "SELECT transfer_id, kind, amount, counterparty, reference, balance_after, version, position, occurred_at, fx
          FROM proj_wallet_entries WHERE account_id = $1 AND version < $2
            AND ($4::text IS NULL OR kind = $4) AND ($5::uuid IS NULL OR counterparty = $5)
            AND ($6::text IS NULL OR reference = $6)
@@ -471,6 +477,7 @@ pub async fn list_entries(
             version: r.get("version"),
             position: r.get("position"),
             occurred_at: r.get("occurred_at"),
+            fx: r.get("fx"),
         })
         .collect();
     let next = match (more, items.last()) {
@@ -1204,43 +1211,12 @@ pub async fn linked_transfer(
     .await
 }
 
-/// One currency of the reconciliation report.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CurrencyReconciliation {
-    /// ISO code.
-    pub currency: String,
-    /// Σ of every Debited leg in the event log (minor units).
-    pub debits: i64,
-    /// Σ of every Credited leg in the event log.
-    pub credits: i64,
-    /// debits − credits: 0 when the ledger balances.
-    pub difference: i64,
-    /// Legs counted.
-    pub legs: i64,
-    /// Σ posted over the read model's accounts of this currency: 0 when balanced.
-    pub posted_sum: i64,
-    /// Σ pending (open holds) in the read model.
-    pub pending_sum: i64,
-    /// Σ held by fee accounts (Mathia's revenue).
-    pub fees: i64,
-    /// Σ of the provider float shards (negative: money deposited and not withdrawn).
-    pub float: i64,
-}
+pub use projections::reconcile::{
+    CurrencyReconciliation, ProviderFinding, ProviderReconciliation, Reconciliation,
+};
 
-/// Σ debits = Σ credits per currency, from the event log, and the read model's Σ posted.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Reconciliation {
-    /// When it was computed.
-    pub generated_at: DateTime<Utc>,
-    /// Whether every currency balances, every transfer's legs sum to 0 and the read model agrees.
-    pub balanced: bool,
-    /// Per currency.
-    pub currencies: Vec<CurrencyReconciliation>,
-    /// Transfer (or leg) ids whose debits and credits differ; empty when balanced.
-    pub unbalanced_transfers: Vec<Uuid>,
-}
-
-/// Prove Σ debits = Σ credits per currency over the whole log (admins; audited).
+/// Prove Σ debits = Σ credits per currency over the whole log, and match every
+/// provider payment with the deposit it credited (admins; audited; kept as a run).
 #[utoipa::path(get, path = "/v1/admin/reconciliation", tag = "wallet", security(("bearer" = [])), params(ReadParams),
     responses((status = 200, body = Reconciliation, headers(("Mathia-Position" = i64, description = "position the read-model part reflects"))),
         (status = 401, body = Problem), (status = 403, description = "not an admin", body = Problem), (status = 503, body = Problem)))]
@@ -1259,72 +1235,83 @@ pub async fn reconciliation(
     .bind(principal.user_id)
     .execute(&state.pool)
     .await?;
-    // The ledger part reads the log itself (an auditor's check must not trust the read model),
-    // in one statement, so it sees one snapshot.
-    let log = sqlx::query(
-        "WITH cur AS (SELECT stream_id, payload->>'currency' AS currency FROM events
-                      WHERE domain = 'wallet' AND event_type = 'AccountOpened')
-         SELECT c.currency,
-                coalesce(sum((e.payload->>'amount')::bigint) FILTER (WHERE e.event_type = 'Debited'), 0)::bigint AS debits,
-                coalesce(sum((e.payload->>'amount')::bigint) FILTER (WHERE e.event_type = 'Credited'), 0)::bigint AS credits,
-                count(*) AS legs
-         FROM events e JOIN cur c USING (stream_id)
-         WHERE e.domain = 'wallet' AND e.event_type IN ('Debited', 'Credited')
-         GROUP BY c.currency ORDER BY c.currency",
+    let report = projections::reconcile::reconcile(&state.pool).await?;
+    projections::reconcile::record(
+        &state.pool,
+        &report,
+        &format!("admin:{}", principal.user_id),
     )
-    .fetch_all(&state.pool)
-    .await?;
-    let unbalanced: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT (payload->>'transfer_id')::uuid FROM events
-         WHERE domain = 'wallet' AND event_type IN ('Debited', 'Credited')
-         GROUP BY payload->>'transfer_id'
-         HAVING sum(CASE WHEN event_type = 'Debited' THEN -(payload->>'amount')::bigint
-                         ELSE (payload->>'amount')::bigint END) <> 0
-         LIMIT 100",
-    )
-    .fetch_all(&state.pool)
-    .await?;
-    let model = sqlx::query(
-        "SELECT currency, coalesce(sum(posted), 0)::bigint AS posted, coalesce(sum(pending), 0)::bigint AS pending,
-                coalesce(sum(posted) FILTER (WHERE kind = 'system_fees'), 0)::bigint AS fees,
-                coalesce(sum(posted) FILTER (WHERE kind = 'system_float'), 0)::bigint AS float
-         FROM proj_wallet_accounts GROUP BY currency",
-    )
-    .fetch_all(&state.pool)
-    .await?;
-    let currencies: Vec<CurrencyReconciliation> = log
-        .iter()
-        .map(|r| {
-            let currency: String = r.get("currency");
-            let m = model
-                .iter()
-                .find(|m| m.get::<String, _>("currency") == currency);
-            let get = |col: &str| m.map_or(0, |m| m.get::<i64, _>(col));
-            let (debits, credits): (i64, i64) = (r.get("debits"), r.get("credits"));
-            CurrencyReconciliation {
-                debits,
-                credits,
-                difference: debits - credits,
-                legs: r.get("legs"),
-                posted_sum: get("posted"),
-                pending_sum: get("pending"),
-                fees: get("fees"),
-                float: get("float"),
-                currency,
-            }
-        })
-        .collect();
-    let balanced = unbalanced.is_empty()
-        && currencies
-            .iter()
-            .all(|c| c.difference == 0 && c.posted_sum == 0);
-    let report = Reconciliation {
-        generated_at: Utc::now(),
-        balanced,
-        currencies,
-        unbalanced_transfers: unbalanced,
-    };
+    .await
+    .map_err(ApiError::Internal)?;
     Ok((position_header(position), Json(report)).into_response())
+}
+
+/// One kept reconciliation run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReconciliationRun {
+    /// Run id.
+    pub id: i64,
+    /// When it ran.
+    pub ran_at: DateTime<Utc>,
+    /// `scheduler` or `admin:<user id>`.
+    pub ran_by: String,
+    /// Its verdict.
+    pub balanced: bool,
+    /// Unbalanced transfers plus provider findings.
+    pub findings: i64,
+    /// The whole report, as `GET /v1/admin/reconciliation` answers it.
+    #[schema(value_type = Object)]
+    pub report: serde_json::Value,
+}
+
+/// The latest runs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReconciliationRuns {
+    /// Up to `limit` runs.
+    pub items: Vec<ReconciliationRun>,
+}
+
+/// How many runs.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct RunsParams {
+    /// 1 to 100 (default 20).
+    pub limit: Option<i64>,
+}
+
+/// The latest reconciliation runs, the scheduler's and on-demand ones (admins).
+#[utoipa::path(get, path = "/v1/admin/reconciliation/runs", tag = "wallet", security(("bearer" = [])), params(RunsParams),
+    responses((status = 200, body = ReconciliationRuns), (status = 400, body = Problem),
+        (status = 401, body = Problem), (status = 403, description = "not an admin", body = Problem)))]
+pub async fn reconciliation_runs(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppQuery(q): AppQuery<RunsParams>,
+) -> ApiResult<Json<ReconciliationRuns>> {
+    if !principal.admin {
+        return Err(ApiError::Forbidden("admins only".into()));
+    }
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::field("limit", "between 1 and 100"));
+    }
+    let items = sqlx::query(
+        "SELECT id, ran_at, ran_by, balanced, findings, report FROM reconciliation_runs
+         ORDER BY ran_at DESC, id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?
+    .iter()
+    .map(|r| ReconciliationRun {
+        id: r.get("id"),
+        ran_at: r.get("ran_at"),
+        ran_by: r.get("ran_by"),
+        balanced: r.get("balanced"),
+        findings: r.get("findings"),
+        report: r.get("report"),
+    })
+    .collect();
+    Ok(Json(ReconciliationRuns { items }))
 }
 
 /// The time a point-in-time balance is asked for.

@@ -226,6 +226,7 @@ fn leg(transfer: Uuid, amount: i64, kind: EntryKind, counterparty: Uuid, after: 
         balance_after: after,
         at: Some(Utc::now()),
         refund_of: None,
+        fx: None,
     }
 }
 
