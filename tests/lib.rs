@@ -421,6 +421,25 @@ impl TestApp {
         }
     }
 
+    /// Wait (up to 5 s) until `wallet`'s posted balance, as `token` reads it,
+    /// is `want` (a deposit credited by webhook lands asynchronously); the last seen.
+    pub async fn posted_balance(&self, token: &str, wallet: Uuid, want: i64) -> serde_json::Value {
+        let mut posted = serde_json::Value::Null;
+        for _ in 0..100 {
+            self.settle("wallet").await;
+            posted = self
+                .get(&format!("/v1/wallets/{wallet}"), Some(token))
+                .await
+                .body["balance"]["posted"]
+                .clone();
+            if posted == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        posted
+    }
+
     /// Row count of a table.
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
@@ -463,6 +482,16 @@ impl TestApp {
         drop_database(&self.db_name).await;
         let _ = std::fs::remove_dir_all(&self.config.upload_dir);
     }
+}
+
+/// Serve `router` (a provider stub) on a free loopback port; its base URL.
+pub async fn serve_stub(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a stub");
+    let url = format!("http://{}", listener.local_addr().expect("stub address"));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    url
 }
 
 /// The usual cast of a wallet test.

@@ -142,9 +142,7 @@ async fn completions(axum::Json(req): axum::Json<Value>) -> axum::response::Resp
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_models_answer_streams_as_chunks_and_commits_one_message() {
     let stub = axum::Router::new().route("/v1/chat/completions", axum::routing::post(completions));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, stub).await });
+    let url = mathia_tests::serve_stub(stub).await;
     let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
         c.llm_url = Some(url);
         c.llm_model = "stub-model".into();

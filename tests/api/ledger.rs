@@ -274,9 +274,7 @@ async fn card_top_ups_create_a_payment_intent_and_its_signed_event_credits_once(
             axum::routing::post(stub_payment_intents),
         )
         .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, stub).await });
+    let url = mathia_tests::serve_stub(stub).await;
     let secret = "whsec_cards";
     let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
         c.payments_webhook_secret = Some(secret.into());
@@ -373,20 +371,11 @@ async fn card_top_ups_create_a_payment_intent_and_its_signed_event_credits_once(
             .unwrap();
         assert_eq!(res.status().as_u16(), 200);
     }
-    let mut posted = json!(null);
-    for _ in 0..100 {
-        app.settle("wallet").await;
-        posted = app
-            .get(&format!("/v1/wallets/{from}"), Some(&alice))
-            .await
-            .body["balance"]["posted"]
-            .clone();
-        if posted == 2_500 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(posted, 2_500, "credited once, whatever the duplicates");
+    assert_eq!(
+        app.posted_balance(&alice, from, 2_500).await,
+        2_500,
+        "credited once, whatever the duplicates"
+    );
     let report = app.get("/v1/admin/reconciliation", Some(&admin)).await;
     assert_eq!(
         (

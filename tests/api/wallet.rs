@@ -1235,20 +1235,7 @@ async fn wallet_deposit_webhooks_are_signed_deduplicated_monotonic_and_credit_on
         "a late pending never undoes completed"
     );
     // Credited once.
-    let mut posted = json!(null);
-    for _ in 0..100 {
-        app.settle("wallet").await;
-        posted = app
-            .get(&format!("/v1/wallets/{from}"), Some(&alice))
-            .await
-            .body["balance"]["posted"]
-            .clone();
-        if posted == 1500 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(posted, 1500);
+    assert_eq!(app.posted_balance(&alice, from, 1500).await, 1500);
     let again = event("evt_3", "payment.completed");
     let (s, _) = deliver(again.clone(), provider_signature(secret, now, &again)).await;
     assert_eq!(s, 200, "another event id for the same completed payment");
@@ -1307,9 +1294,7 @@ async fn wallet_top_ups_go_through_the_payment_gateway_and_complete_by_webhook()
             axum::routing::post(stub_stk_push),
         )
         .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, stub).await });
+    let url = mathia_tests::serve_stub(stub).await;
     let secret = "whsec_topups";
     let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
         c.payments_webhook_secret = Some(secret.into());
@@ -1380,19 +1365,6 @@ async fn wallet_top_ups_go_through_the_payment_gateway_and_complete_by_webhook()
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 200);
-    let mut posted = json!(null);
-    for _ in 0..100 {
-        app.settle("wallet").await;
-        posted = app
-            .get(&format!("/v1/wallets/{from}"), Some(&alice))
-            .await
-            .body["balance"]["posted"]
-            .clone();
-        if posted == 1_550 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(posted, 1_550);
+    assert_eq!(app.posted_balance(&alice, from, 1_550).await, 1_550);
     app.stop().await;
 }

@@ -495,28 +495,78 @@ pub trait PaymentGateway: Send + Sync {
     ) -> futures::future::BoxFuture<'a, Result<PaymentCreated, PaymentError>>;
 }
 
-/// An M-Pesa STK-push provider over HTTP (IntaSend-style wire format):
-/// `POST {base}/api/v1/payment/mpesa-stk-push/` with a bearer key and
-/// `{"amount": "15.00", "currency", "phone_number", "api_ref"}` (a decimal string
-/// from minor units, never a float), answered `{"invoice": {"invoice_id", "state"}}`.
-pub struct HttpPaymentGateway {
+/// What both providers share: a client with a 10 s timeout, a base URL and a
+/// bearer key, and how an answer is read (4xx: refused with the provider's
+/// message; 5xx or a transport error: unavailable; the URL never in an error).
+struct ProviderHttp {
     client: reqwest::Client,
     base: String,
     key: WebhookSecret,
 }
 
-impl HttpPaymentGateway {
-    /// A gateway to `base` with API key `key`.
-    pub fn new(base: &str, key: WebhookSecret) -> Result<Self, PaymentError> {
+impl ProviderHttp {
+    fn new(base: &str, key: WebhookSecret) -> Result<Self, PaymentError> {
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| PaymentError::Unavailable(e.to_string()))?;
-        Ok(HttpPaymentGateway {
+        Ok(ProviderHttp {
             client,
             base: base.trim_end_matches('/').to_owned(),
             key,
         })
+    }
+
+    /// A POST to `path` with the bearer key and our reference as the idempotency key.
+    fn post(&self, path: &str, reference: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key.0)
+            .header("idempotency-key", reference)
+    }
+
+    /// The answer's JSON body; `refusal` points at the message in a 4xx body.
+    async fn read(
+        sent: Result<reqwest::Response, reqwest::Error>,
+        refusal: &str,
+    ) -> Result<serde_json::Value, PaymentError> {
+        let res = sent.map_err(|e| PaymentError::Unavailable(e.without_url().to_string()))?;
+        let status = res.status();
+        let body: serde_json::Value = res.json().await.unwrap_or_default();
+        if status.is_client_error() {
+            return Err(PaymentError::Refused(
+                body.pointer(refusal)
+                    .and_then(|d| d.as_str())
+                    .unwrap_or("refused")
+                    .chars()
+                    .take(200)
+                    .collect(),
+            ));
+        }
+        if !status.is_success() {
+            return Err(PaymentError::Unavailable(format!("status {status}")));
+        }
+        Ok(body)
+    }
+}
+
+/// A provider's payment id, if it is one we can keep (1 to 255 characters).
+fn payment_id(v: &serde_json::Value) -> Option<String> {
+    v.as_str()
+        .filter(|id| !id.is_empty() && id.len() <= 255)
+        .map(str::to_owned)
+}
+
+/// An M-Pesa STK-push provider over HTTP (IntaSend-style wire format):
+/// `POST {base}/api/v1/payment/mpesa-stk-push/` with a bearer key and
+/// `{"amount": "15.00", "currency", "phone_number", "api_ref"}` (a decimal string
+/// from minor units, never a float), answered `{"invoice": {"invoice_id", "state"}}`.
+pub struct HttpPaymentGateway(ProviderHttp);
+
+impl HttpPaymentGateway {
+    /// A gateway to `base` with API key `key`.
+    pub fn new(base: &str, key: WebhookSecret) -> Result<Self, PaymentError> {
+        ProviderHttp::new(base, key).map(HttpPaymentGateway)
     }
 }
 
@@ -538,11 +588,9 @@ impl PaymentGateway for HttpPaymentGateway {
         request: &'a PaymentRequest,
     ) -> futures::future::BoxFuture<'a, Result<PaymentCreated, PaymentError>> {
         Box::pin(async move {
-            let res = self
-                .client
-                .post(format!("{}/api/v1/payment/mpesa-stk-push/", self.base))
-                .bearer_auth(&self.key.0)
-                .header("idempotency-key", &request.reference)
+            let sent = self
+                .0
+                .post("/api/v1/payment/mpesa-stk-push/", &request.reference)
                 .json(&serde_json::json!({
                     "amount": decimal(request.amount, request.currency),
                     "currency": request.currency.code(),
@@ -551,32 +599,18 @@ impl PaymentGateway for HttpPaymentGateway {
                     "wallet_id": request.wallet_id,
                 }))
                 .send()
-                .await
-                .map_err(|e| PaymentError::Unavailable(e.without_url().to_string()))?;
-            let status = res.status();
-            let body: serde_json::Value = res.json().await.unwrap_or_default();
-            if status.is_client_error() {
-                return Err(PaymentError::Refused(
-                    body.get("detail")
-                        .and_then(|d| d.as_str())
-                        .unwrap_or("refused")
-                        .chars()
-                        .take(200)
-                        .collect(),
-                ));
-            }
-            if !status.is_success() {
-                return Err(PaymentError::Unavailable(format!("status {status}")));
-            }
+                .await;
+            let body = ProviderHttp::read(sent, "/detail").await?;
             let invoice = &body["invoice"];
-            match (invoice["invoice_id"].as_str(), invoice["state"].as_str()) {
-                (Some(id), Some(state)) if !id.is_empty() && id.len() <= 255 => {
-                    Ok(PaymentCreated {
-                        payment_id: id.to_owned(),
-                        state: state.to_owned(),
-                        client_secret: None,
-                    })
-                }
+            match (
+                payment_id(&invoice["invoice_id"]),
+                invoice["state"].as_str(),
+            ) {
+                (Some(id), Some(state)) => Ok(PaymentCreated {
+                    payment_id: id,
+                    state: state.to_owned(),
+                    client_secret: None,
+                }),
                 _ => Err(PaymentError::Unavailable(
                     "an answer without an invoice".into(),
                 )),
@@ -590,24 +624,12 @@ impl PaymentGateway for HttpPaymentGateway {
 /// `metadata[wallet_id]`, `metadata[reference]`), a bearer secret key and an
 /// `Idempotency-Key`; answered with the intent (`id`, `status`, `client_secret`),
 /// or `{"error": {"type", "message"}}`.
-pub struct HttpCardGateway {
-    client: reqwest::Client,
-    base: String,
-    key: WebhookSecret,
-}
+pub struct HttpCardGateway(ProviderHttp);
 
 impl HttpCardGateway {
     /// A gateway to `base` with secret key `key`.
     pub fn new(base: &str, key: WebhookSecret) -> Result<Self, PaymentError> {
-        let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
-            .build()
-            .map_err(|e| PaymentError::Unavailable(e.to_string()))?;
-        Ok(HttpCardGateway {
-            client,
-            base: base.trim_end_matches('/').to_owned(),
-            key,
-        })
+        ProviderHttp::new(base, key).map(HttpCardGateway)
     }
 }
 
@@ -627,42 +649,23 @@ impl PaymentGateway for HttpCardGateway {
                 ("metadata[reference]", request.reference.as_str()),
                 ("automatic_payment_methods[enabled]", "true"),
             ];
-            let res = self
-                .client
-                .post(format!("{}/v1/payment_intents", self.base))
-                .bearer_auth(&self.key.0)
-                .header("idempotency-key", &request.reference)
+            let sent = self
+                .0
+                .post("/v1/payment_intents", &request.reference)
                 .form(&form)
                 .send()
-                .await
-                .map_err(|e| PaymentError::Unavailable(e.without_url().to_string()))?;
-            let status = res.status();
-            let body: serde_json::Value = res.json().await.unwrap_or_default();
-            if status.is_client_error() {
-                return Err(PaymentError::Refused(
-                    body["error"]["message"]
-                        .as_str()
-                        .unwrap_or("refused")
-                        .chars()
-                        .take(200)
-                        .collect(),
-                ));
-            }
-            if !status.is_success() {
-                return Err(PaymentError::Unavailable(format!("status {status}")));
-            }
+                .await;
+            let body = ProviderHttp::read(sent, "/error/message").await?;
             match (
-                body["id"].as_str(),
+                payment_id(&body["id"]),
                 body["status"].as_str(),
                 body["client_secret"].as_str(),
             ) {
-                (Some(id), Some(state), Some(secret)) if !id.is_empty() && id.len() <= 255 => {
-                    Ok(PaymentCreated {
-                        payment_id: id.to_owned(),
-                        state: state.to_owned(),
-                        client_secret: Some(secret.to_owned()),
-                    })
-                }
+                (Some(id), Some(state), Some(secret)) => Ok(PaymentCreated {
+                    payment_id: id,
+                    state: state.to_owned(),
+                    client_secret: Some(secret.to_owned()),
+                }),
                 _ => Err(PaymentError::Unavailable(
                     "an answer without a payment intent".into(),
                 )),
