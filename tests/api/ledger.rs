@@ -486,3 +486,105 @@ async fn reconciliation_finds_provider_payments_the_ledger_disagrees_with() {
     assert_eq!(app.count("reconciliation_runs").await, 1);
     app.stop().await;
 }
+
+/// Provider deliveries in a random order, duplicated, some with a second event
+/// id for the same outcome, sent concurrently: every payment ends in its
+/// terminal state, a completed one is credited exactly once and a failed one
+/// never, Σ stays 0 and the reconciliation matches every completed payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_deliveries_in_any_order_with_duplicates_end_in_the_right_state() {
+    use rand::seq::SliceRandom as _;
+    use rand::{RngExt as _, SeedableRng as _};
+    let secret = "whsec_order";
+    let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
+        c.payments_webhook_secret = Some(secret.into());
+        c.reconcile_secs = 0;
+    })
+    .await;
+    let Parties {
+        admin, alice, from, ..
+    } = app.alice_and_bob(0).await;
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut deliveries, mut want) = (vec![], vec![]);
+    let mut credited = 0i64;
+    for p in 0..12 {
+        let completes = rng.random_bool(0.6);
+        let amount: i64 = rng.random_range(1..=5_000);
+        let payment = format!("ws_{seed}_{p}");
+        let terminal = if completes {
+            "payment.completed"
+        } else {
+            "payment.failed"
+        };
+        let mut kinds = vec!["payment.pending", terminal];
+        if rng.random_bool(0.5) {
+            kinds.push(terminal); // the provider re-sends the outcome under a new event id
+        }
+        if rng.random_bool(0.5) {
+            kinds.push("payment.pending"); // a late pending
+        }
+        for (k, kind) in kinds.iter().enumerate() {
+            let body = json!({"id": format!("evt_{p}_{k}"), "type": kind, "payment_id": payment,
+                              "wallet_id": from, "amount": amount, "currency": "KES"})
+            .to_string();
+            for _ in 0..rng.random_range(1..=3) {
+                deliveries.push(body.clone());
+            }
+        }
+        want.push((payment, if completes { "completed" } else { "failed" }));
+        credited += if completes { amount } else { 0 };
+    }
+    deliveries.shuffle(&mut rng);
+    let now = chrono::Utc::now().timestamp();
+    for wave in deliveries.chunks(8) {
+        let sent = futures::future::join_all(wave.iter().map(|body| {
+            app.http
+                .post(format!("{}/v1/webhooks/payments/mpesa", app.base))
+                .header("mathia-signature", provider_signature(secret, now, body))
+                .body(body.clone())
+                .send()
+        }))
+        .await;
+        for r in sent {
+            assert_eq!(r.unwrap().status().as_u16(), 200, "seed {seed}");
+        }
+    }
+    for (payment, status) in &want {
+        let got: String =
+            sqlx::query_scalar("SELECT status FROM payment_intents WHERE payment_id = $1")
+                .bind(payment)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(&got, status, "{payment}, seed {seed}");
+    }
+    assert_eq!(
+        app.posted_balance(&alice, from, credited).await,
+        credited,
+        "seed {seed}"
+    );
+    let completed = want.iter().filter(|(_, s)| *s == "completed").count() as i64;
+    let deposits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM proj_wallet_entries WHERE account_id = $1 AND kind = 'deposit'",
+    )
+    .bind(from)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        deposits, completed,
+        "one deposit per completed payment, seed {seed}"
+    );
+    assert_eq!(ledger_sum(&app).await, 0);
+    let report = app.get("/v1/admin/reconciliation", Some(&admin)).await;
+    let p = &report.body["providers"];
+    assert_eq!(
+        (&report.body["balanced"], &p["matched"], &p["failed"]),
+        (&json!(true), &json!(completed), &json!(12 - completed)),
+        "seed {seed}: {}",
+        report.body
+    );
+    app.stop().await;
+}
