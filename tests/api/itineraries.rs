@@ -1512,3 +1512,171 @@ async fn bench_detail_and_list_reads_and_item_writes() {
         app.stop().await;
     }
 }
+
+/// Item adds, edits, cancels and removals decided while no projector runs
+/// reach it as one catch-up batch (bulk upserts, then each trip's item list
+/// rebuilt once): the detail read then lists exactly the test's own model, in
+/// chronological order, with the trip's last version; `If-None-Match` with
+/// that version answers 304 without a body until the trip changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_item_changes_gives_the_detail_a_recount_gives_and_304_while_unchanged() {
+    let app = TestApp::spawn_with(mathia_tests::only(true, true, true, false), |_| {}).await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let (t, _) = trip(&app, &alice, "Batch").await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6261_7463);
+    // item id → (start hour on the 21st, status).
+    let mut model: BTreeMap<Uuid, (u32, &str)> = BTreeMap::new();
+    for n in 0..60 {
+        // Edits and cancels go to items not cancelled; removals to any.
+        let live: Vec<Uuid> = model
+            .iter()
+            .filter(|(_, v)| v.1 != "cancelled")
+            .map(|(k, _)| *k)
+            .collect();
+        let op = if live.len() < 3 {
+            0
+        } else {
+            rng.random_range(0..5)
+        };
+        let pick = match op {
+            2 | 3 => live[rng.random_range(0..live.len())],
+            _ => *model
+                .keys()
+                .nth(rng.random_range(0..model.len().max(1)))
+                .unwrap_or(&Uuid::nil()),
+        };
+        let r = match op {
+            0 | 1 => {
+                let h = rng.random_range(0..23);
+                let body = item(
+                    "activity",
+                    &format!("A{n}"),
+                    &format!("2026-12-21T{h:02}:00:00"),
+                    &format!("2026-12-21T{h:02}:30:00"),
+                    "Europe/London",
+                );
+                let r = add(&app, &alice, t, &body).await;
+                model.insert(id(&r.body["item_id"]), (h, "pending"));
+                r
+            }
+            2 => {
+                let h = rng.random_range(0..23);
+                let r = app.call("PATCH", &format!("/v1/itineraries/{t}/items/{pick}"), Some(&alice),
+                    Some(&json!({"start": {"local": format!("2026-12-21T{h:02}:00:00"), "zone": "Europe/London"},
+                                 "end": {"local": format!("2026-12-21T{h:02}:45:00"), "zone": "Europe/London"}})), &[]).await;
+                model.get_mut(&pick).unwrap().0 = h;
+                r
+            }
+            3 => {
+                let r = app
+                    .post(
+                        &format!("/v1/itineraries/{t}/items/{pick}/cancel"),
+                        Some(&alice),
+                        &json!({}),
+                        &[],
+                    )
+                    .await;
+                model.get_mut(&pick).unwrap().1 = "cancelled";
+                r
+            }
+            _ => {
+                let r = app
+                    .call(
+                        "DELETE",
+                        &format!("/v1/itineraries/{t}/items/{pick}"),
+                        Some(&alice),
+                        None,
+                        &[],
+                    )
+                    .await;
+                model.remove(&pick);
+                r
+            }
+        };
+        assert!(r.status < 300, "op {op}: {} {}", r.status, r.body);
+    }
+    let version: i64 = sqlx::query_scalar("SELECT max(version) FROM events WHERE stream_id = $1")
+        .bind(format!("itinerary.trip.{t}"))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    // Now the projector: everything above is one catch-up.
+    app.start(mathia_tests::only(false, false, false, true));
+    app.settle("itinerary").await;
+    let r = app.get(&format!("/v1/itineraries/{t}"), Some(&alice)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.body["version"].as_i64(), r.header("etag")),
+        (Some(version), Some(format!("\"{version}\"").as_str()))
+    );
+    let got: Vec<(Uuid, String)> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (id(&i["item_id"]), i["status"].as_str().unwrap().to_owned()))
+        .collect();
+    // The model in true chronological order (ties by end, then id, as the read orders them).
+    let ends = |i: &Value| i["end"]["utc"].as_str().unwrap().to_owned();
+    let mut want: Vec<(u32, String, Uuid, String)> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let k = id(&i["item_id"]);
+            (model[&k].0, ends(i), k, model[&k].1.to_owned())
+        })
+        .collect();
+    want.sort();
+    assert_eq!(got.len(), model.len());
+    assert_eq!(
+        got,
+        want.into_iter()
+            .map(|(_, _, k, s)| (k, s))
+            .collect::<Vec<_>>()
+    );
+    // 304 while unchanged; the next change gives the body again.
+    let etag = format!("\"{version}\"");
+    let not_modified = app
+        .call(
+            "GET",
+            &format!("/v1/itineraries/{t}"),
+            Some(&alice),
+            None,
+            &[("if-none-match", &etag)],
+        )
+        .await;
+    assert_eq!(
+        (not_modified.status, not_modified.header("etag")),
+        (304, Some(etag.as_str()))
+    );
+    let r = add(
+        &app,
+        &alice,
+        t,
+        &item(
+            "note",
+            "Later",
+            "2026-12-22T09:00:00",
+            "2026-12-22T09:00:00",
+            "Europe/London",
+        ),
+    )
+    .await;
+    let changed = app
+        .call(
+            "GET",
+            &format!("/v1/itineraries/{t}?after_position={}", pos(&r)),
+            Some(&alice),
+            None,
+            &[("if-none-match", &etag)],
+        )
+        .await;
+    assert_eq!(
+        (
+            changed.status,
+            changed.body["items"].as_array().map(Vec::len)
+        ),
+        (200, Some(model.len() + 1))
+    );
+    app.stop().await;
+}
