@@ -597,15 +597,19 @@ async fn page(
     };
     let (start_reached, end_reached) = match (items.first(), items.last()) {
         (Some(first), Some(last)) => {
-            let older = if forward {
+            // The latest page has nothing newer and the first page nothing
+            // older, as of the page's own read: no statement needed for those.
+            let older = if forward && bound > 0 {
                 exists("<", first.position).await?
             } else {
-                more
+                !forward && more
             };
             let newer = if forward {
                 more
-            } else {
+            } else if bound < i64::MAX {
                 exists(">", last.position).await?
+            } else {
+                false
             };
             (!older, !newer)
         }

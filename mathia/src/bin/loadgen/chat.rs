@@ -672,11 +672,9 @@ async fn timeline_page(
     };
     let room = &rooms[r];
     let token = &wallets[room.members[rand::random_range(0..room.members.len())]].token;
-    let sent = Instant::now();
-    let (s, page) = client
-        .get(&format!("/v1/rooms/{}/messages{query}", room.id), token)
+    let (s, page, took) = client
+        .timed_get(&format!("/v1/rooms/{}/messages{query}", room.id), token)
         .await?;
-    let took = sent.elapsed();
     anyhow::ensure!(s == 200, "timeline answered {s}: {page}");
     let items = page["items"].as_array().map_or(0, |a| a.len());
     let pick = if rand::random::<bool>() {
@@ -706,14 +704,12 @@ async fn search_page(
     } else {
         "one term"
     };
-    let sent = Instant::now();
-    let (s, page) = client
-        .get(
+    let (s, page, took) = client
+        .timed_get(
             &format!("/v1/search/messages?q={}", q.replace(' ', "%20")),
             token,
         )
         .await?;
-    let took = sent.elapsed();
     anyhow::ensure!(s == 200, "search answered {s}: {page}");
     let items = page["items"].as_array().map_or(0, |a| a.len());
     Ok((kind, took, items))

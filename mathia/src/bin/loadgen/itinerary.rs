@@ -351,15 +351,13 @@ struct Detail {
 impl Reader for Detail {
     async fn read(&mut self) -> anyhow::Result<Sample> {
         let (owner, trip) = self.trips[rand::random_range(0..self.trips.len())];
-        let sent = Instant::now();
-        let (s, b) = self
+        let (s, b, took) = self
             .client
-            .get(
+            .timed_get(
                 &format!("/v1/itineraries/{trip}"),
                 &self.wallets[owner].token,
             )
             .await?;
-        let took = sent.elapsed();
         anyhow::ensure!(s == 200, "detail answered {s}: {b}");
         let items = b["items"].as_array().map_or(0, |a| a.len());
         anyhow::ensure!(
@@ -389,12 +387,10 @@ impl Reader for List {
                 ("cursor", format!("?cursor={cursor}"))
             }
         };
-        let sent = Instant::now();
-        let (s, b) = self
+        let (s, b, took) = self
             .client
-            .get(&format!("/v1/itineraries{query}"), &self.token)
+            .timed_get(&format!("/v1/itineraries{query}"), &self.token)
             .await?;
-        let took: Duration = sent.elapsed();
         anyhow::ensure!(s == 200, "list answered {s}: {b}");
         self.next = b["next"].as_str().map(str::to_owned);
         let items = b["items"].as_array().map_or(0, |a| a.len());
