@@ -480,10 +480,15 @@ pub async fn list_notifications(
         Some(c) => parse_cursor("n1", c)?.0,
         None => i64::MAX,
     };
-    let rows = sqlx::query(
-        "SELECT notification_id, category, title, body, link, created_at, read_at, position FROM proj_notifications
-         WHERE user_id = $1 AND position < $2 AND (NOT $3 OR read_at IS NULL)
-         ORDER BY position DESC LIMIT $4",
+    // One statement, so one snapshot: the unread count always agrees with the
+    // page (two statements could count a notification the page did not show).
+    let mut rows = sqlx::query(
+        "WITH c AS (SELECT count(*) AS unread FROM proj_notifications WHERE user_id = $1 AND read_at IS NULL)
+         SELECT c.unread, p.* FROM c LEFT JOIN LATERAL (
+             SELECT notification_id, category, title, body, link, created_at, read_at, position
+             FROM proj_notifications
+             WHERE user_id = $1 AND position < $2 AND (NOT $3 OR read_at IS NULL)
+             ORDER BY position DESC LIMIT $4) p ON true",
     )
     .bind(principal.user_id)
     .bind(before)
@@ -491,12 +496,8 @@ pub async fn list_notifications(
     .bind(limit + 1)
     .fetch_all(&state.pool)
     .await?;
-    let unread: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM proj_notifications WHERE user_id = $1 AND read_at IS NULL",
-    )
-    .bind(principal.user_id)
-    .fetch_one(&state.pool)
-    .await?;
+    let unread: i64 = rows.first().map_or(0, |r| r.get("unread"));
+    rows.retain(|r| r.get::<Option<Uuid>, _>("notification_id").is_some());
     let more = rows.len() as i64 > limit;
     let items = rows
         .iter()
