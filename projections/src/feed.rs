@@ -69,10 +69,11 @@ impl Projector for FeedProjector {
 
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
         let mut rows = Rows::default();
+        let mut owners = Owners::load(tx, batch).await?;
         for env in batch {
             match env.event()? {
                 Event::Chat(e) => self.chat(tx, env, e, &mut rows).await?,
-                Event::Wallet(e) => self.wallet(tx, env, e, &mut rows).await?,
+                Event::Wallet(e) => self.wallet(tx, env, e, &mut rows, &mut owners).await?,
                 // Not in `domains()`; itinerary changes reach rooms as system messages.
                 Event::Notify(e) => {
                     // Persisted first (the event), pushed on the user's stream.
@@ -129,6 +130,34 @@ impl Rows {
         .execute(tx)
         .await?;
         Ok(())
+    }
+}
+
+/// The owners of the wallet accounts a batch moves, read in one statement
+/// before the batch (an owner never changes; accounts opened within the batch
+/// are added as their `AccountOpened` is applied). One query per wallet event
+/// was the feed's largest cost under fee transfers (four legs each).
+struct Owners(std::collections::HashMap<Uuid, Uuid>);
+
+impl Owners {
+    async fn load(tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<Self> {
+        let accounts: Vec<Uuid> = batch
+            .iter()
+            .filter(|e| e.stream_id.domain() == events::wallet::DOMAIN)
+            .filter_map(|e| e.stream_id.id().parse().ok())
+            .collect::<std::collections::BTreeSet<Uuid>>()
+            .into_iter()
+            .collect();
+        if accounts.is_empty() {
+            return Ok(Owners(Default::default()));
+        }
+        let found: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT account_id, owner_id FROM feed_account_owners WHERE account_id = ANY($1)",
+        )
+        .bind(&accounts)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok(Owners(found.into_iter().collect()))
     }
 }
 
@@ -228,6 +257,7 @@ impl FeedProjector {
         env: &EventEnvelope,
         event: WalletEvent,
         rows: &mut Rows,
+        owners: &mut Owners,
     ) -> anyhow::Result<()> {
         let account = stream_uuid(env)?;
         let mut payload = serde_json::to_value(&event)?;
@@ -247,19 +277,15 @@ impl FeedProjector {
                 .bind(owner)
                 .execute(&mut *tx)
                 .await?;
+                owners.0.insert(account, *owner);
                 rows.push(user_topic(*owner), env, payload);
             }
             WalletEvent::AccountOpened { .. } => {}
-            // Money movements, holds and limits: the owner sees them all.
+            // Money movements, holds and limits: the owner sees them all
+            // (system accounts have none).
             _ => {
-                let owner: Option<Uuid> = sqlx::query_scalar(
-                    "SELECT owner_id FROM feed_account_owners WHERE account_id = $1",
-                )
-                .bind(account)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(owner) = owner {
-                    rows.push(user_topic(owner), env, payload);
+                if let Some(owner) = owners.0.get(&account) {
+                    rows.push(user_topic(*owner), env, payload);
                 }
             }
         }
