@@ -234,7 +234,12 @@ pub async fn convert(
     let (to, to_currency) = match (req.to_wallet, to_cur) {
         (Some(w), _) => (w, wallet_currency(w).await?),
         (None, Some(c)) => (user_wallet_id(principal.user_id, c), c),
-        (None, None) => unreachable!("checked above: exactly one is given"),
+        (None, None) => {
+            return Err(ApiError::field(
+                "to_wallet",
+                "give exactly one of to_wallet and to_currency",
+            ));
+        }
     };
     if from_currency == to_currency {
         return Err(ApiError::coded(
