@@ -177,6 +177,8 @@ pub struct AppState {
     pub signals: tokio::sync::broadcast::Sender<Arc<crate::signals::Signal>>,
     /// Compressors shared by WebSocket connections (permessage-deflate without context takeover).
     pub deflate: yawc::DeflatePool,
+    /// Read models' checkpoints as last read (see [`crate::consistency::Checkpoints`]).
+    pub checkpoints: Arc<crate::consistency::Checkpoints>,
     waiters: Arc<Mutex<HashMap<Uuid, Waiter>>>,
 }
 
@@ -226,6 +228,7 @@ impl AppState {
             hub: Arc::new(crate::realtime::Hub::default()),
             signals: tokio::sync::broadcast::channel(4096).0,
             deflate: yawc::DeflatePool::new(64),
+            checkpoints: Arc::default(),
             waiters: Arc::new(Mutex::new(HashMap::new())),
         }
     }
