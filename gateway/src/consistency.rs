@@ -138,3 +138,20 @@ pub fn position_header(position: i64) -> HeaderMap {
     }
     h
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_is_reused_only_while_fresh() {
+        let seen = Checkpoints::default();
+        assert_eq!(seen.recent("wallet"), None, "never read");
+        seen.saw("wallet", 41);
+        seen.saw("wallet", 42);
+        assert_eq!(seen.recent("wallet"), Some(42), "the latest read");
+        assert_eq!(seen.recent("chat"), None, "per model");
+        std::thread::sleep(Checkpoints::FRESH + Duration::from_millis(5));
+        assert_eq!(seen.recent("wallet"), None, "stale: ask Postgres again");
+    }
+}
