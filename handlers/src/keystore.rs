@@ -192,27 +192,49 @@ impl Keystore {
         .bind(messages)
         .fetch_all(conn)
         .await?;
+        Ok(self.open_message_keys(rows.iter().map(|r| WrappedMessageKey {
+            message: r.get("message_id"),
+            room: r.get("room_id"),
+            version: r.get("key_version"),
+            message_key: r.get("mk"),
+            room_key: r.get("rk"),
+        })))
+    }
+
+    /// Unwrap message keys read with their room keys (each room key once).
+    pub fn open_message_keys<'a>(
+        &self,
+        keys: impl IntoIterator<Item = WrappedMessageKey<'a>>,
+    ) -> HashMap<Uuid, Key> {
         let mut room_keys: HashMap<(Uuid, i32), Option<Key>> = HashMap::new();
-        let mut out = HashMap::with_capacity(rows.len());
-        for r in rows {
-            let (id, room, version): (Uuid, Uuid, i32) =
-                (r.get("message_id"), r.get("room_id"), r.get("key_version"));
+        let mut out = HashMap::new();
+        for k in keys {
             let rk = room_keys
-                .entry((room, version))
-                .or_insert_with(|| {
-                    let w: Vec<u8> = r.get("rk");
-                    self.open_room_key(room, version, &w)
-                })
-                .clone();
-            let mk: Vec<u8> = r.get("mk");
-            if let Some(k) =
-                rk.and_then(|rk| crypto::unwrap(&rk, &crypto::message_key_aad(id), &mk).ok())
-            {
-                out.insert(id, k);
+                .entry((k.room, k.version))
+                .or_insert_with(|| self.open_room_key(k.room, k.version, k.room_key));
+            if let Some(key) = rk.as_ref().and_then(|rk| {
+                crypto::unwrap(rk, &crypto::message_key_aad(k.message), k.message_key).ok()
+            }) {
+                out.insert(k.message, key);
             }
         }
-        Ok(out)
+        out
     }
+}
+
+/// A message key as stored, with the room key that wraps it.
+#[derive(Debug, Clone, Copy)]
+pub struct WrappedMessageKey<'a> {
+    /// The message.
+    pub message: Uuid,
+    /// Its room.
+    pub room: Uuid,
+    /// The room key version that wrapped it.
+    pub version: i32,
+    /// `chat_message_keys.wrapped`.
+    pub message_key: &'a [u8],
+    /// `chat_room_keys.wrapped` of that room and version.
+    pub room_key: &'a [u8],
 }
 
 /// A fresh message key wrapped by `room_key`.

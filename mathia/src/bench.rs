@@ -216,9 +216,25 @@ impl Server {
 }
 
 /// The connection string of database `db` on the server of `admin`.
+///
+/// ```
+/// use mathia::bench::db_url;
+/// assert_eq!(db_url("postgres://u@h:5432/postgres", "b1"), "postgres://u@h:5432/b1");
+/// assert_eq!(
+///     db_url("postgres://u@h/postgres?options=-c%20plan_cache_mode%3Dauto", "b1"),
+///     "postgres://u@h/b1?options=-c%20plan_cache_mode%3Dauto"
+/// );
+/// ```
 pub fn db_url(admin: &str, db: &str) -> String {
+    // The query (`?options=…`, `?sslmode=…`) stays.
+    let (admin, query) = match admin.split_once('?') {
+        Some((url, query)) => (url, format!("?{query}")),
+        None => (admin, String::new()),
+    };
     match admin.rsplit_once('/') {
-        Some((base, _)) if base.contains("://") && !base.ends_with('/') => format!("{base}/{db}"),
-        _ => format!("{}/{db}", admin.trim_end_matches('/')),
+        Some((base, _)) if base.contains("://") && !base.ends_with('/') => {
+            format!("{base}/{db}{query}")
+        }
+        _ => format!("{}/{db}{query}", admin.trim_end_matches('/')),
     }
 }
