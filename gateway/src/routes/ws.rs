@@ -127,7 +127,12 @@ pub async fn ws(
         )
         .into_response();
     };
+    // Socket buffers start at 1 KiB and grow with the traffic (tokio-util's
+    // default is 8 KiB each way): most connections sit idle, and the pair was
+    // half of an idle connection's memory.
     let options = Options::default()
+        .with_read_buffer_capacity(1024)
+        .with_write_buffer_capacity(1024)
         .with_max_payload_read(state.settings.ws_max_frame)
         .with_utf8()
         .with_low_latency_compression()
