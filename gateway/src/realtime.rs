@@ -256,8 +256,15 @@ pub async fn epoch(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
     .await
 }
 
-async fn feed_checkpoint(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
-    Ok(projections::checkpoint(pool, "feed").await?)
+/// The feed's checkpoint and the [`epoch`], in one round trip.
+async fn feed_head(pool: &sqlx::PgPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT COALESCE(max(position) FILTER (WHERE model = 'feed'), 0),
+                COALESCE(sum(epoch), 0)::bigint
+         FROM proj_checkpoints WHERE model IN ('feed', 'chat', 'wallet')",
+    )
+    .fetch_one(pool)
+    .await
 }
 
 /// Read feed rows of `topics` in `(after, up_to]` (all topics when `None`), in
@@ -380,8 +387,7 @@ pub async fn tail(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let hub = state.hub.clone();
-    let start = feed_checkpoint(&state.pool).await?;
-    let ep = epoch(&state.pool).await?;
+    let (start, ep) = feed_head(&state.pool).await?;
     hub.deliver(vec![], start, ep);
     let mut listener = sqlx::postgres::PgListener::connect_with(&state.pool).await?;
     listener.listen("mathia_feed").await?;
@@ -390,12 +396,15 @@ pub async fn tail(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = listener.recv() => {}
+            _ = listener.recv() => {
+                // The feed commits many times a second under load: one look at
+                // the head answers every notification already here.
+                while listener.next_buffered().is_some() {}
+            }
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
         let result: anyhow::Result<()> = async {
-            let head = feed_checkpoint(&state.pool).await?;
-            let ep = epoch(&state.pool).await?;
+            let (head, ep) = feed_head(&state.pool).await?;
             if ep != current_epoch || head < position {
                 current_epoch = ep;
                 position = head;
