@@ -582,14 +582,18 @@ async fn page(
     } else {
         (false, i64::MAX, false)
     };
-    let (op, order) = match (forward, inclusive) {
-        (true, true) => (">=", "ASC"),
-        (true, false) => (">", "ASC"),
-        (false, true) => ("<=", "DESC"),
-        (false, false) => ("<", "DESC"),
+    // `beyond`: the other side of the bound, where the page does not look. Nothing
+    // lies between the bound and the page's near end, so whether anything lies
+    // beyond that end is whether anything lies there: the same statement answers it.
+    let (op, beyond, order) = match (forward, inclusive) {
+        (true, true) => (">=", "<", "ASC"),
+        (true, false) => (">", "<=", "ASC"),
+        (false, true) => ("<=", ">", "DESC"),
+        (false, false) => ("<", ">=", "DESC"),
     };
     let mut rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk
+        "SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk,
+                EXISTS (SELECT 1 FROM proj_chat_messages WHERE {filter} AND position {beyond} $2) AS beyond
          FROM (SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE {filter} AND position {op} $2
                ORDER BY position {order} LIMIT $3) m
          {KEYED}
@@ -605,6 +609,7 @@ async fn page(
     if !forward {
         rows.reverse();
     }
+    let beyond_bound = rows.first().is_some_and(|r| r.get::<bool, _>("beyond"));
     let items = views_keyed(state, &rows);
     // Each end is reached when nothing lies beyond it.
     let exists = |op: &'static str, p: i64| {
@@ -621,20 +626,19 @@ async fn page(
         }
     };
     let (start_reached, end_reached) = match (items.first(), items.last()) {
-        (Some(first), Some(last)) => {
-            // The latest page has nothing newer and the first page nothing
-            // older, as of the page's own read: no statement needed for those.
-            let older = if forward && bound > 0 {
-                exists("<", first.position).await?
+        (Some(_), Some(_)) => {
+            // The far end: whether the statement found more than a page. The near
+            // end: `beyond` (the latest page has nothing newer and the first page
+            // nothing older, as of the page's own read).
+            let older = if forward {
+                bound > 0 && beyond_bound
             } else {
-                !forward && more
+                more
             };
             let newer = if forward {
                 more
-            } else if bound < i64::MAX {
-                exists(">", last.position).await?
             } else {
-                false
+                bound < i64::MAX && beyond_bound
             };
             (!older, !newer)
         }
