@@ -4,37 +4,19 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 
 /// The migrations of the whole backend, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Connect a pool of at most `max` connections.
-///
-/// Its sessions plan each prepared statement once (`plan_cache_mode =
-/// force_generic_plan`). Left to choose, Postgres kept re-planning our
-/// statements on every execution: with `LIMIT $n` and range bounds as
-/// parameters the generic plan's estimate looks worse than a custom one, so it
-/// is never picked, although it is the same plan. A timeline page spent as long
-/// in planning (0.36 ms) as in execution (0.38 ms); with the generic plan,
-/// 0.02 ms of planning and the same index scans. Every statement here is a
-/// keyed lookup or a short range, which is what generic plans are good at.
-/// A URL that sets it itself (`?options=-c%20plan_cache_mode%3Dauto`) keeps its own.
 pub async fn connect_pg(url: &str, max: u32) -> anyhow::Result<PgPool> {
-    let redacted = || format!("connecting to Postgres at {}", redact_url(url));
-    let mut options: PgConnectOptions = url.parse().with_context(redacted)?;
-    if !options
-        .get_options()
-        .is_some_and(|o| o.contains("plan_cache_mode"))
-    {
-        options = options.options([("plan_cache_mode", "force_generic_plan")]);
-    }
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
+        .connect(url)
         .await
-        .with_context(redacted)
+        .with_context(|| format!("connecting to Postgres at {}", redact_url(url)))
 }
 
 /// Apply every pending migration.

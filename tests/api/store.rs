@@ -216,23 +216,3 @@ async fn the_log_can_be_filtered_by_stream_type_request_and_position() {
     pool.close().await;
     drop_database(&name).await;
 }
-
-#[tokio::test]
-async fn backend_connections_plan_once_unless_the_url_says_otherwise() {
-    let (url, name) = fresh_database().await.unwrap();
-    let mode = |pool: PgPool| async move {
-        let m: String = sqlx::query_scalar("SHOW plan_cache_mode")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        pool.close().await;
-        m
-    };
-    let backend = handlers::infra::connect_pg(&url, 1).await.unwrap();
-    assert_eq!(mode(backend).await, "force_generic_plan");
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let own = format!("{url}{sep}options=-c%20plan_cache_mode%3Dauto");
-    let chosen = handlers::infra::connect_pg(&own, 1).await.unwrap();
-    assert_eq!(mode(chosen).await, "auto", "the URL's own setting wins");
-    drop_database(&name).await;
-}
