@@ -247,16 +247,8 @@ impl Hub {
     }
 }
 
-/// The epoch cursors are issued under: the feed's and the read models' behind it.
-pub async fn epoch(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT COALESCE(sum(epoch), 0)::bigint FROM proj_checkpoints WHERE model IN ('feed', 'chat', 'wallet')",
-    )
-    .fetch_one(pool)
-    .await
-}
-
-/// The feed's checkpoint and the [`epoch`], in one round trip.
+/// The feed's checkpoint, and the epoch cursors are issued under (the sum of
+/// the feed's and the read models' behind it), in one round trip.
 async fn feed_head(pool: &sqlx::PgPool) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(
         "SELECT COALESCE(max(position) FILTER (WHERE model = 'feed'), 0),

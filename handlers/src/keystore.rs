@@ -192,13 +192,15 @@ impl Keystore {
         .bind(messages)
         .fetch_all(conn)
         .await?;
-        Ok(self.open_message_keys(rows.iter().map(|r| WrappedMessageKey {
-            message: r.get("message_id"),
-            room: r.get("room_id"),
-            version: r.get("key_version"),
-            message_key: r.get("mk"),
-            room_key: r.get("rk"),
-        })))
+        Ok(
+            self.open_message_keys(rows.iter().map(|r| WrappedMessageKey {
+                message: r.get("message_id"),
+                room: r.get("room_id"),
+                version: r.get("key_version"),
+                message_key: r.get("mk"),
+                room_key: r.get("rk"),
+            })),
+        )
     }
 
     /// Unwrap message keys read with their room keys (each room key once).

@@ -221,8 +221,8 @@ impl Server {
 /// use mathia::bench::db_url;
 /// assert_eq!(db_url("postgres://u@h:5432/postgres", "b1"), "postgres://u@h:5432/b1");
 /// assert_eq!(
-///     db_url("postgres://u@h/postgres?options=-c%20plan_cache_mode%3Dauto", "b1"),
-///     "postgres://u@h/b1?options=-c%20plan_cache_mode%3Dauto"
+///     db_url("postgres://u@h/postgres?sslmode=disable", "b1"),
+///     "postgres://u@h/b1?sslmode=disable"
 /// );
 /// ```
 pub fn db_url(admin: &str, db: &str) -> String {

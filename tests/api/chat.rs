@@ -515,6 +515,14 @@ async fn the_timeline_pages_both_ways_with_explicit_ends_and_jumps_to_a_date() {
         )
         .await;
     assert_eq!(bodies(&p2), ["message 1", "message 2", "message 3"]);
+    assert_eq!(
+        (
+            p2.body["start_reached"].as_bool(),
+            p2.body["end_reached"].as_bool()
+        ),
+        (Some(false), Some(false)),
+        "a page from a cursor has messages on both sides"
+    );
     let p3 = app
         .get(
             &format!(
@@ -538,6 +546,14 @@ async fn the_timeline_pages_both_ways_with_explicit_ends_and_jumps_to_a_date() {
         )
         .await;
     assert_eq!(bodies(&f), ["message 1", "message 2", "message 3"]);
+    assert_eq!(
+        (
+            f.body["start_reached"].as_bool(),
+            f.body["end_reached"].as_bool()
+        ),
+        (Some(false), Some(false)),
+        "message 0 lies before a forward page from the oldest page's cursor"
+    );
     // From any message, either way, including it.
     let fm = app
         .get(
@@ -547,6 +563,10 @@ async fn the_timeline_pages_both_ways_with_explicit_ends_and_jumps_to_a_date() {
         .await;
     assert_eq!(bodies(&fm), ["message 5", "message 6"]);
     assert_eq!(fm.body["end_reached"], true);
+    assert_eq!(
+        fm.body["start_reached"], false,
+        "messages 0–4 lie before it"
+    );
     let bm = app
         .get(
             &format!("{base}?limit=2&from_message={}", ids[5]),
@@ -554,6 +574,14 @@ async fn the_timeline_pages_both_ways_with_explicit_ends_and_jumps_to_a_date() {
         )
         .await;
     assert_eq!(bodies(&bm), ["message 4", "message 5"]);
+    assert_eq!(
+        (
+            bm.body["start_reached"].as_bool(),
+            bm.body["end_reached"].as_bool()
+        ),
+        (Some(false), Some(false)),
+        "message 6 lies after a backward page that includes message 5"
+    );
     // Jump to a date: the first message sent at or after it.
     let t: String = sqlx::query_scalar("SELECT to_char(sent_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM proj_chat_messages WHERE message_id = $1")
         .bind(ids[4])
@@ -564,6 +592,13 @@ async fn the_timeline_pages_both_ways_with_explicit_ends_and_jumps_to_a_date() {
         .get(&format!("{base}?limit=2&at={t}&dir=forward"), Some(&alice))
         .await;
     assert_eq!(bodies(&j), ["message 4", "message 5"], "{}", j.body);
+    assert_eq!(
+        (
+            j.body["start_reached"].as_bool(),
+            j.body["end_reached"].as_bool()
+        ),
+        (Some(false), Some(false))
+    );
     // Bad paging input is a problem, never a 500.
     app.get(&format!("{base}?cursor=bm9wZQ"), Some(&alice))
         .await

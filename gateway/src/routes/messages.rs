@@ -426,15 +426,17 @@ async fn views(state: &AppState, rows: &[sqlx::postgres::PgRow]) -> ApiResult<Ve
 /// Open the bodies of rows that carry their keys (`key_version`, `mk`, `rk`:
 /// see [`KEYED`]), with no further statement.
 fn views_keyed(state: &AppState, rows: &[sqlx::postgres::PgRow]) -> Vec<MessageView> {
-    let keys = state.keystore.open_message_keys(rows.iter().filter_map(|r| {
-        Some(handlers::keystore::WrappedMessageKey {
-            message: r.get("message_id"),
-            room: r.get("room_id"),
-            version: r.get::<Option<i32>, _>("key_version")?,
-            message_key: r.get::<Option<&[u8]>, _>("mk")?,
-            room_key: r.get::<Option<&[u8]>, _>("rk")?,
-        })
-    }));
+    let keys = state
+        .keystore
+        .open_message_keys(rows.iter().filter_map(|r| {
+            Some(handlers::keystore::WrappedMessageKey {
+                message: r.get("message_id"),
+                room: r.get("room_id"),
+                version: r.get::<Option<i32>, _>("key_version")?,
+                message_key: r.get::<Option<&[u8]>, _>("mk")?,
+                room_key: r.get::<Option<&[u8]>, _>("rk")?,
+            })
+        }));
     rows.iter().map(|r| view(r, &keys)).collect()
 }
 
