@@ -53,10 +53,18 @@ impl Projector for ChatProjector {
             "proj_chat_messages",
             "proj_chat_edits",
             "proj_chat_unread",
-            "proj_chat_search",
             "proj_chat_flags",
             "proj_chat_mutes",
             "proj_chat_notes",
+        ]
+    }
+
+    fn deferred_indexes(&self) -> &'static [&'static str] {
+        // Read by the gateway (search, jump to date, thread lists), never by `apply`.
+        &[
+            "proj_chat_messages_search",
+            "proj_chat_messages_time",
+            "proj_chat_messages_threads",
         ]
     }
 
@@ -77,6 +85,22 @@ impl Projector for ChatProjector {
         }
         self.apply_posts(tx, &run).await
     }
+}
+
+/// The blind index of a sealed body under its message key and the room's
+/// search key (`None` when it has no searchable word or does not open).
+fn sealed_tokens(
+    search: &crypto::Key,
+    key: &crypto::Key,
+    message: Uuid,
+    body: &Sealed,
+) -> Option<Vec<i64>> {
+    let Ok(plain) = crypto::open(key, &crypto::field_aad(message, "body"), body) else {
+        tracing::warn!(%message, "a message body does not open with its key; not indexed");
+        return None;
+    };
+    let tokens = crypto::index_tokens(search, &String::from_utf8_lossy(&plain));
+    (!tokens.is_empty()).then_some(tokens)
 }
 
 fn stream_uuid(env: &EventEnvelope) -> anyhow::Result<Uuid> {
@@ -148,7 +172,6 @@ impl ChatProjector {
                 for table in [
                     "DELETE FROM proj_chat_edits WHERE message_id IN (SELECT message_id FROM proj_chat_messages WHERE room_id = $1)",
                     "DELETE FROM proj_chat_messages WHERE room_id = $1",
-                    "DELETE FROM proj_chat_search WHERE room_id = $1",
                     "DELETE FROM proj_chat_unread WHERE room_id = $1",
                     "DELETE FROM proj_chat_members WHERE room_id = $1",
                     "DELETE FROM proj_chat_email_invites WHERE room_id = $1",
@@ -239,8 +262,8 @@ impl ChatProjector {
             } => {
                 sqlx::query(
                     "INSERT INTO proj_chat_messages (message_id, room_id, position, thread_root, sender, kind, body, attachment,
-                        quote, mentions, mentions_assistant, client_message_id, sent_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                        quote, mentions, mentions_assistant, client_message_id, sent_at, search_tokens)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 )
                 .bind(message_id)
                 .bind(room_id)
@@ -255,6 +278,7 @@ impl ChatProjector {
                 .bind(mentions_assistant)
                 .bind(&client_message_id)
                 .bind(sent_at)
+                .bind(self.tokens(tx, room_id, message_id, &body).await?)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query("UPDATE proj_chat_rooms SET last_position = $2 WHERE room_id = $1")
@@ -305,23 +329,18 @@ impl ChatProjector {
                         .await?;
                     }
                 }
-                self.index(tx, room_id, message_id, pos, &body).await?;
             }
             ChatEvent::MessageEdited { body, .. } => {
                 let id = stream_uuid(env)?;
                 let row = sqlx::query(
-                    "SELECT room_id, position, body, edits FROM proj_chat_messages WHERE message_id = $1",
+                    "SELECT room_id, body, edits FROM proj_chat_messages WHERE message_id = $1",
                 )
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
                 let Some(row) = row else { return Ok(()) };
-                let (room, position, old, edits): (Uuid, i64, Option<serde_json::Value>, i32) = (
-                    row.get("room_id"),
-                    row.get("position"),
-                    row.get("body"),
-                    row.get("edits"),
-                );
+                let (room, old, edits): (Uuid, Option<serde_json::Value>, i32) =
+                    (row.get("room_id"), row.get("body"), row.get("edits"));
                 if let Some(old) = old {
                     sqlx::query(
                         "INSERT INTO proj_chat_edits (message_id, edit_no, body, replaced_at) VALUES ($1, $2, $3, $4)
@@ -335,18 +354,15 @@ impl ChatProjector {
                     .await?;
                 }
                 sqlx::query(
-                    "UPDATE proj_chat_messages SET body = $2, edited_at = $3, edits = edits + 1 WHERE message_id = $1",
+                    "UPDATE proj_chat_messages SET body = $2, edited_at = $3, edits = edits + 1, search_tokens = $4
+                     WHERE message_id = $1",
                 )
                 .bind(id)
                 .bind(serde_json::to_value(&body)?)
                 .bind(at)
+                .bind(self.tokens(tx, room, id, &body).await?)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query("DELETE FROM proj_chat_search WHERE message_id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                self.index(tx, room, id, position, &body).await?;
             }
             ChatEvent::MessageRedacted { .. } => self.redact(tx, env).await?,
             ChatEvent::ReactionAdded { user_id, emoji } => {
@@ -468,50 +484,29 @@ impl ChatProjector {
         self.room_version(tx, env, "").await
     }
 
-    async fn index(
+    /// The blind index of one message (`None`: nothing to index, or its key
+    /// is gone: redacted or the room deleted since).
+    async fn tokens(
         &self,
         tx: &mut PgConnection,
         room: Uuid,
         message: Uuid,
-        position: i64,
         body: &Sealed,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<Vec<i64>>> {
         let keys = self.keystore.message_keys(tx, &[message]).await?;
         let (Some(key), Some(search)) = (
             keys.get(&message),
             self.keystore.search_key(tx, room).await?,
         ) else {
-            return Ok(()); // redacted (or the room deleted) since: nothing to index
+            return Ok(None);
         };
-        let Ok(plain) = crypto::open(key, &crypto::field_aad(message, "body"), body) else {
-            tracing::warn!(%message, "a message body does not open with its key; not indexed");
-            return Ok(());
-        };
-        let text = String::from_utf8_lossy(&plain);
-        let tokens: Vec<Vec<u8>> = crypto::index_tokens(&search, &text)
-            .into_iter()
-            .map(|t| t.to_vec())
-            .collect();
-        if tokens.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "INSERT INTO proj_chat_search (room_id, token, position, message_id)
-             SELECT $1, t, $3, $4 FROM UNNEST($2::bytea[]) AS t ON CONFLICT DO NOTHING",
-        )
-        .bind(room)
-        .bind(&tokens)
-        .bind(position)
-        .bind(message)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
+        Ok(sealed_tokens(&search, key, message, body))
     }
 
     async fn redact(&self, tx: &mut PgConnection, env: &EventEnvelope) -> anyhow::Result<()> {
         let id = stream_uuid(env)?;
         let row = sqlx::query(
-            "UPDATE proj_chat_messages SET body = NULL, attachment = NULL, reactions = '{}', redacted_at = $2
+            "UPDATE proj_chat_messages SET body = NULL, attachment = NULL, reactions = '{}', search_tokens = NULL, redacted_at = $2
              WHERE message_id = $1 AND redacted_at IS NULL
              RETURNING room_id, position, thread_root, sender, mentions",
         )
@@ -527,12 +522,10 @@ impl ChatProjector {
             row.get("sender"),
             row.get("mentions"),
         );
-        for q in [
-            "DELETE FROM proj_chat_edits WHERE message_id = $1",
-            "DELETE FROM proj_chat_search WHERE message_id = $1",
-        ] {
-            sqlx::query(q).bind(id).execute(&mut *tx).await?;
-        }
+        sqlx::query("DELETE FROM proj_chat_edits WHERE message_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         // Whoever had not read it yet counted it: take it back.
         sqlx::query(
             "UPDATE proj_chat_unread SET unread = unread - 1, mentions = mentions - (user_id = ANY($5))::int

@@ -241,6 +241,8 @@ pub async fn rebuild<P: Projector>(
         }
     }
 
+    build_deferred(pool, projector, &live, &shadow).await?;
+
     if options.dry_run {
         let outcome = compare(pool, projector, &live, &shadow).await;
         discard(pool, model).await?;
@@ -355,33 +357,10 @@ async fn create_shadow<P: Projector>(
             .execute(&mut *tx)
             .await?;
         }
-        let indexes: Vec<String> = sqlx::query_scalar(
-            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i
-             WHERE i.indrelid = $1::regclass
-               AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)",
-        )
-        .bind(&live_table)
-        .fetch_all(&mut *tx)
+        copy_indexes(&mut tx, live, shadow, table, |name| {
+            !projector.deferred_indexes().contains(&name)
+        })
         .await?;
-        for def in indexes {
-            // `CREATE [UNIQUE] INDEX name ON schema.table USING …`: the same index on the shadow table.
-            let qualified: String = sqlx::query_scalar("SELECT $1::regclass::text")
-                .bind(&live_table)
-                .fetch_one(&mut *tx)
-                .await?;
-            let on_live = format!(" ON {qualified} USING ");
-            let on_live_full = format!(" ON {live}.{table} USING ");
-            let redirected = if def.contains(&on_live_full) {
-                def.replacen(&on_live_full, &format!(" ON {shadow_table} USING "), 1)
-            } else if def.contains(&on_live) {
-                def.replacen(&on_live, &format!(" ON {shadow_table} USING "), 1)
-            } else {
-                anyhow::bail!("cannot copy index of {live_table}: {def}");
-            };
-            sqlx::raw_sql(sqlx::AssertSqlSafe(redirected))
-                .execute(&mut *tx)
-                .await?;
-        }
     }
     if let Some(seed) = projector.shadow_seed() {
         search_path(&mut *tx, &[shadow, live]).await?;
@@ -406,6 +385,79 @@ async fn create_shadow<P: Projector>(
         from,
         "rebuild: shadow tables created"
     );
+    Ok(())
+}
+
+/// Create on the shadow copy of `table` the live table's indexes that are not
+/// constraints' and that `wanted` picks by name, with the live definitions and
+/// names (`IF NOT EXISTS`: a resumed rebuild may already have some).
+async fn copy_indexes(
+    tx: &mut PgConnection,
+    live: &str,
+    shadow: &str,
+    table: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    let live_table = format!("{}.{}", ident(live), ident(table));
+    let shadow_table = format!("{}.{}", ident(shadow), ident(table));
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE i.indrelid = $1::regclass
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+    )
+    .bind(&live_table)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (name, def) in indexes {
+        if !wanted(&name) {
+            continue;
+        }
+        // `CREATE [UNIQUE] INDEX name ON schema.table USING …`: the same index on the shadow table.
+        let qualified: String = sqlx::query_scalar("SELECT $1::regclass::text")
+            .bind(&live_table)
+            .fetch_one(&mut *tx)
+            .await?;
+        let on_live = format!(" ON {qualified} USING ");
+        let on_live_full = format!(" ON {live}.{table} USING ");
+        let redirected = if def.contains(&on_live_full) {
+            def.replacen(&on_live_full, &format!(" ON {shadow_table} USING "), 1)
+        } else if def.contains(&on_live) {
+            def.replacen(&on_live, &format!(" ON {shadow_table} USING "), 1)
+        } else {
+            anyhow::bail!("cannot copy index of {live_table}: {def}");
+        };
+        let redirected = redirected.replacen(" INDEX ", " INDEX IF NOT EXISTS ", 1);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(redirected))
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Build the projector's deferred indexes on the filled shadow.
+async fn build_deferred<P: Projector>(
+    pool: &PgPool,
+    projector: &P,
+    live: &str,
+    shadow: &str,
+) -> anyhow::Result<()> {
+    let deferred = projector.deferred_indexes();
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    // A sorted build in memory rather than in temporary files.
+    sqlx::raw_sql("SET LOCAL maintenance_work_mem = '256MB'")
+        .execute(&mut *tx)
+        .await?;
+    for table in projector.tables() {
+        copy_indexes(&mut tx, live, shadow, table, |name| {
+            deferred.contains(&name)
+        })
+        .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 

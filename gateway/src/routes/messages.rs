@@ -1116,7 +1116,7 @@ pub async fn thread(
 }
 
 /// Search the caller's rooms by words and prefixes. Bodies are encrypted at
-/// rest; the index holds keyed tokens of word prefixes, one key per room.
+/// rest; each message row holds keyed tokens of its word prefixes, one key per room.
 #[utoipa::path(get, path = "/v1/search/messages", tag = "chat", security(("bearer" = [])), params(SearchParams),
     responses((status = 200, body = SearchPage), (status = 400, body = Problem), (status = 401, body = Problem),
         (status = 404, description = "room_id names a room you are not in", body = Problem),
@@ -1167,50 +1167,33 @@ pub async fn search(
         }
     };
     let keys = state.keystore.search_keys(&state.pool, &rooms).await?;
-    // Newest hits first, room by room: the most specific term (the longest)
-    // walks its postings backwards from the cursor through the index's
-    // (room, token, position) order, each candidate is checked for the other
-    // terms at the same position, and the walk stops at `limit + 1` hits; then
-    // the rooms' hits merge. (Grouping every posting of every term first costs
-    // time in proportion to how common the terms are.)
-    let mut ordered: Vec<String> = terms.clone();
-    ordered.sort_by_key(|t| std::cmp::Reverse(t.chars().count()));
-    let (mut q_rooms, mut q_lead, mut q_others) = (vec![], vec![], vec![]);
-    let mut others = 0i64;
+    // Newest hits first, room by room: a room's hits are the messages whose
+    // blind index (GIN over `search_tokens`) holds the token of every term under
+    // that room's key; the rooms' hits merge. Room i's tokens are the i-th run
+    // of `terms.len()` in one flat array.
+    let (mut q_rooms, mut q_tokens) = (vec![], vec![]);
     for (room, key) in &keys {
-        let mut tokens: Vec<[u8; 16]> = vec![];
-        for t in crypto::query_tokens(key, &ordered) {
-            if !tokens.contains(&t) {
-                tokens.push(t);
-            }
-        }
-        let Some((lead, rest)) = tokens.split_first() else {
-            continue;
-        };
         q_rooms.push(*room);
-        q_lead.push(lead.to_vec());
-        q_others.extend(rest.iter().map(|t| t.to_vec()));
-        others = rest.len() as i64;
+        q_tokens.extend(crypto::query_tokens(key, &terms));
     }
     let mut rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {MESSAGE_COLUMNS} FROM UNNEST($1::uuid[], $2::bytea[]) AS q(q_room, q_token)
+        "SELECT {MESSAGE_COLUMNS} FROM UNNEST($1::uuid[]) WITH ORDINALITY AS q(q_room, i)
          CROSS JOIN LATERAL (
-             SELECT m.* FROM proj_chat_search s JOIN proj_chat_messages m ON m.message_id = s.message_id
-             WHERE s.room_id = q.q_room AND s.token = q.q_token AND s.position < $3
-               AND (SELECT count(*) FROM proj_chat_search o
-                    WHERE o.room_id = q.q_room AND o.token = ANY($4::bytea[]) AND o.position = s.position) = $5
+             SELECT m.* FROM proj_chat_messages m
+             WHERE m.room_id = q.q_room
+               AND m.search_tokens @> ($2::bigint[])[(q.i - 1) * $3 + 1 : q.i * $3]
+               AND m.position < $4
                AND m.redacted_at IS NULL
-               AND ($6::uuid IS NULL OR m.sender = $6)
-               AND ($7::timestamptz IS NULL OR m.sent_at >= $7)
-               AND ($8::timestamptz IS NULL OR m.sent_at < $8)
-             ORDER BY s.position DESC LIMIT $9) h
-         ORDER BY h.position DESC LIMIT $9"
+               AND ($5::uuid IS NULL OR m.sender = $5)
+               AND ($6::timestamptz IS NULL OR m.sent_at >= $6)
+               AND ($7::timestamptz IS NULL OR m.sent_at < $7)
+             ORDER BY m.position DESC LIMIT $8) h
+         ORDER BY h.position DESC LIMIT $8"
     )))
     .bind(&q_rooms)
-    .bind(&q_lead)
+    .bind(&q_tokens)
+    .bind(terms.len() as i64)
     .bind(before)
-    .bind(&q_others)
-    .bind(others)
     .bind(params.sender)
     .bind(params.from)
     .bind(params.to)

@@ -506,10 +506,11 @@ async fn run(args: &Args, database_url: &str) -> anyhow::Result<()> {
         timeline == messages as i64,
         "{timeline} of {messages} messages in the timeline"
     );
-    let indexed: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT message_id) FROM proj_chat_search")
-            .fetch_one(&pool)
-            .await?;
+    let indexed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM proj_chat_messages WHERE search_tokens IS NOT NULL",
+    )
+    .fetch_one(&pool)
+    .await?;
     anyhow::ensure!(
         indexed == messages as i64,
         "{indexed} of {messages} messages indexed"

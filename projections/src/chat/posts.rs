@@ -82,9 +82,10 @@ impl Post {
     }
 }
 
-/// `{a,b}`: a uuid[] literal, for a column of arrays passed as text[].
-fn uuid_array(ids: &[Uuid]) -> String {
-    let inner: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+/// `{a,b}`: an array literal (of uuids or numbers), for a column of arrays
+/// passed as text[].
+fn array_literal<T: std::fmt::Display>(values: &[T]) -> String {
+    let inner: Vec<String> = values.iter().map(T::to_string).collect();
     format!("{{{}}}", inner.join(","))
 }
 
@@ -101,19 +102,20 @@ impl ChatProjector {
         let ids: Vec<Uuid> = posts.iter().map(|p| p.message_id).collect();
         let rooms: Vec<Uuid> = posts.iter().map(|p| p.room_id).collect();
         let senders: Vec<Uuid> = posts.iter().map(|p| p.sender).collect();
-        let mentions: Vec<String> = posts.iter().map(|p| uuid_array(&p.mentions)).collect();
+        let mentions: Vec<String> = posts.iter().map(|p| array_literal(&p.mentions)).collect();
         let mut bodies = Vec::with_capacity(posts.len());
         for p in posts {
             bodies.push(serde_json::to_string(&p.body)?);
         }
+        let tokens = self.tokens_of(tx, posts).await?;
         sqlx::query(
             "INSERT INTO proj_chat_messages (message_id, room_id, position, thread_root, sender, kind, body, attachment,
-                quote, mentions, mentions_assistant, client_message_id, sent_at)
+                quote, mentions, mentions_assistant, client_message_id, sent_at, search_tokens)
              SELECT x.id, x.room, x.pos, NULL, x.sender, x.kind, x.body::jsonb, x.att::jsonb, x.quote,
-                    x.mentions::uuid[], x.assistant, x.cmid, x.at
+                    x.mentions::uuid[], x.assistant, x.cmid, x.at, x.tokens::bigint[]
              FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::text[],
-                         $8::uuid[], $9::text[], $10::bool[], $11::text[], $12::timestamptz[])
-               AS x(id, room, pos, sender, kind, body, att, quote, mentions, assistant, cmid, at)",
+                         $8::uuid[], $9::text[], $10::bool[], $11::text[], $12::timestamptz[], $13::text[])
+               AS x(id, room, pos, sender, kind, body, att, quote, mentions, assistant, cmid, at, tokens)",
         )
         .bind(&ids)
         .bind(&rooms)
@@ -142,6 +144,7 @@ impl ChatProjector {
                 .collect::<Vec<Option<String>>>(),
         )
         .bind(posts.iter().map(|p| p.sent_at).collect::<Vec<DateTime<Utc>>>())
+        .bind(&tokens)
         .execute(&mut *tx)
         .await?;
         // Positions grow along the run: the last post of a room is its greatest.
@@ -170,12 +173,16 @@ impl ChatProjector {
         .bind(MAIN)
         .execute(&mut *tx)
         .await?;
-        self.index_posts(tx, posts).await
+        Ok(())
     }
 
-    /// The blind index of the run: keys in two reads, tokens in one insert
-    /// (what `ChatProjector::index` does per message).
-    async fn index_posts(&self, tx: &mut PgConnection, posts: &[Post]) -> anyhow::Result<()> {
+    /// The blind index of each post of the run, as `bigint[]` literals (keys in
+    /// two reads; what `ChatProjector::tokens` gives per message).
+    async fn tokens_of(
+        &self,
+        tx: &mut PgConnection,
+        posts: &[Post],
+    ) -> anyhow::Result<Vec<Option<String>>> {
         let ids: Vec<Uuid> = posts.iter().map(|p| p.message_id).collect();
         let keys = self.keystore.message_keys(tx, &ids).await?;
         let mut rooms: Vec<Uuid> = posts.iter().map(|p| p.room_id).collect();
@@ -197,39 +204,13 @@ impl ChatProjector {
                     .map(|k| (room, crypto::search_key(&k)))
             })
             .collect();
-        let (mut t_rooms, mut t_tokens, mut t_positions, mut t_ids) =
-            (vec![], vec![], vec![], vec![]);
-        for p in posts {
-            // Redacted (or the room deleted) since: nothing to index.
-            let (Some(key), Some(search)) = (keys.get(&p.message_id), search.get(&p.room_id))
-            else {
-                continue;
-            };
-            let Ok(plain) = crypto::open(key, &crypto::field_aad(p.message_id, "body"), &p.body)
-            else {
-                tracing::warn!(message = %p.message_id, "a message body does not open with its key; not indexed");
-                continue;
-            };
-            for t in crypto::index_tokens(search, &String::from_utf8_lossy(&plain)) {
-                t_rooms.push(p.room_id);
-                t_tokens.push(t.to_vec());
-                t_positions.push(p.position);
-                t_ids.push(p.message_id);
-            }
-        }
-        if t_rooms.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "INSERT INTO proj_chat_search (room_id, token, position, message_id)
-             SELECT * FROM UNNEST($1::uuid[], $2::bytea[], $3::bigint[], $4::uuid[]) ON CONFLICT DO NOTHING",
-        )
-        .bind(&t_rooms)
-        .bind(&t_tokens)
-        .bind(&t_positions)
-        .bind(&t_ids)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
+        Ok(posts
+            .iter()
+            .map(|p| {
+                let key = keys.get(&p.message_id)?;
+                let search = search.get(&p.room_id)?;
+                super::sealed_tokens(search, key, p.message_id, &p.body).map(|t| array_literal(&t))
+            })
+            .collect())
     }
 }

@@ -214,15 +214,10 @@ fn hex(out: &mut String, bytes: &[u8]) {
 struct Chunk {
     messages: String,
     keys: String,
-    search: String,
 }
 
 /// The tables the seed writes in bulk, whose indexes it rebuilds afterwards.
-const BULK_TABLES: [&str; 3] = [
-    "proj_chat_messages",
-    "proj_chat_search",
-    "chat_message_keys",
-];
+const BULK_TABLES: [&str; 2] = ["proj_chat_messages", "chat_message_keys"];
 
 /// Seed `n` messages, spread evenly over the rooms, straight into the tables.
 ///
@@ -236,8 +231,8 @@ const BULK_TABLES: [&str; 3] = [
 ///   stored as `serde_json::to_value(&Sealed)`, like the projector's insert into
 ///   `proj_chat_messages` (main timeline, kind `text`, no attachment or quote,
 ///   3 % mentioning one other member);
-/// - the blind index rows are `crypto::index_tokens` under the room's search
-///   key, one `proj_chat_search` row per token, as `ChatProjector::index`;
+/// - the blind index is `crypto::index_tokens` under the room's search key, in
+///   the row's `search_tokens`, as `ChatProjector::tokens`;
 /// - `proj_chat_unread` gains, per member, the messages of others (and those
 ///   mentioning them), `proj_chat_rooms.last_position` the room's last one, as
 ///   the projector's per-message updates add up to.
@@ -248,8 +243,8 @@ const BULK_TABLES: [&str; 3] = [
 /// simply walk past the range). `sent_at` spreads evenly over the last
 /// [`SEED_DAYS`] days in position order, message ids are UUIDv7 of the seed's time.
 ///
-/// Bulk path: the three big tables' primary keys and indexes are dropped, the
-/// rows go in by `COPY` (text format) over three connections while one thread
+/// Bulk path: the two big tables' primary keys and indexes are dropped, the
+/// rows go in by `COPY` (text format) over two connections while one thread
 /// generates them, then every constraint and index is recreated from the
 /// definitions read out of the catalog (`pg_get_constraintdef`,
 /// `pg_get_indexdef`), and the tables are `VACUUM ANALYZE`d so the read phases
@@ -321,7 +316,7 @@ async fn seed(
         .await?;
     }
 
-    // Generation on a thread of its own; three COPY streams take the chunks.
+    // Generation on a thread of its own; two COPY streams take the chunks.
     let vocab = vocabulary();
     let plan: Vec<(Uuid, Vec<Uuid>)> = rooms
         .iter()
@@ -364,20 +359,21 @@ async fn seed(
                 None => "{}".to_owned(),
             };
             let at = sent_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+            let tokens = crypto::index_tokens(search_key, &body);
+            let tokens = if tokens.is_empty() {
+                "\\N".to_owned()
+            } else {
+                let t: Vec<String> = tokens.iter().map(i64::to_string).collect();
+                format!("{{{}}}", t.join(","))
+            };
             let m = &mut chunk.messages;
             m.push_str(&format!(
-                "{id}\t{room}\t{position}\t\\N\t{sender}\ttext\t{sealed}\t\\N\t\\N\t{mentions}\tf\t\\N\t{at}\n"
+                "{id}\t{room}\t{position}\t\\N\t{sender}\ttext\t{sealed}\t\\N\t\\N\t{mentions}\tf\t\\N\t{at}\t{tokens}\n"
             ));
             let k = &mut chunk.keys;
             k.push_str(&format!("{id}\t{room}\t1\t"));
             hex(k, &wrapped);
             k.push('\n');
-            for token in crypto::index_tokens(search_key, &body) {
-                let t = &mut chunk.search;
-                t.push_str(&format!("{room}\t"));
-                hex(t, &token);
-                t.push_str(&format!("\t{position}\t{id}\n"));
-            }
             for (j, count) in unread[r].iter_mut().enumerate() {
                 if j != s {
                     count.0 += 1;
@@ -395,16 +391,16 @@ async fn seed(
         (seeded, unread, last_position)
     });
     let mut streams = vec![];
-    for _ in 0..3 {
+    for _ in 0..2 {
         streams.push(PgConnection::connect(database_url).await?);
     }
-    let [c_messages, c_keys, c_search] = &mut streams[..] else {
-        unreachable!("three connections");
+    let [c_messages, c_keys] = &mut streams[..] else {
+        unreachable!("two connections");
     };
     let mut messages = c_messages
         .copy_in_raw(
             "COPY proj_chat_messages (message_id, room_id, position, thread_root, sender, kind, body, attachment,
-                quote, mentions, mentions_assistant, client_message_id, sent_at) FROM STDIN",
+                quote, mentions, mentions_assistant, client_message_id, sent_at, search_tokens) FROM STDIN",
         )
         .await?;
     let mut keys = c_keys
@@ -412,15 +408,11 @@ async fn seed(
             "COPY chat_message_keys (message_id, room_id, key_version, wrapped) FROM STDIN",
         )
         .await?;
-    let mut search = c_search
-        .copy_in_raw("COPY proj_chat_search (room_id, token, position, message_id) FROM STDIN")
-        .await?;
     let mut done = 0usize;
     let mut reported = Instant::now();
     while let Some(chunk) = rx.recv().await {
         messages.send(chunk.messages.into_bytes()).await?;
         keys.send(chunk.keys.into_bytes()).await?;
-        search.send(chunk.search.into_bytes()).await?;
         done += CHUNK;
         if reported.elapsed() > Duration::from_secs(10) {
             eprintln!("  {} messages…", done.min(n));
@@ -430,7 +422,6 @@ async fn seed(
     let (seeded, unread, last_position) = generator.await?;
     messages.finish().await?;
     keys.finish().await?;
-    let tokens = search.finish().await?;
 
     // What the projector's per-message updates add up to.
     let (mut u_users, mut u_rooms, mut u_unread, mut u_mentions) = (vec![], vec![], vec![], vec![]);
@@ -469,7 +460,7 @@ async fn seed(
     .execute(&mut *conn)
     .await?;
 
-    eprintln!("  {n} messages, {tokens} index tokens copied; rebuilding indexes…");
+    eprintln!("  {n} messages copied; rebuilding indexes…");
     sqlx::query("SET maintenance_work_mem = '1GB'")
         .execute(&mut *conn)
         .await?;
