@@ -409,17 +409,14 @@ async fn copy_indexes(
     .bind(&live_table)
     .fetch_all(&mut *tx)
     .await?;
-    for (name, def) in indexes {
-        if !wanted(&name) {
-            continue;
-        }
-        // `CREATE [UNIQUE] INDEX name ON schema.table USING …`: the same index on the shadow table.
-        let qualified: String = sqlx::query_scalar("SELECT $1::regclass::text")
-            .bind(&live_table)
-            .fetch_one(&mut *tx)
-            .await?;
-        let on_live = format!(" ON {qualified} USING ");
-        let on_live_full = format!(" ON {live}.{table} USING ");
+    // `CREATE [UNIQUE] INDEX name ON schema.table USING …`: the same index on the shadow table.
+    let qualified: String = sqlx::query_scalar("SELECT $1::regclass::text")
+        .bind(&live_table)
+        .fetch_one(&mut *tx)
+        .await?;
+    let on_live = format!(" ON {qualified} USING ");
+    let on_live_full = format!(" ON {live}.{table} USING ");
+    for (_, def) in indexes.into_iter().filter(|(name, _)| wanted(name)) {
         let redirected = if def.contains(&on_live_full) {
             def.replacen(&on_live_full, &format!(" ON {shadow_table} USING "), 1)
         } else if def.contains(&on_live) {
