@@ -63,7 +63,8 @@ impl Projector for ChatProjector {
         // Read by the gateway (search, jump to date, thread lists), never by `apply`.
         &[
             "proj_chat_messages_search",
-            "proj_chat_messages_time",
+            "proj_chat_messages_room",
+            "proj_chat_messages_at",
             "proj_chat_messages_threads",
         ]
     }

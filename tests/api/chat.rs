@@ -847,6 +847,138 @@ async fn search_finds_prefixes_only_in_the_callers_rooms_with_highlights() {
     app.stop().await;
 }
 
+/// Search reads each room's newest messages before it asks the GIN index (see
+/// `search_rows` in the gateway): a common term is served from the walk, a rare
+/// one in old messages from the index, and a page may mix both rooms and both
+/// ways. Every page, followed by its cursor to the end, must give exactly the
+/// matching messages newest first, whichever way found them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn search_pages_are_exact_whether_the_walk_or_the_index_finds_the_hits() {
+    let app = TestApp::spawn().await;
+    let (alice_id, alice) = app.user("alice@test.local").await;
+    let (bob_id, bob) = app.user("bob@test.local").await;
+    let a = room(&app, &alice, "A", "private").await;
+    let b = room(&app, &bob, "B", "private").await;
+    invite_and_join(&app, &alice, a, bob_id, &bob).await;
+    invite_and_join(&app, &bob, b, alice_id, &alice).await;
+    // (position, sender, words): A holds more than one walk (200) of messages,
+    // so its oldest lie beyond the walk; B fewer.
+    let mut sent: Vec<(i64, Uuid, String)> = vec![];
+    for i in 0..260 {
+        let mut words = vec![format!("filler{i}")];
+        if i % 2 == 0 {
+            words.push("common".into());
+        }
+        if i % 15 == 0 {
+            words.push("middling".into());
+        }
+        if i < 5 {
+            words.push("rarest".into());
+        }
+        let (who, token) = if i % 3 == 0 {
+            (bob_id, &bob)
+        } else {
+            (alice_id, &alice)
+        };
+        let text = words.join(" ");
+        let (_, p) = say(&app, token, a, &text).await;
+        sent.push((p, who, text));
+    }
+    // A thread reply in A is searched like the rest of the room.
+    let root = sent[0].0;
+    let root_id: Uuid = {
+        let r = app
+            .get(
+                &format!("/v1/rooms/{a}/messages?dir=forward&limit=1"),
+                Some(&alice),
+            )
+            .await;
+        assert_eq!(
+            r.body["items"][0]["position"].as_i64(),
+            Some(root),
+            "{}",
+            r.body
+        );
+        id(&r.body["items"][0]["message_id"])
+    };
+    let r = send(
+        &app,
+        &alice,
+        a,
+        json!({"body": "rarest reply", "thread_root": root_id}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    sent.push((
+        r.body["position"].as_i64().unwrap(),
+        alice_id,
+        "rarest reply".into(),
+    ));
+    for i in 0..30 {
+        let text = if i % 3 == 0 {
+            format!("common in b {i}")
+        } else {
+            format!("quiet b {i}")
+        };
+        let (_, p) = say(&app, &bob, b, &text).await;
+        sent.push((p, bob_id, text));
+    }
+    app.settle("chat").await;
+    sent.sort_by_key(|(p, _, _)| std::cmp::Reverse(*p));
+    let matches = |text: &str, q: &str| {
+        q.split(' ')
+            .all(|t| text.split(' ').any(|w| w.starts_with(t)))
+    };
+    for (q, limit, sender) in [
+        ("common", 7, None),
+        ("com", 20, None),
+        ("middling", 3, None),
+        ("rarest", 2, None),
+        ("com mid", 4, None),
+        ("rar", 100, None),
+        ("common", 9, Some(bob_id)),
+    ] {
+        let want: Vec<&str> = sent
+            .iter()
+            .filter(|(_, who, text)| matches(text, q) && sender.is_none_or(|s| s == *who))
+            .map(|(_, _, text)| text.as_str())
+            .collect();
+        assert!(!want.is_empty());
+        let mut got: Vec<String> = vec![];
+        let mut cursor: Option<String> = None;
+        let base = format!(
+            "/v1/search/messages?q={}&limit={limit}{}",
+            q.replace(' ', "%20"),
+            sender.map(|s| format!("&sender={s}")).unwrap_or_default()
+        );
+        loop {
+            let url = match &cursor {
+                Some(c) => format!("{base}&cursor={c}"),
+                None => base.clone(),
+            };
+            let s = app.get(&url, Some(&alice)).await;
+            assert_eq!(s.status, 200, "{url}: {}", s.body);
+            let items = s.body["items"].as_array().unwrap();
+            assert!(items.len() <= limit, "{url}: {}", s.body);
+            got.extend(
+                items
+                    .iter()
+                    .map(|h| h["message"]["body"].as_str().unwrap().to_owned()),
+            );
+            match s.body["next"].as_str() {
+                Some(c) => {
+                    assert_eq!(items.len(), limit, "a page before the last is full: {url}");
+                    cursor = Some(c.to_owned());
+                }
+                None => break,
+            }
+            assert!(got.len() <= want.len(), "{q}: more pages than hits");
+        }
+        assert_eq!(got, want, "query {q:?}, limit {limit}, sender {sender:?}");
+    }
+    app.stop().await;
+}
+
 /// The chat read models as text, in a stable order.
 async fn dump(app: &TestApp) -> Vec<String> {
     let mut out = vec![];

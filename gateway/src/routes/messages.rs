@@ -1167,43 +1167,16 @@ pub async fn search(
         }
     };
     let keys = state.keystore.search_keys(&state.pool, &rooms).await?;
-    // Newest hits first, room by room: a room's hits are the messages whose
-    // blind index (GIN over `search_tokens`) holds the token of every term under
-    // that room's key; the rooms' hits merge. Room i's tokens are the i-th run
-    // of `terms.len()` in one flat array.
-    let (mut q_rooms, mut q_tokens) = (vec![], vec![]);
-    for (room, key) in &keys {
-        q_rooms.push(*room);
-        q_tokens.extend(crypto::query_tokens(key, &terms));
-    }
-    let mut rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {MESSAGE_COLUMNS} FROM UNNEST($1::uuid[]) WITH ORDINALITY AS q(q_room, i)
-         CROSS JOIN LATERAL (
-             SELECT m.* FROM proj_chat_messages m
-             WHERE m.room_id = q.q_room
-               AND m.search_tokens @> ($2::bigint[])[(q.i - 1) * $3 + 1 : q.i * $3]
-               AND m.position < $4
-               AND m.redacted_at IS NULL
-               AND ($5::uuid IS NULL OR m.sender = $5)
-               AND ($6::timestamptz IS NULL OR m.sent_at >= $6)
-               AND ($7::timestamptz IS NULL OR m.sent_at < $7)
-             ORDER BY m.position DESC LIMIT $8) h
-         ORDER BY h.position DESC LIMIT $8"
-    )))
-    .bind(&q_rooms)
-    .bind(&q_tokens)
-    .bind(terms.len() as i64)
-    .bind(before)
-    .bind(params.sender)
-    .bind(params.from)
-    .bind(params.to)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
+    let filter = SearchFilter {
+        sender: params.sender,
+        from: params.from,
+        to: params.to,
+        limit: limit + 1,
+    };
+    let mut rows = search_rows(&state, &keys, &terms, before, &filter).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    let items: Vec<SearchHit> = views(&state, &rows)
-        .await?
+    let items: Vec<SearchHit> = views_keyed(&state, &rows)
         .into_iter()
         .map(|message| SearchHit {
             highlights: highlights(message.body.as_deref().unwrap_or(""), &terms),
@@ -1215,6 +1188,139 @@ pub async fn search(
         _ => None,
     };
     Ok(Json(SearchPage { items, next }).into_response())
+}
+
+/// Messages of a room read newest first before its blind index is asked (see
+/// [`search_rows`]): a term in one message of ten fills a page of 20 from them.
+const SEARCH_WALK: i64 = 200;
+
+/// What a search keeps besides its terms; `limit` is the page's plus one.
+struct SearchFilter {
+    sender: Option<Uuid>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    limit: i64,
+}
+
+/// `KEYED` rows of the newest `filter.limit` hits before `before` across `keys`'
+/// rooms, newest first. A room's hits are the messages whose `search_tokens`
+/// hold the token of every one of `terms` under the room's key.
+///
+/// Two ways to find them, each bad where the other is good:
+/// - the GIN index over `search_tokens` yields every hit of the room, unordered:
+///   a rare term costs a few rows, a common one thousands, fetched and sorted;
+/// - the room's messages newest first (`proj_chat_messages_room`) stop as soon
+///   as the page is full: a common term costs a few rows, a rare one the room.
+///
+/// So first each room's newest [`SEARCH_WALK`] messages are checked, then the
+/// index is asked only for the rooms whose older messages could still place a
+/// hit on the page: those whose walk reached older messages (`floor`) above the
+/// page's last hit so far. The answer is the same either way; only the cost moves.
+async fn search_rows(
+    state: &AppState,
+    keys: &HashMap<Uuid, Key>,
+    terms: &[String],
+    before: i64,
+    filter: &SearchFilter,
+) -> ApiResult<Vec<sqlx::postgres::PgRow>> {
+    // Room i's tokens are the i-th run of `terms` in one flat array.
+    let (mut rooms, mut flat) = (vec![], vec![]);
+    for (room, key) in keys {
+        rooms.push(*room);
+        flat.extend(crypto::query_tokens(key, terms));
+    }
+    const HIT: &str = "m.search_tokens @> ($2::bigint[])[(q.i - 1) * $3 + 1 : q.i * $3]
+        AND m.redacted_at IS NULL
+        AND ($5::uuid IS NULL OR m.sender = $5)
+        AND ($6::timestamptz IS NULL OR m.sent_at >= $6)
+        AND ($7::timestamptz IS NULL OR m.sent_at < $7)";
+    // The walk: per room, the hits among its newest messages, and the lowest
+    // position it read if older messages remain (`search_floor`, else NULL).
+    // A room without a hit still gives one row (no message) for its floor.
+    let walked = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk FROM (
+             SELECT q.q_room AS search_room, w.floor AS search_floor, h.*
+             FROM UNNEST($1::uuid[]) WITH ORDINALITY AS q(q_room, i)
+             CROSS JOIN LATERAL (
+                 SELECT CASE WHEN count(*) = $9 THEN min(x.position) END AS floor
+                 FROM (SELECT position FROM proj_chat_messages
+                       WHERE room_id = q.q_room AND position < $4
+                       ORDER BY position DESC LIMIT $9) x) w
+             LEFT JOIN LATERAL (
+                 SELECT {MESSAGE_COLUMNS}
+                 FROM (SELECT * FROM proj_chat_messages
+                       WHERE room_id = q.q_room AND position < $4
+                       ORDER BY position DESC LIMIT $9) m
+                 WHERE {HIT}
+                 ORDER BY m.position DESC LIMIT $8) h ON true) m
+         {KEYED}"
+    )))
+    .bind(&rooms)
+    .bind(&flat)
+    .bind(terms.len() as i64)
+    .bind(before)
+    .bind(filter.sender)
+    .bind(filter.from)
+    .bind(filter.to)
+    .bind(filter.limit)
+    .bind(SEARCH_WALK)
+    .fetch_all(&state.pool)
+    .await?;
+    let mut floors: HashMap<Uuid, i64> = HashMap::new();
+    let mut hits = vec![];
+    for row in walked {
+        if let Some(floor) = row.get::<Option<i64>, _>("search_floor") {
+            floors.insert(row.get("search_room"), floor);
+        }
+        if row.get::<Option<Uuid>, _>("message_id").is_some() {
+            hits.push(row);
+        }
+    }
+    let newest_first = |rows: &mut Vec<sqlx::postgres::PgRow>| {
+        rows.sort_by_key(|r| std::cmp::Reverse(r.get::<i64, _>("position")));
+        rows.truncate(filter.limit as usize);
+    };
+    newest_first(&mut hits);
+    // A room's unread hits lie below its floor: they matter only while the
+    // floor is above the page's last place.
+    let last = match hits.get(filter.limit as usize - 1) {
+        Some(r) => r.get::<i64, _>("position"),
+        None => i64::MIN,
+    };
+    let (mut deep_rooms, mut deep_tokens, mut deep_before) = (vec![], vec![], vec![]);
+    for (room, floor) in floors.into_iter().filter(|(_, f)| *f > last) {
+        deep_rooms.push(room);
+        deep_tokens.extend(crypto::query_tokens(&keys[&room], terms));
+        deep_before.push(floor);
+    }
+    if deep_rooms.is_empty() {
+        return Ok(hits);
+    }
+    // Only the GIN index: tokens are keyed per room, so the room's own index
+    // (which Postgres would AND in, reading every entry of the room) adds
+    // nothing; `IS TRUE` keeps the room check off it.
+    let deeper = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk FROM (
+             SELECT h.* FROM UNNEST($1::uuid[], $4::bigint[]) WITH ORDINALITY AS q(q_room, q_before, i)
+             CROSS JOIN LATERAL (
+                 SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages m
+                 WHERE (m.room_id = q.q_room) IS TRUE AND m.position < q.q_before AND {HIT}
+                 ORDER BY m.position DESC LIMIT $8) h) m
+         {KEYED}"
+    )))
+    .bind(&deep_rooms)
+    .bind(&deep_tokens)
+    .bind(terms.len() as i64)
+    .bind(&deep_before)
+    .bind(filter.sender)
+    .bind(filter.from)
+    .bind(filter.to)
+    .bind(filter.limit)
+    .fetch_all(&state.pool)
+    .await?;
+    hits.extend(deeper);
+    newest_first(&mut hits);
+    Ok(hits)
 }
 
 /// Character ranges of the words of `text` that a term begins.
