@@ -861,10 +861,10 @@ async fn search_pages_are_exact_whether_the_walk_or_the_index_finds_the_hits() {
     let b = room(&app, &bob, "B", "private").await;
     invite_and_join(&app, &alice, a, bob_id, &bob).await;
     invite_and_join(&app, &bob, b, alice_id, &alice).await;
-    // (position, sender, words): A holds more than one walk (200) of messages,
+    // (position, sender, words): A holds more than one walk (400) of messages,
     // so its oldest lie beyond the walk; B fewer.
     let mut sent: Vec<(i64, Uuid, String)> = vec![];
-    for i in 0..260 {
+    for i in 0..460 {
         let mut words = vec![format!("filler{i}")];
         if i % 2 == 0 {
             words.push("common".into());
@@ -933,6 +933,7 @@ async fn search_pages_are_exact_whether_the_walk_or_the_index_finds_the_hits() {
         ("common", 7, None),
         ("com", 20, None),
         ("middling", 3, None),
+        ("middling", 40, None),
         ("rarest", 2, None),
         ("com mid", 4, None),
         ("rar", 100, None),

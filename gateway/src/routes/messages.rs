@@ -1191,8 +1191,8 @@ pub async fn search(
 }
 
 /// Messages of a room read newest first before its blind index is asked (see
-/// [`search_rows`]): a term in one message of ten fills a page of 20 from them.
-const SEARCH_WALK: i64 = 200;
+/// [`search_rows`]): a term in one message of twenty fills a page of 20 from them.
+const SEARCH_WALK: i64 = 400;
 
 /// What a search keeps besides its terms; `limit` is the page's plus one.
 struct SearchFilter {
@@ -1212,10 +1212,13 @@ struct SearchFilter {
 /// - the room's messages newest first (`proj_chat_messages_room`) stop as soon
 ///   as the page is full: a common term costs a few rows, a rare one the room.
 ///
-/// So first each room's newest [`SEARCH_WALK`] messages are checked, then the
-/// index is asked only for the rooms whose older messages could still place a
-/// hit on the page: those whose walk reached older messages (`floor`) above the
-/// page's last hit so far. The answer is the same either way; only the cost moves.
+/// So first the walk reads each room's newest messages, up to [`SEARCH_WALK`]
+/// of them, stopping at a full page. A room whose walk found less may hold
+/// more hits below it (its `floor`, the position of the walk's last message);
+/// the index is asked for those, in the rooms whose floor is above the page's
+/// last hit so far (below it, nothing could reach the page). The answer is the
+/// same either way; only the cost moves (a common term is one short walk, a
+/// rare one a walk of the room's newest 400 and a few index hits).
 async fn search_rows(
     state: &AppState,
     keys: &HashMap<Uuid, Key>,
@@ -1224,39 +1227,32 @@ async fn search_rows(
     filter: &SearchFilter,
 ) -> ApiResult<Vec<sqlx::postgres::PgRow>> {
     // Room i's tokens are the i-th run of `terms` in one flat array.
-    let (mut rooms, mut flat) = (vec![], vec![]);
-    for (room, key) in keys {
-        rooms.push(*room);
-        flat.extend(crypto::query_tokens(key, terms));
-    }
+    let flat = |rooms: &[Uuid]| -> Vec<i64> {
+        rooms
+            .iter()
+            .flat_map(|r| crypto::query_tokens(&keys[r], terms))
+            .collect()
+    };
     const HIT: &str = "m.search_tokens @> ($2::bigint[])[(q.i - 1) * $3 + 1 : q.i * $3]
         AND m.redacted_at IS NULL
         AND ($5::uuid IS NULL OR m.sender = $5)
         AND ($6::timestamptz IS NULL OR m.sent_at >= $6)
         AND ($7::timestamptz IS NULL OR m.sent_at < $7)";
-    // The walk: per room, the hits among its newest messages, and the lowest
-    // position it read if older messages remain (`search_floor`, else NULL).
-    // A room without a hit still gives one row (no message) for its floor.
-    let walked = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let rooms: Vec<Uuid> = keys.keys().copied().collect();
+    let mut hits = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk FROM (
-             SELECT q.q_room AS search_room, w.floor AS search_floor, h.*
-             FROM UNNEST($1::uuid[]) WITH ORDINALITY AS q(q_room, i)
+             SELECT h.* FROM UNNEST($1::uuid[]) WITH ORDINALITY AS q(q_room, i)
              CROSS JOIN LATERAL (
-                 SELECT CASE WHEN count(*) = $9 THEN min(x.position) END AS floor
-                 FROM (SELECT position FROM proj_chat_messages
-                       WHERE room_id = q.q_room AND position < $4
-                       ORDER BY position DESC LIMIT $9) x) w
-             LEFT JOIN LATERAL (
                  SELECT {MESSAGE_COLUMNS}
                  FROM (SELECT * FROM proj_chat_messages
                        WHERE room_id = q.q_room AND position < $4
                        ORDER BY position DESC LIMIT $9) m
                  WHERE {HIT}
-                 ORDER BY m.position DESC LIMIT $8) h ON true) m
+                 ORDER BY m.position DESC LIMIT $8) h) m
          {KEYED}"
     )))
     .bind(&rooms)
-    .bind(&flat)
+    .bind(flat(&rooms))
     .bind(terms.len() as i64)
     .bind(before)
     .bind(filter.sender)
@@ -1266,56 +1262,55 @@ async fn search_rows(
     .bind(SEARCH_WALK)
     .fetch_all(&state.pool)
     .await?;
-    let mut floors: HashMap<Uuid, i64> = HashMap::new();
-    let mut hits = vec![];
-    for row in walked {
-        if let Some(floor) = row.get::<Option<i64>, _>("search_floor") {
-            floors.insert(row.get("search_room"), floor);
-        }
-        if row.get::<Option<Uuid>, _>("message_id").is_some() {
-            hits.push(row);
-        }
+    let mut found: HashMap<Uuid, i64> = HashMap::new();
+    for row in &hits {
+        *found.entry(row.get("room_id")).or_default() += 1;
     }
     let newest_first = |rows: &mut Vec<sqlx::postgres::PgRow>| {
         rows.sort_by_key(|r| std::cmp::Reverse(r.get::<i64, _>("position")));
         rows.truncate(filter.limit as usize);
     };
     newest_first(&mut hits);
-    // A room's unread hits lie below its floor: they matter only while the
-    // floor is above the page's last place.
+    // A room whose walk filled the page read no further and needs nothing more.
+    let deep: Vec<Uuid> = rooms
+        .into_iter()
+        .filter(|r| found.get(r).copied().unwrap_or(0) < filter.limit)
+        .collect();
+    if deep.is_empty() {
+        return Ok(hits);
+    }
     let last = match hits.get(filter.limit as usize - 1) {
         Some(r) => r.get::<i64, _>("position"),
         None => i64::MIN,
     };
-    let (mut deep_rooms, mut deep_tokens, mut deep_before) = (vec![], vec![], vec![]);
-    for (room, floor) in floors.into_iter().filter(|(_, f)| *f > last) {
-        deep_rooms.push(room);
-        deep_tokens.extend(crypto::query_tokens(&keys[&room], terms));
-        deep_before.push(floor);
-    }
-    if deep_rooms.is_empty() {
-        return Ok(hits);
-    }
-    // Only the GIN index: tokens are keyed per room, so the room's own index
-    // (which Postgres would AND in, reading every entry of the room) adds
-    // nothing; `IS TRUE` keeps the room check off it.
+    // Only the GIN index below the floor: tokens are keyed per room, so the
+    // room's own index (which Postgres would AND in, reading every entry of the
+    // room) adds nothing; `IS TRUE` keeps the room check off it. A room of
+    // fewer messages than a walk has no floor: the walk read all of it.
     let deeper = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk FROM (
-             SELECT h.* FROM UNNEST($1::uuid[], $4::bigint[]) WITH ORDINALITY AS q(q_room, q_before, i)
+             SELECT h.* FROM UNNEST($1::uuid[]) WITH ORDINALITY AS q(q_room, i)
+             CROSS JOIN LATERAL (
+                 SELECT position AS floor FROM proj_chat_messages
+                 WHERE room_id = q.q_room AND position < $4
+                 ORDER BY position DESC OFFSET $9 - 1 LIMIT 1) w
              CROSS JOIN LATERAL (
                  SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages m
-                 WHERE (m.room_id = q.q_room) IS TRUE AND m.position < q.q_before AND {HIT}
+                 WHERE w.floor > $10 AND (m.room_id = q.q_room) IS TRUE
+                   AND m.position < w.floor AND {HIT}
                  ORDER BY m.position DESC LIMIT $8) h) m
          {KEYED}"
     )))
-    .bind(&deep_rooms)
-    .bind(&deep_tokens)
+    .bind(&deep)
+    .bind(flat(&deep))
     .bind(terms.len() as i64)
-    .bind(&deep_before)
+    .bind(before)
     .bind(filter.sender)
     .bind(filter.from)
     .bind(filter.to)
     .bind(filter.limit)
+    .bind(SEARCH_WALK)
+    .bind(last)
     .fetch_all(&state.pool)
     .await?;
     hits.extend(deeper);
