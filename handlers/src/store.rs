@@ -239,9 +239,15 @@ pub async fn load_streams(
         .map(|s| out.get(s).map_or(0, |l| l.version))
         .collect();
     let rows = sqlx::query(
-        "SELECT e.stream_id, e.version, e.domain, e.event_type, e.payload
-         FROM UNNEST($1::text[], $2::bigint[]) AS w(stream_id, after)
-         JOIN events e ON e.stream_id = w.stream_id AND e.version > w.after
+        // One index range per stream, as a LATERAL the planner cannot flatten
+        // (its ORDER BY): as a plain join of a few hundred streams it chose a
+        // hash join over a sequential scan of the whole log (18 ms at 62,000
+        // events, growing with the log).
+        "SELECT e.* FROM UNNEST($1::text[], $2::bigint[]) AS w(stream_id, after)
+         CROSS JOIN LATERAL (
+             SELECT stream_id, version, domain, event_type, payload FROM events
+             WHERE stream_id = w.stream_id AND version > w.after
+             ORDER BY version) e
          ORDER BY e.stream_id, e.version",
     )
     .bind(&ids)
