@@ -213,7 +213,25 @@ pub fn words(text: &str) -> Vec<String> {
 /// vanishingly rare, and harmless: the hits are decrypted (and highlighted)
 /// for members of that room only.
 fn token(key: &Key, term: &str) -> i64 {
-    let full = hmac(key.as_bytes(), &[b"term\0", term.as_bytes()]);
+    token_with(&term_mac(key), term)
+}
+
+/// The keyed MAC state every term's token starts from: HMAC's key blocks and
+/// the `term\0` label hashed once, then cloned per term (half the hashing).
+fn term_mac(key: &Key) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length; this cannot fail.
+    let mut mac = <Hmac<Sha256> as MacKeyInit>::new_from_slice(key.as_bytes())
+        .unwrap_or_else(|_| unreachable!());
+    mac.update(b"term\0");
+    mac
+}
+
+fn token_with(base: &Hmac<Sha256>, term: &str) -> i64 {
+    let full = base
+        .clone()
+        .chain_update(term.as_bytes())
+        .finalize()
+        .into_bytes();
     let mut t = [0u8; 8];
     t.copy_from_slice(&full[..8]);
     i64::from_be_bytes(t)
@@ -224,15 +242,16 @@ fn token(key: &Key, term: &str) -> i64 {
 /// tokens say nothing; with it, a query term's token finds every word it begins.
 /// Ascending and distinct, so the same text always gives the same array.
 pub fn index_tokens(key: &Key, text: &str) -> Vec<i64> {
-    let mut out = BTreeSet::new();
+    let base = term_mac(key);
+    let mut prefixes = BTreeSet::new();
     for w in words(text) {
-        let chars: Vec<char> = w.chars().collect();
-        for len in MIN_TERM..=chars.len().min(MAX_PREFIX) {
-            let prefix: String = chars[..len].iter().collect();
-            out.insert(token(key, &prefix));
+        let ends = w.char_indices().map(|(i, _)| i).chain([w.len()]);
+        for end in ends.skip(MIN_TERM).take(MAX_PREFIX + 1 - MIN_TERM) {
+            prefixes.insert(w[..end].to_owned());
         }
     }
-    out.into_iter().collect()
+    let tokens: BTreeSet<i64> = prefixes.iter().map(|p| token_with(&base, p)).collect();
+    tokens.into_iter().collect()
 }
 
 /// The tokens a query looks up: one per term (every term must match a word's prefix).
@@ -294,6 +313,25 @@ mod tests {
         let other = index_tokens(&Key::random(), "Meet at the Kilimanjaro café, 5pm!");
         assert!(idx.iter().all(|t| !other.contains(t)));
         assert!(idx.windows(2).all(|w| w[0] < w[1]), "ascending, distinct");
+    }
+
+    #[test]
+    fn tokens_keep_their_stored_form_and_every_prefix_up_to_the_cap_is_indexed() {
+        // The stored BIGINTs are HMAC(search key, "term\0" ‖ prefix)[..8], big-endian:
+        // a change here would leave every existing index unreadable.
+        let k = Key(std::array::from_fn(|i| i as u8));
+        let full = hmac(k.as_bytes(), &[b"term\0", "kil".as_bytes()]);
+        let want = i64::from_be_bytes(full[..8].try_into().unwrap());
+        assert_eq!(query_tokens(&k, &["kil".into()]), vec![want]);
+        // A 30-letter word: prefixes of 2 to 24 characters (23 tokens), none longer.
+        let word = "ä".repeat(30);
+        let idx = index_tokens(&k, &word);
+        assert_eq!(idx.len(), MAX_PREFIX + 1 - MIN_TERM);
+        for len in [MIN_TERM, MAX_PREFIX] {
+            assert!(idx.contains(&token(&k, &"ä".repeat(len))), "{len}");
+        }
+        assert!(!idx.contains(&token(&k, &"ä".repeat(MAX_PREFIX + 1))));
+        assert!(!idx.contains(&token(&k, "ä")));
     }
 
     #[test]
