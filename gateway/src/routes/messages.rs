@@ -1266,8 +1266,11 @@ async fn search_rows(
     for row in &hits {
         *found.entry(row.get("room_id")).or_default() += 1;
     }
+    // The two statements read two snapshots: a message sent in between moves the
+    // floor up, so the index step may find again what the walk found.
     let newest_first = |rows: &mut Vec<sqlx::postgres::PgRow>| {
         rows.sort_by_key(|r| std::cmp::Reverse(r.get::<i64, _>("position")));
+        rows.dedup_by_key(|r| r.get::<i64, _>("position"));
         rows.truncate(filter.limit as usize);
     };
     newest_first(&mut hits);
