@@ -94,7 +94,7 @@ impl Projector for FeedProjector {
     }
 }
 
-/// Rows of one batch, written with one statement.
+/// Rows of one batch, written with one statement per table.
 #[derive(Default)]
 struct Rows {
     topic: Vec<String>,
@@ -102,6 +102,9 @@ struct Rows {
     kind: Vec<String>,
     payload: Vec<serde_json::Value>,
     at: Vec<chrono::DateTime<chrono::Utc>>,
+    /// The rooms of the batch's posts (`feed_message_rooms`), which later events
+    /// of the same batch read from here: one statement, not one per post.
+    message_rooms: std::collections::BTreeMap<Uuid, Uuid>,
 }
 
 impl Rows {
@@ -114,6 +117,17 @@ impl Rows {
     }
 
     async fn write(self, tx: &mut PgConnection) -> anyhow::Result<()> {
+        if !self.message_rooms.is_empty() {
+            let (ids, rooms): (Vec<Uuid>, Vec<Uuid>) = self.message_rooms.into_iter().unzip();
+            sqlx::query(
+                "INSERT INTO feed_message_rooms (message_id, room_id)
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(&ids)
+            .bind(&rooms)
+            .execute(&mut *tx)
+            .await?;
+        }
         if self.topic.is_empty() {
             return Ok(());
         }
@@ -187,13 +201,7 @@ impl FeedProjector {
                 mentions,
                 ..
             } => {
-                sqlx::query(
-                    "INSERT INTO feed_message_rooms (message_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                )
-                .bind(message_id)
-                .bind(room_id)
-                .execute(&mut *tx)
-                .await?;
+                rows.message_rooms.insert(*message_id, *room_id);
                 for u in mentions {
                     rows.push(
                         user_topic(*u),
@@ -208,12 +216,17 @@ impl FeedProjector {
             | ChatEvent::ReactionAdded { .. }
             | ChatEvent::ReactionRemoved { .. } => {
                 let message_id = stream_uuid(env)?;
-                let room: Option<Uuid> = sqlx::query_scalar(
-                    "SELECT room_id FROM feed_message_rooms WHERE message_id = $1",
-                )
-                .bind(message_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+                let room: Option<Uuid> = match rows.message_rooms.get(&message_id) {
+                    Some(room) => Some(*room),
+                    None => {
+                        sqlx::query_scalar(
+                            "SELECT room_id FROM feed_message_rooms WHERE message_id = $1",
+                        )
+                        .bind(message_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                    }
+                };
                 if let (Some(room), Some(o)) = (room, payload.as_object_mut()) {
                     o.insert("message_id".into(), serde_json::json!(message_id));
                     o.insert("room_id".into(), serde_json::json!(room));
@@ -240,6 +253,7 @@ impl FeedProjector {
                     rows.push(user_topic(*user_id), env, payload.clone());
                 }
                 if matches!(event, ChatEvent::RoomDeleted) {
+                    rows.message_rooms.retain(|_, r| *r != room);
                     sqlx::query("DELETE FROM feed_message_rooms WHERE room_id = $1")
                         .bind(room)
                         .execute(&mut *tx)

@@ -43,6 +43,46 @@ use crate::classifier::Classifier;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ScreenQueue;
 
+/// A run of posts for the queue, written with one statement per table.
+#[derive(Default)]
+struct Posts {
+    id: Vec<Uuid>,
+    room: Vec<Uuid>,
+    position: Vec<i64>,
+    body: Vec<serde_json::Value>,
+    at: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Posts {
+    async fn write(&mut self, tx: &mut PgConnection) -> anyhow::Result<()> {
+        if self.id.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO chat_screen_queue (message_id, room_id, position, body, queued_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::jsonb[], $5::timestamptz[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.id)
+        .bind(&self.room)
+        .bind(&self.position)
+        .bind(&self.body)
+        .bind(&self.at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO chat_screen_rooms (message_id, room_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.id)
+        .bind(&self.room)
+        .execute(&mut *tx)
+        .await?;
+        *self = Posts::default();
+        Ok(())
+    }
+}
+
 impl Projector for ScreenQueue {
     fn name(&self) -> &'static str {
         "screen"
@@ -53,33 +93,33 @@ impl Projector for ScreenQueue {
     }
 
     async fn apply(&self, tx: &mut PgConnection, batch: &[EventEnvelope]) -> anyhow::Result<()> {
+        // Runs of posts go in with one statement per table; anything else that
+        // touches the queue first writes the run before it.
+        let mut posts = Posts::default();
         for env in batch {
-            match env.event()? {
+            let event = env.event()?;
+            if matches!(
+                event,
+                Event::Chat(
+                    ChatEvent::MessageEdited { .. }
+                        | ChatEvent::MessageRedacted { .. }
+                        | ChatEvent::RoomDeleted
+                )
+            ) {
+                posts.write(tx).await?;
+            }
+            match event {
                 Event::Chat(ChatEvent::MessagePosted {
                     message_id,
                     room_id,
                     body,
                     ..
                 }) => {
-                    sqlx::query(
-                        "INSERT INTO chat_screen_queue (message_id, room_id, position, body, queued_at)
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(message_id)
-                    .bind(room_id)
-                    .bind(env.position)
-                    .bind(serde_json::to_value(&body)?)
-                    .bind(env.occurred_at)
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
-                        "INSERT INTO chat_screen_rooms (message_id, room_id) VALUES ($1, $2)
-                         ON CONFLICT DO NOTHING",
-                    )
-                    .bind(message_id)
-                    .bind(room_id)
-                    .execute(&mut *tx)
-                    .await?;
+                    posts.id.push(message_id);
+                    posts.room.push(room_id);
+                    posts.position.push(env.position);
+                    posts.body.push(serde_json::to_value(&body)?);
+                    posts.at.push(env.occurred_at);
                 }
                 // An edit is screened like a new post: posting something harmless
                 // and editing it afterwards must not slip past moderation.
@@ -119,7 +159,7 @@ impl Projector for ScreenQueue {
                 _ => {}
             }
         }
-        Ok(())
+        posts.write(tx).await
     }
 }
 
