@@ -306,7 +306,9 @@ async fn main() -> anyhow::Result<()> {
             discard,
             json,
         } => {
-            let pool = handlers::infra::connect_pg(&cli.config.database_url, 2).await?;
+            // A connection per model: `replay all` rebuilds them side by side.
+            let connections = mathia::ops::READ_MODELS.len() as u32;
+            let pool = handlers::infra::connect_pg(&cli.config.database_url, connections).await?;
             if discard {
                 return mathia::ops::discard(&pool, &model).await;
             }

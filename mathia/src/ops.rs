@@ -2,6 +2,7 @@
 //! and swap them in) and `mathia deadletters` (events a projector parked).
 
 use std::io::IsTerminal as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -112,15 +113,27 @@ pub async fn replay(
     // The models rebuild side by side, each into its own shadow with its own
     // swap: `all` takes about as long as the longest, not the sum. (One rebuild
     // alone leaves a core idle on this kind of machine: it waits on Postgres,
-    // then Postgres on it.) The outcomes print in the order of `models`.
+    // then Postgres on it.) A rebuild holds one connection at a time, so at most
+    // as many run as the pool has connections; the others wait for a turn here,
+    // not in the pool (whose acquire times out while an index builds). The
+    // outcomes print in the order of `models`.
     let bars = indicatif::MultiProgress::new();
+    let turns = Arc::new(tokio::sync::Semaphore::new(
+        pool.options().get_max_connections().max(1) as usize,
+    ));
     let runs: Vec<_> = models
         .into_iter()
         .map(|m| {
             let m = m.to_owned();
-            let (config, pool, options, bars) =
-                (config.clone(), pool.clone(), options.clone(), bars.clone());
+            let (config, pool, options, bars, turns) = (
+                config.clone(),
+                pool.clone(),
+                options.clone(),
+                bars.clone(),
+                turns.clone(),
+            );
             tokio::spawn(async move {
+                let _turn = turns.acquire_owned().await?;
                 let outcome = with_projector!(m.as_str(), &config, |p| {
                     let mut bar = Bar::new(&m, &bars);
                     let outcome = rebuild::rebuild(&pool, &p, &options, |pr| bar.show(pr)).await;

@@ -1202,6 +1202,21 @@ struct SearchFilter {
     limit: i64,
 }
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+impl SearchFilter {
+    /// `$3` to `$9` of both search statements, after their rooms and tokens.
+    fn bind<'q>(&self, q: PgQuery<'q>, terms: &[String], before: i64) -> PgQuery<'q> {
+        q.bind(terms.len() as i64)
+            .bind(before)
+            .bind(self.sender)
+            .bind(self.from)
+            .bind(self.to)
+            .bind(self.limit)
+            .bind(SEARCH_WALK)
+    }
+}
+
 /// `KEYED` rows of the newest `filter.limit` hits before `before` across `keys`'
 /// rooms, newest first. A room's hits are the messages whose `search_tokens`
 /// hold the token of every one of `terms` under the room's key.
@@ -1239,7 +1254,7 @@ async fn search_rows(
         AND ($6::timestamptz IS NULL OR m.sent_at >= $6)
         AND ($7::timestamptz IS NULL OR m.sent_at < $7)";
     let rooms: Vec<Uuid> = keys.keys().copied().collect();
-    let mut hits = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let walk = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk FROM (
              SELECT h.* FROM UNNEST($1::uuid[]) WITH ORDINALITY AS q(q_room, i)
              CROSS JOIN LATERAL (
@@ -1252,16 +1267,11 @@ async fn search_rows(
          {KEYED}"
     )))
     .bind(&rooms)
-    .bind(flat(&rooms))
-    .bind(terms.len() as i64)
-    .bind(before)
-    .bind(filter.sender)
-    .bind(filter.from)
-    .bind(filter.to)
-    .bind(filter.limit)
-    .bind(SEARCH_WALK)
-    .fetch_all(&state.pool)
-    .await?;
+    .bind(flat(&rooms));
+    let mut hits = filter
+        .bind(walk, terms, before)
+        .fetch_all(&state.pool)
+        .await?;
     let mut found: HashMap<Uuid, i64> = HashMap::new();
     for row in &hits {
         *found.entry(row.get("room_id")).or_default() += 1;
@@ -1305,17 +1315,12 @@ async fn search_rows(
          {KEYED}"
     )))
     .bind(&deep)
-    .bind(flat(&deep))
-    .bind(terms.len() as i64)
-    .bind(before)
-    .bind(filter.sender)
-    .bind(filter.from)
-    .bind(filter.to)
-    .bind(filter.limit)
-    .bind(SEARCH_WALK)
-    .bind(last)
-    .fetch_all(&state.pool)
-    .await?;
+    .bind(flat(&deep));
+    let deeper = filter
+        .bind(deeper, terms, before)
+        .bind(last)
+        .fetch_all(&state.pool)
+        .await?;
     hits.extend(deeper);
     newest_first(&mut hits);
     Ok(hits)
