@@ -59,8 +59,35 @@ pub async fn middleware(State(state): State<AppState>, req: Request, next: Next)
     next.run(req).await
 }
 
-/// Charge one unit of a per-user limit (`max` per fixed window of `window_secs`);
-/// 429 naming the limit when it is spent. 0 disables it. Fails open when Redis is down.
+/// One per-user limit: `max` per fixed window of `window_secs` (0 disables it).
+#[derive(Clone, Copy)]
+pub struct Quota {
+    /// Its name, as the 429 problem gives it.
+    pub limit: &'static str,
+    /// Units per window.
+    pub max: u32,
+    /// The window's length.
+    pub window_secs: i64,
+}
+
+/// Check every window, then charge all of them or none: a request one limit
+/// refuses costs nothing against the others. Returns the 1-based index of the
+/// refusing quota, or 0. (ARGV: max, ttl for each key.)
+static CHARGE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call('GET', key) or '0') >= tonumber(ARGV[2 * i - 1]) then return i end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('INCR', key)
+  redis.call('EXPIRE', key, ARGV[2 * i])
+end
+return 0",
+    )
+});
+
+/// Charge one unit of a per-user limit; 429 naming the limit when it is spent.
 pub async fn charge(
     state: &AppState,
     limit: &'static str,
@@ -68,27 +95,51 @@ pub async fn charge(
     max: u32,
     window_secs: i64,
 ) -> Result<(), ApiError> {
-    if max == 0 {
+    charge_all(
+        state,
+        user,
+        &[Quota {
+            limit,
+            max,
+            window_secs,
+        }],
+    )
+    .await
+}
+
+/// Charge one unit of each of `quotas` in one Redis round trip, all or none;
+/// 429 naming the first spent limit. Fails open when Redis is down.
+pub async fn charge_all(
+    state: &AppState,
+    user: uuid::Uuid,
+    quotas: &[Quota],
+) -> Result<(), ApiError> {
+    let quotas: Vec<&Quota> = quotas.iter().filter(|q| q.max > 0).collect();
+    if quotas.is_empty() {
         return Ok(());
     }
     let now = chrono::Utc::now().timestamp();
-    let window = now / window_secs;
-    let key = state.redis_key(&format!("q:{limit}:{user}:{window}"));
+    let mut invocation = CHARGE.prepare_invoke();
+    for q in &quotas {
+        invocation
+            .key(state.redis_key(&format!("q:{}:{user}:{}", q.limit, now / q.window_secs)))
+            .arg(q.max)
+            .arg(q.window_secs + 1);
+    }
     let mut redis = state.redis.clone();
-    let counted: redis::RedisResult<(i64, i64)> = redis::pipe()
-        .incr(&key, 1)
-        .expire(&key, window_secs + 1)
-        .query_async(&mut redis)
-        .await;
-    match counted {
-        Ok((count, _)) if count > max as i64 => Err(ApiError::RateLimited {
-            limit,
-            max,
-            retry_after: (window_secs - now % window_secs).max(1) as u64,
-        }),
-        Ok(_) => Ok(()),
+    let refused: redis::RedisResult<usize> = invocation.invoke_async(&mut redis).await;
+    match refused {
+        Ok(0) => Ok(()),
+        Ok(i) => {
+            let q = quotas[(i - 1).min(quotas.len() - 1)];
+            Err(ApiError::RateLimited {
+                limit: q.limit,
+                max: q.max,
+                retry_after: (q.window_secs - now % q.window_secs).max(1) as u64,
+            })
+        }
         Err(e) => {
-            tracing::warn!(error = %e, limit, "quota store unavailable; letting the request through");
+            tracing::warn!(error = %e, "quota store unavailable; letting the request through");
             Ok(())
         }
     }

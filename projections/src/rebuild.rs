@@ -338,6 +338,20 @@ async fn create_shadow<P: Projector>(
         )))
         .execute(&mut *tx)
         .await?;
+        // Storage parameters (a hot counter table's fillfactor) are not LIKE's to copy.
+        let options: Option<String> = sqlx::query_scalar(
+            "SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = $1::regclass",
+        )
+        .bind(&live_table)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(options) = options.filter(|o| !o.is_empty()) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {shadow_table} SET ({options})"
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
         // Constraints (primary key first: it names its index) and the other indexes,
         // with the live names, so the swapped-in tables are indistinguishable.
         let constraints = sqlx::query(

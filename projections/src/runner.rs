@@ -157,7 +157,7 @@ impl Runner {
     pub async fn catch_up<P: Projector>(&self, projector: &P, up_to: i64) -> anyhow::Result<()> {
         let mut one_by_one = false;
         loop {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = begin_derived(&self.pool).await?;
             // The row lock serialises instances of the same projector (and
             // `mathia deadletters`, and the swap of a rebuild).
             // One round trip: the checkpoint, the head of the log (never go past it:
@@ -232,8 +232,26 @@ impl Runner {
                 .increment(events.len() as u64);
             metrics::gauge!("mathia_projector_position", "projector" => projector.name())
                 .set(until as f64);
+            if until >= up_to {
+                return Ok(());
+            }
         }
     }
+}
+
+/// Begin a transaction that writes only state derived from the event store,
+/// committed asynchronously (in the same round trip as `BEGIN`).
+///
+/// A read model's rows and its checkpoint commit together, so a crash that
+/// loses the last commits (Postgres' `synchronous_commit = off`: the WAL flush
+/// is not waited for, nothing is ever half applied) only sends the projector
+/// back to an earlier checkpoint, to apply the same events again and reach the
+/// same rows. The event store's own writes stay synchronous.
+pub async fn begin_derived(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+        .await
 }
 
 /// The greatest position ≤ `until` (and > `after`) that ends a command's run

@@ -7,10 +7,11 @@
 //!   `chat_screen_queue` (with the body as sealed in the event); a redaction
 //!   removes it. Its checkpoint is its own, so rebuilding the chat read model
 //!   never screens anything again.
-//! - [`Screener`]: claims up to `batch` rows (`FOR UPDATE SKIP LOCKED`, so
-//!   several screeners share the queue), but only once the batch is full or its
-//!   oldest row has waited `flush`; opens the bodies with the keystore, asks the
-//!   classifier, publishes one command per flagged message, and deletes the rows
+//! - [`Screener`]: claims whole batches of `batch` rows, up to ten at a time
+//!   (`FOR UPDATE SKIP LOCKED`, so several screeners share the queue), and a
+//!   last partial batch only once its oldest row has waited `flush`; opens the
+//!   bodies with the keystore, asks the classifier (one call per batch),
+//!   publishes one command per flagged message, and deletes the rows
 //!   in the same transaction that held the claim. The command id is derived
 //!   from the message and the position of the version judged, so a screener
 //!   that dies after publishing and screens the batch again is answered from the
@@ -206,6 +207,9 @@ pub struct Screener {
     pub config: ScreenConfig,
 }
 
+/// Most screening batches claimed in one transaction.
+const CLAIM: i64 = 10;
+
 const SCREEN_NS: Uuid = Uuid::from_u128(0x6d61_7468_6961_5f73_6372_6565_6e00_0001);
 
 /// The id of the flag command for the version of `message` that the event at
@@ -246,22 +250,29 @@ impl Screener {
 
     /// Screen one batch if one is due; returns how many messages it screened.
     pub async fn screen_once(&self) -> anyhow::Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
+        // Derived state: a lost commit screens the batch again, and its flag
+        // commands have the same ids (`flag_command_id`), so the ledger dedups them.
+        let mut tx = crate::runner::begin_derived(&self.pool).await?;
+        // Up to CLAIM batches in one transaction (one claim, one key read, one
+        // delete); the classifier still judges `batch` texts per call.
+        let batch = self.config.batch.max(1);
+        let mut rows = sqlx::query(
             "SELECT message_id, room_id, position, body, queued_at FROM chat_screen_queue
              ORDER BY position LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
-        .bind(self.config.batch)
+        .bind(batch * CLAIM)
         .fetch_all(&mut *tx)
         .await?;
-        let Some(oldest) = rows
-            .first()
-            .map(|r| r.get::<chrono::DateTime<Utc>, _>("queued_at"))
-        else {
-            return Ok(0);
-        };
+        // Whole batches, and the rest only once its oldest row has waited `flush`.
+        let whole = rows.len() - rows.len() % batch as usize;
         let flush = chrono::Duration::from_std(self.config.flush)?;
-        if (rows.len() as i64) < self.config.batch && Utc::now() - oldest < flush {
+        let rest_due = rows
+            .get(whole)
+            .is_some_and(|r| Utc::now() - r.get::<chrono::DateTime<Utc>, _>("queued_at") >= flush);
+        if !rest_due {
+            rows.truncate(whole);
+        }
+        if rows.is_empty() {
             return Ok(0);
         }
         let ids: Vec<Uuid> = rows.iter().map(|r| r.get("message_id")).collect();
@@ -280,17 +291,21 @@ impl Screener {
                 texts.push(String::from_utf8_lossy(&text).into_owned());
             }
         }
-        let verdicts = if texts.is_empty() {
-            vec![]
-        } else {
-            self.classifier.classify(&texts).await?
-        };
-        anyhow::ensure!(
-            verdicts.len() == texts.len(),
-            "the classifier judged {} of {} texts",
-            verdicts.len(),
-            texts.len()
-        );
+        let verdicts: Vec<_> =
+            futures::future::try_join_all(texts.chunks(batch as usize).map(|chunk| async move {
+                let verdicts = self.classifier.classify(chunk).await?;
+                anyhow::ensure!(
+                    verdicts.len() == chunk.len(),
+                    "the classifier judged {} of {} texts",
+                    verdicts.len(),
+                    chunk.len()
+                );
+                Ok(verdicts)
+            }))
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
         drop(texts);
         let mut flagged = 0;
         for ((message_id, room_id, position), v) in judged.into_iter().zip(verdicts) {

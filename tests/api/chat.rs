@@ -1254,6 +1254,82 @@ async fn sends_past_the_per_minute_limit_get_429_naming_it_and_bad_bodies_are_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_daily_quota_refuses_with_429_and_a_refused_send_costs_no_quota() {
+    let app = TestApp::spawn_with(mathia::Roles::ALL, |c| {
+        c.chat_messages_per_min = 3;
+        c.chat_messages_per_day = 4;
+    })
+    .await;
+    let (alice_id, alice) = app.user("alice@test.local").await;
+    let r = room(&app, &alice, "Daily", "private").await;
+    let mut redis = redis::Client::open(app.config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let counter = |limit: &str, window: i64| {
+        format!(
+            "{}q:{limit}:{alice_id}:{}",
+            app.config.redis_prefix,
+            chrono::Utc::now().timestamp() / window
+        )
+    };
+    // The windows are fixed minutes: start well inside one.
+    let second = chrono::Utc::now().timestamp() % 60;
+    if second > 45 {
+        tokio::time::sleep(std::time::Duration::from_secs((61 - second) as u64)).await;
+    }
+    for i in 0..3 {
+        assert_eq!(
+            send(&app, &alice, r, json!({"body": format!("m{i}")}))
+                .await
+                .status,
+            201
+        );
+    }
+    // The minute's limit refuses the fourth: the day's count stays at 3.
+    let minute = send(&app, &alice, r, json!({"body": "too fast"})).await;
+    minute.assert_problem(429, "rate_limited");
+    assert_eq!(minute.body["limit"], "chat_messages_per_minute");
+    let day: i64 = redis::AsyncCommands::get(&mut redis, counter("chat_messages_per_day", 86_400))
+        .await
+        .unwrap();
+    assert_eq!(
+        day, 3,
+        "a send the minute's limit refused was charged to the day"
+    );
+    // A new minute (its counter gone): one more fits the day, then the day refuses.
+    let _: () = redis::AsyncCommands::del(&mut redis, counter("chat_messages_per_minute", 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&app, &alice, r, json!({"body": "m3"})).await.status,
+        201
+    );
+    let before = events_count(&app).await;
+    let daily = send(&app, &alice, r, json!({"body": "m4"})).await;
+    daily.assert_problem(429, "rate_limited");
+    assert_eq!(daily.body["limit"], "chat_messages_per_day");
+    let retry: i64 = daily.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        events_count(&app).await,
+        before,
+        "a refused send wrote nothing"
+    );
+    let minute_count: Option<i64> =
+        redis::AsyncCommands::get(&mut redis, counter("chat_messages_per_minute", 60))
+            .await
+            .unwrap();
+    assert_eq!(
+        minute_count,
+        Some(1),
+        "a send the day refused was charged to the minute"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_message_id_sent_twice_makes_one_message() {
     let app = TestApp::spawn().await;
     let (_, alice) = app.user("alice@test.local").await;

@@ -544,6 +544,14 @@ async fn replay_all_rebuilds_every_read_model_side_by_side() {
     .await
     .unwrap();
     assert_eq!(leftovers, 0);
+    // The swapped-in tables keep the live ones' storage parameters.
+    let options: Option<Vec<String>> = sqlx::query_scalar(
+        "SELECT reloptions FROM pg_class WHERE oid = 'proj_chat_unread'::regclass",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(options, Some(vec!["fillfactor=50".to_owned()]));
     assert_live_equals_a_fresh_rebuild(&app).await;
     let r = app
         .get(&format!("/v1/rooms/{room}/messages"), Some(&bob))

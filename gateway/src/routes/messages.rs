@@ -27,7 +27,7 @@ use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
-use crate::ratelimit;
+use crate::ratelimit::{self, Quota};
 use crate::routes::attachments::{self, AttachmentRequest, AttachmentView};
 use crate::routes::rooms::{MODEL, require_member, room_not_found};
 use crate::state::AppState;
@@ -311,20 +311,21 @@ pub async fn send(
     if req.mentions.len() > 100 {
         return Err(ApiError::field("mentions", "at most 100"));
     }
-    ratelimit::charge(
+    ratelimit::charge_all(
         &state,
-        "chat_messages_per_minute",
         principal.user_id,
-        state.settings.chat_messages_per_min,
-        60,
-    )
-    .await?;
-    ratelimit::charge(
-        &state,
-        "chat_messages_per_day",
-        principal.user_id,
-        state.settings.chat_messages_per_day,
-        86_400,
+        &[
+            Quota {
+                limit: "chat_messages_per_minute",
+                max: state.settings.chat_messages_per_min,
+                window_secs: 60,
+            },
+            Quota {
+                limit: "chat_messages_per_day",
+                max: state.settings.chat_messages_per_day,
+                window_secs: 86_400,
+            },
+        ],
     )
     .await?;
     // Membership is decided by the handler, atomically with the append: the read
