@@ -28,6 +28,7 @@ pub mod openapi;
 pub mod paging;
 pub mod ratelimit;
 pub mod realtime;
+pub mod roomkeys;
 pub mod routes;
 pub mod signals;
 pub mod state;

@@ -191,6 +191,8 @@ pub struct Shared {
     pub deflate: yawc::DeflatePool,
     /// Read models' checkpoints as last read (see [`crate::consistency::Checkpoints`]).
     pub checkpoints: Arc<crate::consistency::Checkpoints>,
+    /// Room keys as the send path last read them (see [`crate::roomkeys`]).
+    pub room_keys: crate::roomkeys::RoomKeyCache,
     waiters: Arc<Mutex<HashMap<Uuid, Waiter>>>,
 }
 
@@ -241,6 +243,7 @@ impl AppState {
             signals: tokio::sync::broadcast::channel(4096).0,
             deflate: yawc::DeflatePool::new(64),
             checkpoints: Arc::default(),
+            room_keys: Default::default(),
             waiters: Arc::new(Mutex::new(HashMap::new())),
         }))
     }

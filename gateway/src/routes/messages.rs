@@ -330,7 +330,11 @@ pub async fn send(
     .await?;
     // Membership is decided by the handler, atomically with the append: the read
     // model may not show a join the caller just made. The keystore is current.
-    let Some(keys) = state.keystore.room_keys(&state.pool, room_id).await? else {
+    let Some(keys) = state
+        .room_keys
+        .get(&state.keystore, &state.pool, room_id)
+        .await?
+    else {
         return Err(room_not_found());
     };
     let staged = match &req.attachment {
@@ -363,7 +367,7 @@ pub async fn send(
     };
     let sender = principal.user_id;
     let mentions_assistant = req.body.to_lowercase().contains("@mathia");
-    dispatch(
+    let res = dispatch(
         &state,
         &principal,
         Route::post(&uri),
@@ -410,7 +414,14 @@ pub async fn send(
             }))
         },
     )
-    .await
+    .await;
+    // The room's keys may have changed meanwhile (rotated: 409, or the room is
+    // gone: 404): whatever comes next reads them again.
+    if matches!(&res, Ok(r) if matches!(r.status(), http::StatusCode::CONFLICT | http::StatusCode::NOT_FOUND))
+    {
+        state.room_keys.forget(room_id);
+    }
+    res
 }
 
 const MESSAGE_COLUMNS: &str = "message_id, room_id, position, thread_root, sender, kind, body, attachment, quote, mentions,

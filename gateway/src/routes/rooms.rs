@@ -444,6 +444,7 @@ pub async fn delete_room(
 ) -> ApiResult<Response> {
     let cmd = ChatCommand::DeleteRoom { room_id };
     let res = room_command(&state, &principal, "DELETE", &uri, &options, rid, &(), cmd).await?;
+    state.room_keys.forget(room_id);
     // Crypto-shredding: every key that sealed the room is gone.
     let subject = room_id.to_string();
     let detail = serde_json::json!({"keys_destroyed": true});
@@ -486,6 +487,7 @@ pub async fn rotate_key(
         &state, &principal, "POST", &uri, &options, rid, &version, cmd,
     )
     .await?;
+    state.room_keys.forget(room_id);
     let subject = room_id.to_string();
     let detail = serde_json::json!({"key_version": version});
     Ok(crate::audit::if_ok(
