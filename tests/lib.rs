@@ -466,6 +466,29 @@ impl TestApp {
         panic!("projector {model} did not catch up with the log");
     }
 
+    /// Another gateway of the same backend, serving once it answers `/healthz`:
+    /// its base URL, what stops it, and its task.
+    pub async fn second_gateway(
+        &self,
+    ) -> (String, CancellationToken, JoinHandle<anyhow::Result<()>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(mathia::run(
+            self.config.clone(),
+            only(true, false, false, false),
+            Some(listener),
+            stop.clone(),
+        ));
+        for _ in 0..800 {
+            if reqwest::get(format!("{base}/healthz")).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        (base, stop, task)
+    }
+
     /// Stop everything, delete the streams and drop the database.
     pub async fn stop(self) {
         let groups = std::mem::take(&mut *self.roles.lock().expect("roles"));
@@ -520,7 +543,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    async fn from(res: reqwest::Response) -> Reply {
+    /// Read a response whole.
+    pub async fn from(res: reqwest::Response) -> Reply {
         let status = res.status().as_u16();
         let headers = res.headers().clone();
         let bytes = res.bytes().await.unwrap_or_default();

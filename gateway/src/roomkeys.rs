@@ -80,15 +80,4 @@ impl RoomKeyCache {
             .filter(|(at, _)| at.elapsed() < Self::FRESH)
             .map(|(_, k)| k.clone())
     }
-
-    /// Rooms held (fresh or not yet swept).
-    pub fn len(&self) -> usize {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.keys.len()
-    }
-
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

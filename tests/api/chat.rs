@@ -1358,6 +1358,50 @@ async fn a_client_message_id_sent_twice_makes_one_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_that_missed_a_rotation_refuses_at_most_one_send_and_the_next_uses_the_new_key() {
+    let app = TestApp::spawn().await;
+    let (_, alice) = app.user("alice@test.local").await;
+    let r = room(&app, &alice, "Two doors", "private").await;
+    // Gateway B reads (and keeps for a moment) the room's keys; gateway A rotates them.
+    let (b, stop, task) = app.second_gateway().await;
+    let send_via_b = |text: &str| {
+        let req = app
+            .http
+            .post(format!("{b}/v1/rooms/{r}/messages"))
+            .bearer_auth(&alice)
+            .json(&json!({ "body": text }));
+        async move { mathia_tests::Reply::from(req.send().await.expect("request")).await }
+    };
+    assert_eq!(send_via_b("before").await.status, 201);
+    let rot = app
+        .post(
+            &format!("/v1/rooms/{r}/keys/rotate"),
+            Some(&alice),
+            &json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(rot.status, 200, "{}", rot.body);
+    // B may still hold version 1: the handler refuses that send, and B forgets the keys.
+    let first = send_via_b("right after").await;
+    if first.status != 201 {
+        first.assert_problem(409, "key_version_conflict");
+    }
+    let second = send_via_b("again").await;
+    assert_eq!(second.status, 201, "{}", second.body);
+    let version: i32 =
+        sqlx::query_scalar("SELECT key_version FROM chat_message_keys WHERE message_id = $1")
+            .bind(id(&second.body["message_id"]))
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(version, 2);
+    stop.cancel();
+    let _ = task.await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rotation_keeps_old_messages_readable_and_public_rooms_are_joined_left_or_declined() {
     let app = TestApp::spawn().await;
     let (bob_id, bob) = app.user("bob@test.local").await;

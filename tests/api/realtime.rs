@@ -509,21 +509,7 @@ async fn sync_long_polls_with_the_sockets_cursors_and_a_second_gateway_serves_th
         .assert_problem(422, "invalid_input");
 
     // A second gateway of the same backend: the same cursor resumes there.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base2 = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let second = tokio::spawn(mathia::run(
-        app.config.clone(),
-        mathia_tests::only(true, false, false, false),
-        Some(listener),
-        stop.clone(),
-    ));
-    for _ in 0..800 {
-        if reqwest::get(format!("{base2}/healthz")).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let (base2, stop, second) = app.second_gateway().await;
     let mut ws = connect_to(&base2, &bob).await;
     let sub = subscribe(&mut ws, "r", &format!("room:{r}"), Some(&start)).await;
     assert_eq!(sub["recovered"], true, "{sub}");

@@ -329,7 +329,8 @@ pub async fn send(
     )
     .await?;
     // Membership is decided by the handler, atomically with the append: the read
-    // model may not show a join the caller just made. The keystore is current.
+    // model may not show a join the caller just made. The keys are the keystore's
+    // as of at most `RoomKeyCache::FRESH` ago; the handler checks their version.
     let Some(keys) = state
         .room_keys
         .get(&state.keystore, &state.pool, room_id)
