@@ -511,13 +511,7 @@ async fn read_phase<R: Reader>(
                     {
                         let (kind, took, items) = r.read().await?;
                         if measured {
-                            let mut s = stats.lock().expect("stats");
-                            let us = took.as_micros() as u64;
-                            for k in ["", kind] {
-                                let e = s.by_kind.entry(k).or_insert_with(|| (histogram(), 0));
-                                e.0.record(us).ok();
-                                e.1 += items as u64;
-                            }
+                            stats.lock().expect("stats").record(kind, took, items);
                         }
                     }
                     anyhow::Ok(())
@@ -535,11 +529,76 @@ async fn read_phase<R: Reader>(
     Ok(s)
 }
 
+/// Open-loop reads: `reads` requests on a fixed schedule of `rate` per second,
+/// served by up to `readers` readers made by `reader`. Each is timed from the
+/// moment the schedule gives it, so a request that waits for a free reader or
+/// behind a slow one counts its wait (no coordinated omission). This is the
+/// latency at a stated load, as the spine's half-rate phase measures answers.
+async fn paced_read_phase<R: Reader>(
+    reads: usize,
+    rate: f64,
+    readers: usize,
+    reader: impl Fn() -> R,
+) -> anyhow::Result<ReadStats> {
+    let pool = Arc::new(std::sync::Mutex::new(
+        (0..readers).map(|_| reader()).collect::<Vec<R>>(),
+    ));
+    let free = Arc::new(tokio::sync::Semaphore::new(readers));
+    let stats: Arc<std::sync::Mutex<ReadStats>> = Arc::default();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let started = Instant::now();
+    let mut requests = Vec::with_capacity(reads);
+    for i in 0..reads {
+        let due = started + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let (pool, free, stats) = (pool.clone(), free.clone(), stats.clone());
+        requests.push(tokio::spawn(async move {
+            let _turn = free.acquire().await?;
+            let mut r = pool
+                .lock()
+                .expect("readers")
+                .pop()
+                .context("a reader for every permit")?;
+            let read = r.read().await;
+            pool.lock().expect("readers").push(r);
+            let (kind, _, items) = read?;
+            stats
+                .lock()
+                .expect("stats")
+                .record(kind, due.elapsed(), items);
+            anyhow::Ok(())
+        }));
+    }
+    for r in requests {
+        r.await??;
+    }
+    stats.lock().expect("stats").elapsed = started.elapsed();
+    let s = std::mem::take(&mut *stats.lock().expect("stats"));
+    Ok(s)
+}
+
 /// Read latencies by request kind ("" = all), with the items they returned.
 #[derive(Default)]
 struct ReadStats {
     by_kind: BTreeMap<&'static str, (Histogram<u64>, u64)>,
     elapsed: Duration,
+}
+
+impl ReadStats {
+    fn record(&mut self, kind: &'static str, took: Duration, items: usize) {
+        let us = took.as_micros() as u64;
+        for k in ["", kind] {
+            let e = self.by_kind.entry(k).or_insert_with(|| (histogram(), 0));
+            e.0.record(us).ok();
+            e.1 += items as u64;
+        }
+    }
+
+    /// Requests per second over the phase.
+    fn rate(&self) -> f64 {
+        let n = self.by_kind.get("").map_or(0, |(h, _)| h.len());
+        n as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
 }
 
 fn report_reads(name: &str, stats: &ReadStats, target_ms: f64, unit: &str) {
@@ -549,7 +608,7 @@ fn report_reads(name: &str, stats: &ReadStats, target_ms: f64, unit: &str) {
     let p99 = ms(all.value_at_quantile(0.99));
     println!(
         "{name:<12} {:>9.0} requests/s  p50 {:>6.1} ms  p99 {p99:>6.1} ms  max {:>6.1} ms  ({} requests; target p99 ≤ {target_ms} ms: {})",
-        all.len() as f64 / stats.elapsed.as_secs_f64(),
+        stats.rate(),
         ms(all.value_at_quantile(0.5)),
         ms(all.max()),
         all.len(),
