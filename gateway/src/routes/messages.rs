@@ -638,12 +638,18 @@ async fn page(
     // generic plan is costed for an unknown limit, never wins, and every page was
     // planned again (1.0 ms of planning for 0.9 ms of execution on a slow day).
     // `limit` is 1..=200 (checked above), so a connection caches a few of these.
+    // A generic plan is kept while the tables grow (and, without autovacuum, until
+    // the connection is replaced), so every part of this one must stay right at
+    // any size: each scan is ordered by position, which only the timeline's own
+    // index gives. (`EXISTS` drops its ordering; one prepared on an empty table
+    // walked the whole room through the date index.)
     let keys = room_keys_of(timeline.room());
     let fetch = limit + 1;
     let mut rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "{keys}
          SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk,
-                EXISTS (SELECT 1 FROM proj_chat_messages WHERE {filter} AND position {beyond} $2) AS beyond
+                (SELECT position FROM proj_chat_messages WHERE {filter} AND position {beyond} $2
+                 ORDER BY position LIMIT 1) IS NOT NULL AS beyond
          FROM (SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE {filter} AND position {op} $2
                ORDER BY position {order} LIMIT {fetch}) m
          {KEYED}
@@ -666,7 +672,8 @@ async fn page(
         let id = timeline.id();
         async move {
             sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM proj_chat_messages WHERE {filter} AND position {op} $2)"
+                "SELECT (SELECT position FROM proj_chat_messages WHERE {filter} AND position {op} $2
+                         ORDER BY position LIMIT 1) IS NOT NULL"
             )))
             .bind(id)
             .bind(p)
@@ -1252,14 +1259,18 @@ struct SearchFilter {
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 impl SearchFilter {
-    /// `$3` to `$7` of both search statements, after their rooms and tokens.
-    /// (The limits are written into the statements: see [`page`].)
+    /// `$3` to `$9` of both search statements, after their rooms and tokens.
+    /// The limits stay bound: the statements are planned for each search (see
+    /// [`page`] for why that costs, and `deeper` in [`search_rows`] for why a
+    /// generic plan is not safe here).
     fn bind<'q>(&self, q: PgQuery<'q>, terms: &[String], before: i64) -> PgQuery<'q> {
         q.bind(terms.len() as i64)
             .bind(before)
             .bind(self.sender)
             .bind(self.from)
             .bind(self.to)
+            .bind(self.limit)
+            .bind(SEARCH_WALK)
     }
 }
 
@@ -1301,7 +1312,6 @@ async fn search_rows(
         AND ($7::timestamptz IS NULL OR m.sent_at < $7)";
     let rooms: Vec<Uuid> = keys.keys().copied().collect();
     let room_keys = room_keys_of("room_id = ANY($1)");
-    let (limit, newest) = (filter.limit, SEARCH_WALK);
     let walk = sqlx::query(sqlx::AssertSqlSafe(format!(
         "{room_keys}
          SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk FROM (
@@ -1310,9 +1320,9 @@ async fn search_rows(
                  SELECT {MESSAGE_COLUMNS}
                  FROM (SELECT * FROM proj_chat_messages
                        WHERE room_id = q.q_room AND position < $4
-                       ORDER BY position DESC LIMIT {newest}) m
+                       ORDER BY position DESC LIMIT $9) m
                  WHERE {HIT}
-                 ORDER BY m.position DESC LIMIT {limit}) h) m
+                 ORDER BY m.position DESC LIMIT $8) h) m
          {KEYED}"
     )))
     .bind(&rooms)
@@ -1348,7 +1358,11 @@ async fn search_rows(
     // Only the GIN index below the floor: tokens are keyed per room, so the
     // room's own index (which Postgres would AND in, reading every entry of the
     // room) adds nothing; `IS TRUE` keeps the room check off it. A room of
-    // fewer messages than a walk has no floor: the walk read all of it.
+    // fewer messages than a walk has no floor: the walk read all of it. Its only
+    // alternative to the GIN index is reading the table, so it must not get a
+    // generic plan (one made while the table was small would keep reading it as
+    // it grows). With bound limits a generic plan is costed for an unknown limit
+    // and loses to the custom ones, so Postgres plans it for each search.
     let deeper = sqlx::query(sqlx::AssertSqlSafe(format!(
         "{room_keys}
          SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk FROM (
@@ -1356,12 +1370,12 @@ async fn search_rows(
              CROSS JOIN LATERAL (
                  SELECT position AS floor FROM proj_chat_messages
                  WHERE room_id = q.q_room AND position < $4
-                 ORDER BY position DESC OFFSET {newest} - 1 LIMIT 1) w
+                 ORDER BY position DESC OFFSET $9 - 1 LIMIT 1) w
              CROSS JOIN LATERAL (
                  SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages m
-                 WHERE w.floor > $8 AND (m.room_id = q.q_room) IS TRUE
+                 WHERE w.floor > $10 AND (m.room_id = q.q_room) IS TRUE
                    AND m.position < w.floor AND {HIT}
-                 ORDER BY m.position DESC LIMIT {limit}) h) m
+                 ORDER BY m.position DESC LIMIT $8) h) m
          {KEYED}"
     )))
     .bind(&deep)
