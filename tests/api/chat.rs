@@ -1506,3 +1506,78 @@ async fn rotation_keeps_old_messages_readable_and_public_rooms_are_joined_left_o
         .assert_problem(404, "room_not_found");
     app.stop().await;
 }
+
+/// A timeline page's statement gets a generic plan (its limit is written in),
+/// and Postgres keeps that plan while the tables grow. So the plan made on an
+/// empty database must be the one a full room needs: every scan by the
+/// timeline's own index. (The end check written as `EXISTS` was planned through
+/// the date index there and then walked the whole room for every page.)
+#[tokio::test]
+async fn a_timeline_page_planned_on_an_empty_database_stays_on_the_timeline_index() {
+    use gateway::routes::messages::{Timeline, page_statement};
+    use sqlx::Connection as _;
+    let (url, name) = mathia_tests::fresh_database().await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let room = Uuid::now_v7();
+    let shapes = [(true, true), (true, false), (false, true), (false, false)];
+    for (i, (forward, inclusive)) in shapes.iter().enumerate() {
+        let sql = page_statement(&Timeline::Main(room), *forward, *inclusive, 50);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE page_{i} (uuid, bigint) AS {sql}"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        // Five custom plans, then Postgres compares a generic one with them.
+        for _ in 0..8 {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "EXECUTE page_{i} ('{room}', 1000)"
+            )))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+    }
+    let generic: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, generic_plans FROM pg_prepared_statements WHERE name LIKE 'page_%' ORDER BY name")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(generic.len(), shapes.len());
+    for (statement, plans) in &generic {
+        assert!(
+            *plans > 0,
+            "{statement} never got a generic plan: {generic:?}"
+        );
+    }
+    // The room grows to 3,000 messages among 30,000; nothing re-plans.
+    sqlx::query(
+        "INSERT INTO proj_chat_messages (message_id, room_id, position, sender, kind, mentions, mentions_assistant, sent_at)
+         SELECT gen_random_uuid(), CASE WHEN g % 10 = 0 THEN $1 ELSE gen_random_uuid() END, g,
+                gen_random_uuid(), 'text', '{}', false, now() - (30000 - g) * interval '1 second'
+         FROM generate_series(1, 30000) g",
+    )
+    .bind(room)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for i in 0..shapes.len() {
+        let plan: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN (FORMAT JSON) EXECUTE page_{i} ('{room}', 15000)"
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .map(|v: serde_json::Value| v.to_string())
+        .unwrap();
+        assert!(
+            plan.contains("proj_chat_messages_timeline"),
+            "page_{i}: {plan}"
+        );
+        assert!(
+            !plan.contains("proj_chat_messages_at"),
+            "page_{i} reads the date index: {plan}"
+        );
+    }
+    conn.close().await.unwrap();
+    mathia_tests::drop_database(&name).await;
+}

@@ -534,8 +534,10 @@ fn parse_cursor(c: &str) -> ApiResult<(char, i64)> {
 }
 
 /// Which timeline a page reads.
-enum Timeline {
+pub enum Timeline {
+    /// A room's main timeline (thread replies are in their threads).
     Main(Uuid),
+    /// The replies of the thread with this root.
     Thread(Uuid),
 }
 
@@ -560,6 +562,45 @@ impl Timeline {
             }
         }
     }
+}
+
+/// The statement of one timeline page (`$1` the room, or the thread's root;
+/// `$2` the bound): `limit + 1` messages from the bound, with their keys and
+/// whether anything lies on the other side of the bound (`beyond`).
+///
+/// `beyond`: nothing lies between the bound and the page's near end, so whether
+/// anything lies beyond that end is whether anything lies there: the same
+/// statement answers it.
+///
+/// The limit is written into the statement, not bound: with `LIMIT $3` the
+/// generic plan is costed for an unknown limit, never wins, and every page was
+/// planned again (1.0 ms of planning for 0.9 ms of execution on a slow day).
+/// `limit` is 1..=200 (checked by the caller), so a connection caches a few of
+/// these. A generic plan is kept while the tables grow (and, without autovacuum,
+/// until the connection is replaced), so every part of this one must stay right
+/// at any size: each scan is ordered by position, which only the timeline's own
+/// index gives. (`EXISTS` drops its ordering; one prepared on an empty table
+/// walked the whole room through the date index.) Public for the test of that.
+pub fn page_statement(timeline: &Timeline, forward: bool, inclusive: bool, limit: i64) -> String {
+    let filter = timeline.filter();
+    let (op, beyond, order) = match (forward, inclusive) {
+        (true, true) => (">=", "<", "ASC"),
+        (true, false) => (">", "<=", "ASC"),
+        (false, true) => ("<=", ">", "DESC"),
+        (false, false) => ("<", ">=", "DESC"),
+    };
+    let keys = room_keys_of(timeline.room());
+    let fetch = limit + 1;
+    format!(
+        "{keys}
+         SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk,
+                (SELECT position FROM proj_chat_messages WHERE {filter} AND position {beyond} $2
+                 ORDER BY position LIMIT 1) IS NOT NULL AS beyond
+         FROM (SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE {filter} AND position {op} $2
+               ORDER BY position {order} LIMIT {fetch}) m
+         {KEYED}
+         ORDER BY m.position {order}"
+    )
 }
 
 async fn page(
@@ -625,40 +666,12 @@ async fn page(
     } else {
         (false, i64::MAX, false)
     };
-    // `beyond`: the other side of the bound, where the page does not look. Nothing
-    // lies between the bound and the page's near end, so whether anything lies
-    // beyond that end is whether anything lies there: the same statement answers it.
-    let (op, beyond, order) = match (forward, inclusive) {
-        (true, true) => (">=", "<", "ASC"),
-        (true, false) => (">", "<=", "ASC"),
-        (false, true) => ("<=", ">", "DESC"),
-        (false, false) => ("<", ">=", "DESC"),
-    };
-    // The limit is written into the statement, not bound: with `LIMIT $3` the
-    // generic plan is costed for an unknown limit, never wins, and every page was
-    // planned again (1.0 ms of planning for 0.9 ms of execution on a slow day).
-    // `limit` is 1..=200 (checked above), so a connection caches a few of these.
-    // A generic plan is kept while the tables grow (and, without autovacuum, until
-    // the connection is replaced), so every part of this one must stay right at
-    // any size: each scan is ordered by position, which only the timeline's own
-    // index gives. (`EXISTS` drops its ordering; one prepared on an empty table
-    // walked the whole room through the date index.)
-    let keys = room_keys_of(timeline.room());
-    let fetch = limit + 1;
-    let mut rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{keys}
-         SELECT m.*, k.key_version, k.wrapped AS mk, r.wrapped AS rk,
-                (SELECT position FROM proj_chat_messages WHERE {filter} AND position {beyond} $2
-                 ORDER BY position LIMIT 1) IS NOT NULL AS beyond
-         FROM (SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE {filter} AND position {op} $2
-               ORDER BY position {order} LIMIT {fetch}) m
-         {KEYED}
-         ORDER BY m.position {order}"
-    )))
-    .bind(timeline.id())
-    .bind(bound)
-    .fetch_all(&state.pool)
-    .await?;
+    let statement = page_statement(&timeline, forward, inclusive, limit);
+    let mut rows = sqlx::query(sqlx::AssertSqlSafe(statement))
+        .bind(timeline.id())
+        .bind(bound)
+        .fetch_all(&state.pool)
+        .await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     if !forward {

@@ -32,8 +32,8 @@ use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
 
 use super::{
-    Client, Load, Reader, Sample, Wallet, caught_up, paced_read_phase, read_phase, report_reads, verdict,
-    write_phase,
+    Client, Load, Reader, Sample, Wallet, caught_up, paced_read_phase, read_phase, report_reads,
+    verdict, write_phase,
 };
 
 /// Rooms of the benchmark.
@@ -533,7 +533,14 @@ impl Chat {
             rooms: self.rooms.clone(),
             vocab: vocabulary(),
         };
-        read_twice("timeline", TIMELINE_P99_TARGET_MS, "items/page", load, timeline).await?;
+        read_twice(
+            "timeline",
+            TIMELINE_P99_TARGET_MS,
+            "items/page",
+            load,
+            timeline,
+        )
+        .await?;
         read_twice("search", SEARCH_P99_TARGET_MS, "hits/page", load, search).await?;
         Ok(())
     }
