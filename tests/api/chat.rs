@@ -1561,6 +1561,15 @@ async fn a_timeline_page_planned_on_an_empty_database_stays_on_the_timeline_inde
     .execute(&mut conn)
     .await
     .unwrap();
+    // Their keys, as the handlers write them (one room key, one key per message).
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO chat_room_keys (room_id, version, wrapped) VALUES ('{room}', 1, '\\x00');
+         INSERT INTO chat_message_keys (message_id, room_id, key_version, wrapped)
+         SELECT message_id, room_id, 1, '\\x00' FROM proj_chat_messages"
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
     for i in 0..shapes.len() {
         let plan: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "EXPLAIN (FORMAT JSON) EXECUTE page_{i} ('{room}', 15000)"
@@ -1576,6 +1585,12 @@ async fn a_timeline_page_planned_on_an_empty_database_stays_on_the_timeline_inde
         assert!(
             !plan.contains("proj_chat_messages_at"),
             "page_{i} reads the date index: {plan}"
+        );
+        // A page's keys are neighbours in the covering (room, message) index,
+        // not 50 probes of the table by message id.
+        assert!(
+            plan.contains("chat_message_keys_page") && !plan.contains("chat_message_keys_pkey"),
+            "page_{i} does not read the keys by (room, message): {plan}"
         );
     }
     conn.close().await.unwrap();
