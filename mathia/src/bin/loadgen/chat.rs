@@ -517,6 +517,12 @@ impl Chat {
             "store        {stored} messages ({} seeded before the run, the rest sent through the API)",
             self.stored
         );
+        let settled = settle(&mut conn).await?;
+        println!(
+            "settled      every projector's checkpoint still for {} ms, {:.1} s after the send phase",
+            SETTLED.as_millis(),
+            settled.as_secs_f64()
+        );
         eprintln!(
             "timeline and search: {} requests each from {} clients…",
             load.reads, load.read_clients
@@ -608,6 +614,28 @@ impl Chat {
             answered
         );
         Ok(rate)
+    }
+}
+
+/// How long every projector's checkpoint must stand still before the read phases.
+const SETTLED: Duration = Duration::from_millis(500);
+
+/// Waits (at most 60 s) until no projector's checkpoint has moved for
+/// [`SETTLED`], so that the read phases measure reads and not the send phase's
+/// tail still being projected (screening, feeds, unread counts) beside them.
+async fn settle(conn: &mut PgConnection) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        let now: Vec<(String, i64)> =
+            sqlx::query_as("SELECT model, position FROM proj_checkpoints ORDER BY model")
+                .fetch_all(&mut *conn)
+                .await?;
+        if last.as_ref() == Some(&now) || started.elapsed() > Duration::from_secs(60) {
+            return Ok(started.elapsed());
+        }
+        last = Some(now);
+        tokio::time::sleep(SETTLED).await;
     }
 }
 
