@@ -155,3 +155,12 @@ mod tests {
         assert_eq!(seen.recent("wallet"), None, "stale: ask Postgres again");
     }
 }
+
+/// Wait (bounded) for `model` to reach the head of the log: a row that is
+/// missing may just be too new (written a moment ago, by a client that did not
+/// pass `after_position`). Only a miss pays for this.
+pub async fn caught_up(state: &AppState, model: &str) {
+    if let Ok(head) = handlers::store::head_position(&state.pool).await {
+        let _ = wait_for(state, model, AfterPosition(Some(head))).await;
+    }
+}

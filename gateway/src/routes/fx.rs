@@ -20,6 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
+use crate::consistency::caught_up;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{AppJson, AppQuery, RequestId, WriteOptions};
@@ -216,18 +217,27 @@ pub async fn convert(
     // The currencies come from the caller's own wallets; the decision checks
     // them again against the ledger, so a stale read cannot mis-convert.
     let owner = principal.user_id;
+    // A wallet opened a moment ago may not be in the read model yet: a miss
+    // looks again once the model has caught up with the log.
     let wallet_currency = |wallet: Uuid| {
-        let pool = state.pool.clone();
+        let state = state.clone();
         async move {
-            let c: Option<String> = sqlx::query_scalar(
-                "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
-            )
-            .bind(wallet)
-            .bind(owner)
-            .fetch_optional(&pool)
-            .await?;
-            c.and_then(|c| c.parse::<Currency>().ok())
-                .ok_or_else(|| ApiError::NotFound("no such wallet of yours".into()))
+            for attempt in 0..2 {
+                let c: Option<String> = sqlx::query_scalar(
+                    "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
+                )
+                .bind(wallet)
+                .bind(owner)
+                .fetch_optional(&state.pool)
+                .await?;
+                if let Some(c) = c.and_then(|c| c.parse::<Currency>().ok()) {
+                    return Ok(c);
+                }
+                if attempt == 0 {
+                    caught_up(&state, "wallet").await;
+                }
+            }
+            Err(ApiError::NotFound("no such wallet of yours".into()))
         }
     };
     let from_currency = wallet_currency(req.from_wallet).await?;

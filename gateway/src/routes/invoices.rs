@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
+use crate::consistency::{AfterPosition, ReadParams, caught_up, position_header, wait_for};
 use crate::dispatch::send as command;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
@@ -464,15 +464,6 @@ async fn payments(state: &AppState, invoice_id: Uuid) -> ApiResult<Vec<PaymentVi
         .collect())
 }
 
-/// Wait (bounded) for the read model to reach the head of the log: a row
-/// that is missing may just be too new (drafted a moment ago, by a client that
-/// did not pass `after_position`). Only a miss pays for this.
-async fn caught_up(state: &AppState) {
-    if let Ok(head) = handlers::store::head_position(&state.pool).await {
-        let _ = wait_for(state, MODEL, AfterPosition(Some(head))).await;
-    }
-}
-
 /// The invoice row if `user` may see it: its issuer, or its client once sent.
 async fn visible(state: &AppState, id: Uuid, user: Uuid) -> ApiResult<sqlx::postgres::PgRow> {
     let query = format!(
@@ -489,7 +480,7 @@ async fn visible(state: &AppState, id: Uuid, user: Uuid) -> ApiResult<sqlx::post
             return Ok(row);
         }
         if attempt == 0 {
-            caught_up(state).await;
+            caught_up(state, MODEL).await;
         }
     }
     Err(invoice_not_found())
@@ -602,7 +593,7 @@ async fn issued(state: &AppState, id: Uuid, user: Uuid, after: AfterPosition) ->
             return Ok(());
         }
         if attempt == 0 {
-            caught_up(state).await;
+            caught_up(state, MODEL).await;
         }
     }
     Err(invoice_not_found())
