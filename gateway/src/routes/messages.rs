@@ -459,7 +459,7 @@ fn views_keyed(state: &AppState, rows: &[sqlx::postgres::PgRow]) -> Vec<MessageV
 /// statement and hashed, not looked up again for each of a page's 50 rows (102
 /// of a page's 356 buffers). The message keys are joined by (room, message), the
 /// order of `chat_message_keys_page`, which holds the wrapped key: a page's keys
-/// are neighbours in that index, read without the table.
+/// lie in the room's own part of that index, read without the table.
 const KEYED: &str =
     "LEFT JOIN chat_message_keys k ON k.room_id = m.room_id AND k.message_id = m.message_id
     LEFT JOIN rk r ON r.room_id = k.room_id AND r.version = k.key_version";
