@@ -1519,23 +1519,38 @@ async fn a_timeline_page_planned_on_an_empty_database_stays_on_the_timeline_inde
     let (url, name) = mathia_tests::fresh_database().await.unwrap();
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
     let room = Uuid::now_v7();
-    let shapes = [(true, true), (true, false), (false, true), (false, false)];
-    for (i, (forward, inclusive)) in shapes.iter().enumerate() {
-        let sql = page_statement(&Timeline::Main(room), *forward, *inclusive, 50);
+    // Every direction and bound, with the membership check in the statement
+    // (a main timeline's latest page or cursor) and without (after an anchor).
+    let reader = Uuid::now_v7();
+    let mut args_of: Vec<String> = vec![];
+    let shapes: Vec<(bool, bool, bool)> = [true, false]
+        .into_iter()
+        .flat_map(|guarded| {
+            [(true, true), (true, false), (false, true), (false, false)]
+                .map(|(forward, inclusive)| (forward, inclusive, guarded))
+        })
+        .collect();
+    for (i, (forward, inclusive, guarded)) in shapes.iter().enumerate() {
+        let sql = page_statement(&Timeline::Main(room), *forward, *inclusive, 50, *guarded);
+        let (types, args) = if *guarded {
+            ("uuid, bigint, uuid", format!("'{room}', $$, '{reader}'"))
+        } else {
+            ("uuid, bigint", format!("'{room}', $$"))
+        };
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE page_{i} (uuid, bigint) AS {sql}"
+            "PREPARE page_{i} ({types}) AS {sql}"
         )))
         .execute(&mut conn)
         .await
         .unwrap();
+        args_of.push(args);
         // Five custom plans, then Postgres compares a generic one with them.
         for _ in 0..8 {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "EXECUTE page_{i} ('{room}', 1000)"
-            )))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+            let args = args_of[i].replace("$$", "1000");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("EXECUTE page_{i} ({args})")))
+                .execute(&mut conn)
+                .await
+                .unwrap();
         }
     }
     let generic: Vec<(String, i64)> =
@@ -1570,9 +1585,20 @@ async fn a_timeline_page_planned_on_an_empty_database_stays_on_the_timeline_inde
     .execute(&mut conn)
     .await
     .unwrap();
+    // The reader is a member, so the guarded plans read the page too.
+    sqlx::query(
+        "INSERT INTO proj_chat_members (room_id, user_id, role, state, since, since_position)
+         VALUES ($1, $2, 'member', 'joined', now(), 0)",
+    )
+    .bind(room)
+    .bind(reader)
+    .execute(&mut conn)
+    .await
+    .unwrap();
     for i in 0..shapes.len() {
+        let args = args_of[i].replace("$$", "15000");
         let plan: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN (FORMAT JSON) EXECUTE page_{i} ('{room}', 15000)"
+            "EXPLAIN (FORMAT JSON) EXECUTE page_{i} ({args})"
         )))
         .fetch_one(&mut conn)
         .await
