@@ -104,7 +104,18 @@ async fn a_stranger_gets_404_on_every_room_endpoint_and_writes_nothing() {
             format!("/v1/rooms/{room_id}/messages/{m}/history"),
             format!("/v1/search/messages?q=hello&room_id={room_id}"),
         ];
-        for p in &paths_get {
+        // A page with an anchor or a cursor is refused as the room, before the
+        // anchor is looked up: a stranger never learns that `m` exists.
+        let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("t1:b:1000");
+        let pages = [
+            format!("/v1/rooms/{room_id}/messages?from_message={m}"),
+            format!("/v1/rooms/{room_id}/messages?from_message={m}&dir=forward"),
+            format!("/v1/rooms/{room_id}/messages?at=2020-01-01T00:00:00Z"),
+            format!("/v1/rooms/{room_id}/messages?at=2020-01-01T00:00:00Z&dir=forward"),
+            format!("/v1/rooms/{room_id}/messages?cursor={cursor}"),
+            format!("/v1/rooms/{room_id}/messages?dir=forward"),
+        ];
+        for p in paths_get.iter().chain(&pages) {
             app.get(p, Some(&eve))
                 .await
                 .assert_problem(404, "room_not_found");
@@ -486,6 +497,21 @@ async fn the_timeline_pages_both_ways_with_explicit_ends_and_jumps_to_a_date() {
     let app = TestApp::spawn().await;
     let (_, alice) = app.user("alice@test.local").await;
     let r = room(&app, &alice, "Log", "public").await;
+    // A member's page of an empty room: no items, both ends, no cursor.
+    for query in ["", "?dir=forward"] {
+        let empty = app
+            .get(&format!("/v1/rooms/{r}/messages{query}"), Some(&alice))
+            .await;
+        assert_eq!(empty.status, 200, "{}", empty.body);
+        assert_eq!(empty.body["items"], json!([]), "{}", empty.body);
+        assert_eq!(
+            (&empty.body["start_reached"], &empty.body["end_reached"]),
+            (&json!(true), &json!(true)),
+            "{}",
+            empty.body
+        );
+        assert!(empty.body["prev"].is_null() && empty.body["next"].is_null());
+    }
     let mut ids = vec![];
     for i in 0..7 {
         ids.push(say(&app, &alice, r, &format!("message {i}")).await.0);

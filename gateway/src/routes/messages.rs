@@ -29,7 +29,7 @@ use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
 use crate::ratelimit::{self, Quota};
 use crate::routes::attachments::{self, AttachmentRequest, AttachmentView};
-use crate::routes::rooms::{MODEL, require_member, room_not_found};
+use crate::routes::rooms::{MODEL, joined_member, require_member, room_not_found};
 use crate::state::AppState;
 
 /// Largest message body, in bytes (SPEC §2: 16 KiB).
@@ -610,10 +610,13 @@ pub fn page_statement(
          ORDER BY m.position {order}"
     );
     if guarded {
-        // No row at all unless `$3` is a member; a member's empty page is one
-        // row of nulls. Nothing of the room is read for anyone else.
+        // The check of `require_member`, in the statement (one round trip less):
+        // no row at all unless `$3` is a joined member of the room `$1`; a
+        // member's empty page is one row of nulls. Nothing of the room is read
+        // for anyone else.
+        let member = joined_member("$3");
         format!(
-            "{keys}, me AS MATERIALIZED ({MEMBER})
+            "{keys}, me AS MATERIALIZED ({member})
              SELECT p.* FROM me LEFT JOIN LATERAL ({page}) p ON true
              ORDER BY p.position {order}"
         )
@@ -621,12 +624,6 @@ pub fn page_statement(
         format!("{keys}\n{page}")
     }
 }
-
-/// The caller (`$3`) is a joined member of the room `$1`: the membership check
-/// of [`require_member`], written into a main timeline's first statement so that
-/// a page costs one round trip less, and is answered before anything of the room.
-const MEMBER: &str =
-    "SELECT 1 FROM proj_chat_members WHERE room_id = $1 AND user_id = $3 AND state = 'joined'";
 
 /// The position a page is anchored at (`sql` selects it, `$2` = `value`), in
 /// one statement with the membership check when there is a `caller`: 404
@@ -648,8 +645,9 @@ where
             .fetch_optional(&state.pool)
             .await?);
     };
+    let member = joined_member("$3");
     let (member, position): (bool, Option<i64>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "WITH me AS MATERIALIZED (SELECT EXISTS ({MEMBER}) AS member)
+        "WITH me AS MATERIALIZED (SELECT EXISTS ({member}) AS member)
          SELECT member, CASE WHEN member THEN ({sql}) END FROM me"
     )))
     .bind(timeline.id())
@@ -665,17 +663,14 @@ where
 
 /// `caller`: on a main timeline, the reader whose membership the first
 /// statement checks (404 `room_not_found` when they are not a joined member);
-/// `None` when the caller has checked it already.
+/// `None` when the handler has checked it already, as a thread's must (the
+/// check reads the room from `$1`, which is a thread's root).
 async fn page(
     state: &AppState,
     timeline: Timeline,
     params: &TimelineParams,
     caller: Option<Uuid>,
 ) -> ApiResult<MessagePage> {
-    let caller = match timeline {
-        Timeline::Main(_) => caller,
-        Timeline::Thread(_) => None,
-    };
     let limit = params.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
         return Err(ApiError::field("limit", "between 1 and 200"));

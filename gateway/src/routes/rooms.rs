@@ -183,15 +183,22 @@ fn text(
     Some(v.to_owned())
 }
 
+/// The membership row of the user `user` (an SQL parameter, e.g. `$2`) in the
+/// room `$1`, when they are a joined member: what [`require_member`] reads, and
+/// what a timeline page's first statement checks in its place.
+pub(crate) fn joined_member(user: &str) -> String {
+    format!(
+        "SELECT role FROM proj_chat_members WHERE room_id = $1 AND user_id = {user} AND state = 'joined'"
+    )
+}
+
 /// The caller's role in `room`, or 404 when not a joined member.
 pub async fn require_member(state: &AppState, room: Uuid, user: Uuid) -> ApiResult<String> {
-    let role: Option<Option<String>> = sqlx::query_scalar(
-        "SELECT role FROM proj_chat_members WHERE room_id = $1 AND user_id = $2 AND state = 'joined'",
-    )
-    .bind(room)
-    .bind(user)
-    .fetch_optional(&state.pool)
-    .await?;
+    let role: Option<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(joined_member("$2")))
+        .bind(room)
+        .bind(user)
+        .fetch_optional(&state.pool)
+        .await?;
     role.map(|r| r.unwrap_or_default())
         .ok_or_else(room_not_found)
 }
