@@ -196,6 +196,7 @@ async fn old_cursors_and_cursors_from_before_a_rebuild_are_refused_whole() {
     let app = TestApp::spawn_with(mathia::Roles::ALL, |c| c.feed_retention = 5).await;
     let (_, alice) = app.user("alice@example.com").await;
     let r = room(&app, &alice, "Old", "private").await;
+    app.settle("chat").await; // the subscription's membership check reads it
     let old = start_cursor(&app, &alice).await;
     for i in 0..20 {
         say(&app, &alice, r, &format!("m{i}")).await;
@@ -459,6 +460,9 @@ async fn sync_long_polls_with_the_sockets_cursors_and_a_second_gateway_serves_th
     let (bob_id, bob) = app.user("bob@example.com").await;
     let r = room(&app, &alice, "Sync", "private").await;
     invite_and_join(&app, &alice, r, bob_id, &bob).await;
+    // The poll picks the rooms it watches from the chat model's members when
+    // it starts: Bob's join must be there, not only in the feed.
+    app.settle("chat").await;
     app.settle("feed").await;
     let start = start_cursor(&app, &bob).await;
     let poll = {

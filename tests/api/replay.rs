@@ -73,6 +73,8 @@ async fn a_rebuild_under_live_writes_swaps_in_a_model_equal_to_a_fresh_rebuild()
         let wallet = app.funded_wallet(&token, &admin, 1_000_000).await;
         parties.push((id, token, wallet));
     }
+    // The readers' first lap reads every wallet: the newest must be in the model.
+    app.settle("wallet").await;
     let parties = Arc::new(parties);
     let stop = Arc::new(AtomicBool::new(false));
     let transfers = Arc::new(AtomicU64::new(0));
