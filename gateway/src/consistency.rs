@@ -164,3 +164,27 @@ pub async fn caught_up(state: &AppState, model: &str) {
         let _ = wait_for(state, model, AfterPosition(Some(head))).await;
     }
 }
+
+/// Run `look`, a read of `model` that finds the caller's own row (a wallet, a
+/// room membership); when `found` says it found none, wait until the model
+/// has [`caught_up`] and run it once more. So a client that reads right after
+/// its own write, without `after_position`, finds what it wrote. Only a miss
+/// pays, and the wait depends on the model, not on the row: a stranger's 404
+/// takes no longer for a row that exists than for one that does not.
+pub async fn look_again_when_missing<T, F, Fut>(
+    state: &AppState,
+    model: &str,
+    look: F,
+    found: impl Fn(&T) -> bool,
+) -> Result<T, ApiError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let first = look().await?;
+    if found(&first) {
+        return Ok(first);
+    }
+    caught_up(state, model).await;
+    look().await
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use base64::Engine as _;
-use mathia_tests::{Reply, TestApp};
+use mathia_tests::{Reply, TestApp, only};
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -490,6 +490,80 @@ fn master_key(app: &TestApp) -> commands::crypto::Key {
         .decode(app.config.master_key.as_deref().unwrap())
         .unwrap();
     commands::crypto::Key::from_slice(&b).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_just_created_or_joined_or_a_wallet_just_opened_is_found_at_once() {
+    // The projectors run apart, so the test can hold the chat model back.
+    let app = TestApp::spawn_with(only(true, true, true, false), |_| {}).await;
+    let projectors = app.start(only(false, false, false, true));
+    let (_, alice) = app.user("alice@test.local").await;
+    let (_, bob) = app.user("bob@test.local").await;
+    let (_, eve) = app.user("eve@test.local").await;
+    app.settle("chat").await;
+    app.crash(projectors).await;
+    // Answered by the handlers; the chat model applies neither yet.
+    let r = room(&app, &alice, "Fresh", "public").await;
+    let join = app
+        .post(&format!("/v1/rooms/{r}/join"), Some(&bob), &json!({}), &[])
+        .await;
+    assert_eq!(join.status, 200, "join: {}", join.body);
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM proj_chat_rooms WHERE room_id = $1")
+            .bind(r)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(applied, 0, "the chat model is held back");
+    let wallet = app.funded_wallet(&alice, "", 0).await; // opened, nothing deposited
+
+    // Reads without `after_position`, as a client right after its write: the
+    // latest page, an anchored page, the room, its members, over HTTP.
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    let read = |token: &str, path: String| {
+        let answered = &answered;
+        let app = &app;
+        let token = token.to_owned();
+        async move {
+            let reply = app.get(&path, Some(&token)).await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (path, reply)
+        }
+    };
+    let reads = futures::future::join_all([
+        read(&alice, format!("/v1/rooms/{r}/messages")),
+        read(
+            &alice,
+            format!("/v1/rooms/{r}/messages?at=2020-01-01T00:00:00Z&dir=forward"),
+        ),
+        read(&alice, format!("/v1/rooms/{r}")),
+        read(&alice, format!("/v1/rooms/{r}/members")),
+        read(&bob, format!("/v1/rooms/{r}/messages?dir=forward")),
+        read(&alice, format!("/v1/wallets/{wallet}")),
+        read(&alice, format!("/v1/wallets/{wallet}/entries")),
+    ]);
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let early = answered.load(std::sync::atomic::Ordering::SeqCst);
+        app.start(only(false, false, false, true));
+        early
+    };
+    let (replies, early) = tokio::join!(reads, release);
+    assert_eq!(
+        early, 0,
+        "no read answered before the models had the writes"
+    );
+    for (path, reply) in replies {
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    }
+    // A stranger still learns nothing.
+    let stranger = app
+        .get(&format!("/v1/rooms/{r}/messages"), Some(&eve))
+        .await;
+    stranger.assert_problem(404, "room_not_found");
+    let stranger = app.get(&format!("/v1/wallets/{wallet}"), Some(&eve)).await;
+    assert_eq!(stranger.status, 404, "{}", stranger.body);
+    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -20,7 +20,6 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::caught_up;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{AppJson, AppQuery, RequestId, WriteOptions};
@@ -222,22 +221,10 @@ pub async fn convert(
     let wallet_currency = |wallet: Uuid| {
         let state = state.clone();
         async move {
-            for attempt in 0..2 {
-                let c: Option<String> = sqlx::query_scalar(
-                    "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
-                )
-                .bind(wallet)
-                .bind(owner)
-                .fetch_optional(&state.pool)
-                .await?;
-                if let Some(c) = c.and_then(|c| c.parse::<Currency>().ok()) {
-                    return Ok(c);
-                }
-                if attempt == 0 {
-                    caught_up(&state, "wallet").await;
-                }
-            }
-            Err(ApiError::NotFound("no such wallet of yours".into()))
+            crate::routes::wallets::owned_currency(&state, wallet, owner)
+                .await?
+                .and_then(|c| c.parse::<Currency>().ok())
+                .ok_or_else(|| ApiError::NotFound("no such wallet of yours".into()))
         }
     };
     let from_currency = wallet_currency(req.from_wallet).await?;

@@ -22,7 +22,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, ReadParams, caught_up, position_header, wait_for};
+use crate::consistency::{
+    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
+};
 use crate::dispatch::send as command;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
@@ -470,20 +472,21 @@ async fn visible(state: &AppState, id: Uuid, user: Uuid) -> ApiResult<sqlx::post
         "SELECT {COLUMNS} FROM proj_invoices
          WHERE invoice_id = $1 AND (issuer = $2 OR (client_user = $2 AND status <> 'draft'))"
     );
-    for attempt in 0..2 {
-        if let Some(row) = sqlx::query(sqlx::AssertSqlSafe(query.clone()))
-            .bind(id)
-            .bind(user)
-            .fetch_optional(&state.pool)
-            .await?
-        {
-            return Ok(row);
-        }
-        if attempt == 0 {
-            caught_up(state, MODEL).await;
-        }
-    }
-    Err(invoice_not_found())
+    let query: std::sync::Arc<str> = query.into();
+    look_again_when_missing(
+        state,
+        MODEL,
+        || async {
+            Ok(sqlx::query(sqlx::AssertSqlSafe(query.clone()))
+                .bind(id)
+                .bind(user)
+                .fetch_optional(&state.pool)
+                .await?)
+        },
+        Option::is_some,
+    )
+    .await?
+    .ok_or_else(invoice_not_found)
 }
 
 fn with_etag(position: i64, version: i64) -> http::HeaderMap {
@@ -581,22 +584,26 @@ pub async fn get_invoice(
 /// The issuer's own invoice, or 404 before anything is sent.
 async fn issued(state: &AppState, id: Uuid, user: Uuid, after: AfterPosition) -> ApiResult<()> {
     wait_for(state, MODEL, after).await?;
-    for attempt in 0..2 {
-        let mine: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM proj_invoices WHERE invoice_id = $1 AND issuer = $2)",
-        )
-        .bind(id)
-        .bind(user)
-        .fetch_one(&state.pool)
-        .await?;
-        if mine {
-            return Ok(());
-        }
-        if attempt == 0 {
-            caught_up(state, MODEL).await;
-        }
+    let mine: bool = look_again_when_missing(
+        state,
+        MODEL,
+        || async {
+            Ok(sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM proj_invoices WHERE invoice_id = $1 AND issuer = $2)",
+            )
+            .bind(id)
+            .bind(user)
+            .fetch_one(&state.pool)
+            .await?)
+        },
+        |mine| *mine,
+    )
+    .await?;
+    if mine {
+        Ok(())
+    } else {
+        Err(invoice_not_found())
     }
-    Err(invoice_not_found())
 }
 
 /// Send (issue) a draft: it takes the next `INV-YYYY-NNNNN` number of your

@@ -23,7 +23,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
+use crate::consistency::{
+    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
+};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
@@ -636,7 +638,11 @@ async fn anchor<T>(
     value: T,
 ) -> ApiResult<Option<i64>>
 where
-    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + 'static,
+    T: for<'q> sqlx::Encode<'q, sqlx::Postgres>
+        + sqlx::Type<sqlx::Postgres>
+        + Send
+        + Clone
+        + 'static,
 {
     let Some(user) = caller else {
         return Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -646,14 +652,24 @@ where
             .await?);
     };
     let member = joined_member("$3");
-    let (member, position): (bool, Option<i64>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let statement: std::sync::Arc<str> = format!(
         "WITH me AS MATERIALIZED (SELECT EXISTS ({member}) AS member)
          SELECT member, CASE WHEN member THEN ({sql}) END FROM me"
-    )))
-    .bind(timeline.id())
-    .bind(value)
-    .bind(user)
-    .fetch_one(&state.pool)
+    )
+    .into();
+    let (member, position): (bool, Option<i64>) = look_again_when_missing(
+        state,
+        MODEL,
+        || async {
+            Ok(sqlx::query_as(sqlx::AssertSqlSafe(statement.clone()))
+                .bind(timeline.id())
+                .bind(value.clone())
+                .bind(user)
+                .fetch_one(&state.pool)
+                .await?)
+        },
+        |(member, _)| *member,
+    )
     .await?;
     if !member {
         return Err(room_not_found());
@@ -735,14 +751,23 @@ async fn page(
     };
     // An anchor's statement has checked the membership already.
     let guard = caller.filter(|_| params.from_message.is_none() && params.at.is_none());
-    let statement = page_statement(&timeline, forward, inclusive, limit, guard.is_some());
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(statement))
-        .bind(timeline.id())
-        .bind(bound);
-    if let Some(user) = guard {
-        q = q.bind(user);
-    }
-    let mut rows = q.fetch_all(&state.pool).await?;
+    let statement: std::sync::Arc<str> =
+        page_statement(&timeline, forward, inclusive, limit, guard.is_some()).into();
+    let run = || async {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+            .bind(timeline.id())
+            .bind(bound);
+        if let Some(user) = guard {
+            q = q.bind(user);
+        }
+        Ok(q.fetch_all(&state.pool).await?)
+    };
+    // A guarded page has a row (null for an empty page) exactly for a member.
+    let mut rows = if guard.is_some() {
+        look_again_when_missing(state, MODEL, run, |rows: &Vec<_>| !rows.is_empty()).await?
+    } else {
+        run().await?
+    };
     if guard.is_some() {
         if rows.is_empty() {
             return Err(room_not_found());

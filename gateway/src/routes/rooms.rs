@@ -4,6 +4,13 @@
 //!
 //! Existence is private: every room endpoint answers 404 `room_not_found` to
 //! whoever is not a member, exactly as for a room that does not exist.
+//!
+//! Membership is read from the chat model, which applies a create or a join a
+//! moment after its command was answered. A check that finds no membership
+//! looks once more after the model has caught up with the log
+//! (`consistency::look_again_when_missing`), so the owner of a room just
+//! created, or a user who just joined, is never told it does not exist. The wait
+//! does not depend on the room, so a stranger learns nothing from it.
 
 use axum::Json;
 use axum::extract::State;
@@ -18,7 +25,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
+use crate::consistency::{
+    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
+};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{AppJson, AppPath, RequestId, WriteOptions};
@@ -194,11 +203,19 @@ pub(crate) fn joined_member(user: &str) -> String {
 
 /// The caller's role in `room`, or 404 when not a joined member.
 pub async fn require_member(state: &AppState, room: Uuid, user: Uuid) -> ApiResult<String> {
-    let role: Option<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(joined_member("$2")))
-        .bind(room)
-        .bind(user)
-        .fetch_optional(&state.pool)
-        .await?;
+    let role: Option<Option<String>> = look_again_when_missing(
+        state,
+        MODEL,
+        || async {
+            Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(joined_member("$2")))
+                .bind(room)
+                .bind(user)
+                .fetch_optional(&state.pool)
+                .await?)
+        },
+        Option::is_some,
+    )
+    .await?;
     role.map(|r| r.unwrap_or_default())
         .ok_or_else(room_not_found)
 }

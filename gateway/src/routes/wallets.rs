@@ -16,7 +16,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
+use crate::consistency::{
+    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
+};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
@@ -350,6 +352,30 @@ fn wallet_row(r: &sqlx::postgres::PgRow) -> Wallet {
     }
 }
 
+/// The currency of `wallet` when `owner` owns it. A wallet opened a moment ago
+/// may not be in the read model yet: a miss looks again once it has caught up.
+pub(crate) async fn owned_currency(
+    state: &AppState,
+    wallet: Uuid,
+    owner: Uuid,
+) -> ApiResult<Option<String>> {
+    look_again_when_missing(
+        state,
+        MODEL,
+        || async {
+            Ok(sqlx::query_scalar(
+                "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
+            )
+            .bind(wallet)
+            .bind(owner)
+            .fetch_optional(&state.pool)
+            .await?)
+        },
+        Option::is_some,
+    )
+    .await
+}
+
 /// One of the caller's wallets.
 #[utoipa::path(get, path = "/v1/wallets/{wallet_id}", tag = "wallet", security(("bearer" = [])),
     params(("wallet_id" = Uuid, Path), ReadParams),
@@ -362,13 +388,21 @@ pub async fn get_wallet(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let row = sqlx::query(
-        "SELECT account_id, owner_id, currency, posted, pending, limits, frozen, version, opened_at FROM proj_wallet_accounts
-         WHERE account_id = $1 AND owner_id = $2",
+    let row = look_again_when_missing(
+        &state,
+        MODEL,
+        || async {
+            Ok(sqlx::query(
+                "SELECT account_id, owner_id, currency, posted, pending, limits, frozen, version, opened_at FROM proj_wallet_accounts
+                 WHERE account_id = $1 AND owner_id = $2",
+            )
+            .bind(wallet_id)
+            .bind(principal.user_id)
+            .fetch_optional(&state.pool)
+            .await?)
+        },
+        Option::is_some,
     )
-    .bind(wallet_id)
-    .bind(principal.user_id)
-    .fetch_optional(&state.pool)
     .await?
     .ok_or_else(|| ApiError::NotFound("no such wallet".into()))?;
     let wallet = wallet_row(&row);
@@ -435,14 +469,10 @@ pub async fn list_entries(
         AfterPosition(page.after_position.or(after.0)),
     )
     .await?;
-    let owned: Option<Uuid> = sqlx::query_scalar(
-        "SELECT account_id FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
-    )
-    .bind(wallet_id)
-    .bind(principal.user_id)
-    .fetch_optional(&state.pool)
-    .await?;
-    if owned.is_none() {
+    if owned_currency(&state, wallet_id, principal.user_id)
+        .await?
+        .is_none()
+    {
         return Err(ApiError::NotFound("no such wallet".into()));
     }
     let rows = sqlx::query(
@@ -1347,14 +1377,9 @@ pub async fn balance_at(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, AfterPosition(q.after_position.or(after.0))).await?;
-    let currency: String = sqlx::query_scalar(
-        "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
-    )
-    .bind(wallet_id)
-    .bind(principal.user_id)
-    .fetch_optional(&state.pool)
-    .await?
-    .ok_or_else(|| ApiError::NotFound("no such wallet".into()))?;
+    let currency: String = owned_currency(&state, wallet_id, principal.user_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such wallet".into()))?;
     let row = sqlx::query(
         "SELECT
             coalesce((SELECT balance_after FROM proj_wallet_entries WHERE account_id = $1 AND occurred_at <= $2
