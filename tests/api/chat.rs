@@ -493,8 +493,8 @@ fn master_key(app: &TestApp) -> commands::crypto::Key {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_room_just_created_or_joined_or_a_wallet_just_opened_is_found_at_once() {
-    // The projectors run apart, so the test can hold the chat model back.
+async fn what_a_caller_just_wrote_is_found_at_once_without_after_position() {
+    // The projectors run apart, so the test can hold the read models back.
     let app = TestApp::spawn_with(only(true, true, true, false), |_| {}).await;
     let projectors = app.start(only(false, false, false, true));
     let (_, alice) = app.user("alice@test.local").await;
@@ -516,9 +516,32 @@ async fn a_room_just_created_or_joined_or_a_wallet_just_opened_is_found_at_once(
             .unwrap();
     assert_eq!(applied, 0, "the chat model is held back");
     let wallet = app.funded_wallet(&alice, "", 0).await; // opened, nothing deposited
+    let (message, _) = say(&app, &alice, r, "first!").await;
+    let trip = app
+        .post(
+            "/v1/itineraries",
+            Some(&alice),
+            &json!({"title": "Lamu", "region": "KE", "start_date": "2027-01-02",
+                    "end_date": "2027-01-05", "zone": "Africa/Nairobi"}),
+            &[],
+        )
+        .await;
+    assert_eq!(trip.status, 201, "create itinerary: {}", trip.body);
+    let trip = id(&trip.body["itinerary_id"]);
+    let reminder = app
+        .post(
+            "/v1/reminders",
+            Some(&alice),
+            &json!({"content": "pack", "in": "10m"}),
+            &[],
+        )
+        .await;
+    assert_eq!(reminder.status, 201, "set reminder: {}", reminder.body);
+    let reminder = id(&reminder.body["reminder_id"]);
 
-    // Reads without `after_position`, as a client right after its write: the
-    // latest page, an anchored page, the room, its members, over HTTP.
+    // Reads without `after_position`, as a client right after its writes: the
+    // room's pages (latest, anchored on a date and on the message just sent),
+    // the room, its members, the message, the wallet, the trip, the reminder.
     let answered = std::sync::atomic::AtomicUsize::new(0);
     let read = |token: &str, path: String| {
         let answered = &answered;
@@ -541,6 +564,13 @@ async fn a_room_just_created_or_joined_or_a_wallet_just_opened_is_found_at_once(
         read(&bob, format!("/v1/rooms/{r}/messages?dir=forward")),
         read(&alice, format!("/v1/wallets/{wallet}")),
         read(&alice, format!("/v1/wallets/{wallet}/entries")),
+        read(&alice, format!("/v1/rooms/{r}/messages/{message}")),
+        read(
+            &bob,
+            format!("/v1/rooms/{r}/messages?from_message={message}"),
+        ),
+        read(&alice, format!("/v1/itineraries/{trip}")),
+        read(&alice, format!("/v1/reminders/{reminder}")),
     ]);
     let release = async {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -561,8 +591,14 @@ async fn a_room_just_created_or_joined_or_a_wallet_just_opened_is_found_at_once(
         .get(&format!("/v1/rooms/{r}/messages"), Some(&eve))
         .await;
     stranger.assert_problem(404, "room_not_found");
-    let stranger = app.get(&format!("/v1/wallets/{wallet}"), Some(&eve)).await;
-    assert_eq!(stranger.status, 404, "{}", stranger.body);
+    for path in [
+        format!("/v1/wallets/{wallet}"),
+        format!("/v1/itineraries/{trip}"),
+        format!("/v1/reminders/{reminder}"),
+    ] {
+        let stranger = app.get(&path, Some(&eve)).await;
+        assert_eq!(stranger.status, 404, "{path}: {}", stranger.body);
+    }
     app.stop().await;
 }
 

@@ -35,7 +35,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, ReadParams, position_header, wait_for};
+use crate::consistency::{
+    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
+};
 use crate::dispatch::send;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -344,13 +346,13 @@ pub struct FromCatalogRequest {
 
 /// The caller's role on a trip (`owner`, `editor`, `viewer`); 404 unless active.
 async fn role_of(state: &AppState, itinerary: Uuid, user: Uuid) -> ApiResult<String> {
-    sqlx::query_scalar(
+    look_again_when_missing(state, MODEL, || async { Ok(sqlx::query_scalar(
         "SELECT role FROM proj_itinerary_members WHERE itinerary_id = $1 AND user_id = $2 AND state = 'active'",
     )
     .bind(itinerary)
     .bind(user)
     .fetch_optional(&state.pool)
-    .await?
+    .await?) }, Option::is_some).await?
     .ok_or_else(not_found)
 }
 
@@ -902,7 +904,7 @@ pub async fn get_itinerary(
     // 202612020120). Building the items as jsonb on each read cost 3× as much
     // on 100 items, aggregating their stored texts on each read still ~0.4 ms.
     // A client holding the current version (`If-None-Match`) gets 304 and no body.
-    let row = sqlx::query(
+    let row = look_again_when_missing(&state, MODEL, || async { Ok(sqlx::query(
         "SELECT i.version, CASE WHEN i.version = $3 THEN NULL ELSE left(jsonb_build_object(
             'itinerary_id', i.itinerary_id, 'owner_id', i.owner_id, 'role', m.role, 'title', i.title,
             'region', i.region, 'start_date', i.start_date, 'end_date', i.end_date, 'zone', i.zone,
@@ -921,7 +923,7 @@ pub async fn get_itinerary(
     .bind(principal.user_id)
     .bind(held)
     .fetch_optional(&state.pool)
-    .await?
+    .await?) }, Option::is_some).await?
     .ok_or_else(not_found)?;
     let mut headers = with_etag(position, row.get("version"));
     let Some(body) = row.get::<Option<String>, _>("body") else {

@@ -630,12 +630,15 @@ pub fn page_statement(
 /// The position a page is anchored at (`sql` selects it, `$2` = `value`), in
 /// one statement with the membership check when there is a `caller`: 404
 /// `room_not_found` for anyone else, before anything of the room is looked up.
+/// `must_exist`: the anchor names a row (a message the caller may have sent a
+/// moment ago), so a miss looks again once the model has caught up.
 async fn anchor<T>(
     state: &AppState,
     timeline: &Timeline,
     caller: Option<Uuid>,
     sql: String,
     value: T,
+    must_exist: bool,
 ) -> ApiResult<Option<i64>>
 where
     T: for<'q> sqlx::Encode<'q, sqlx::Postgres>
@@ -645,11 +648,20 @@ where
         + 'static,
 {
     let Some(user) = caller else {
-        return Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(timeline.id())
-            .bind(value)
-            .fetch_optional(&state.pool)
-            .await?);
+        let sql: std::sync::Arc<str> = sql.into();
+        return look_again_when_missing(
+            state,
+            MODEL,
+            || async {
+                Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+                    .bind(timeline.id())
+                    .bind(value.clone())
+                    .fetch_optional(&state.pool)
+                    .await?)
+            },
+            |position: &Option<i64>| position.is_some() || !must_exist,
+        )
+        .await;
     };
     let member = joined_member("$3");
     let statement: std::sync::Arc<str> = format!(
@@ -668,7 +680,7 @@ where
                 .fetch_one(&state.pool)
                 .await?)
         },
-        |(member, _)| *member,
+        |(member, position): &(bool, Option<i64>)| *member && (position.is_some() || !must_exist),
     )
     .await?;
     if !member {
@@ -719,6 +731,7 @@ async fn page(
             caller,
             format!("SELECT position FROM proj_chat_messages WHERE {filter} AND message_id = $2"),
             m,
+            true,
         )
         .await?;
         let p = p.ok_or_else(message_not_found)?;
@@ -738,6 +751,7 @@ async fn page(
                  WHERE {filter} AND sent_at >= $2 ORDER BY sent_at, position LIMIT 1"
             ),
             at,
+            false,
         )
         .await?;
         match p {
@@ -872,12 +886,20 @@ pub(crate) async fn one(
     room_id: Uuid,
     message_id: Uuid,
 ) -> ApiResult<MessageView> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let row = look_again_when_missing(
+        state,
+        MODEL,
+        || async {
+            Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE message_id = $1 AND room_id = $2"
     )))
     .bind(message_id)
     .bind(room_id)
     .fetch_optional(&state.pool)
+    .await?)
+        },
+        Option::is_some,
+    )
     .await?
     .ok_or_else(message_not_found)?;
     Ok(views(state, &[row]).await?.remove(0))

@@ -753,13 +753,8 @@ pub async fn top_up(
         }
         (_, None) => None,
     };
-    let owned: Option<String> = sqlx::query_scalar(
-        "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
-    )
-    .bind(wallet_id)
-    .bind(principal.user_id)
-    .fetch_optional(&state.pool)
-    .await?;
+    let owned =
+        crate::routes::wallets::owned_currency(&state, wallet_id, principal.user_id).await?;
     match owned {
         None => return Err(ApiError::NotFound("no such wallet".into())),
         Some(c) if c != currency.code() => {

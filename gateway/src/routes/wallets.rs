@@ -910,11 +910,20 @@ async fn hold_parties(
     after: AfterPosition,
 ) -> ApiResult<(Uuid, Uuid)> {
     wait_for(state, MODEL, after).await?;
-    let row =
-        sqlx::query("SELECT from_account, to_account FROM proj_wallet_holds WHERE hold_id = $1")
+    let row = look_again_when_missing(
+        state,
+        MODEL,
+        || async {
+            Ok(sqlx::query(
+                "SELECT from_account, to_account FROM proj_wallet_holds WHERE hold_id = $1",
+            )
             .bind(hold_id)
             .fetch_optional(&state.pool)
-            .await?;
+            .await?)
+        },
+        Option::is_some,
+    )
+    .await?;
     row.map(|r| (r.get("from_account"), r.get("to_account")))
         .ok_or_else(|| {
             ApiError::coded(
@@ -1018,15 +1027,23 @@ pub async fn get_hold(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let r = sqlx::query(
-        "SELECT h.* FROM proj_wallet_holds h
+    let r = look_again_when_missing(
+        &state,
+        MODEL,
+        || async {
+            Ok(sqlx::query(
+                "SELECT h.* FROM proj_wallet_holds h
          JOIN proj_wallet_accounts f ON f.account_id = h.from_account
          JOIN proj_wallet_accounts t ON t.account_id = h.to_account
          WHERE h.hold_id = $1 AND (f.owner_id = $2 OR t.owner_id = $2)",
+            )
+            .bind(hold_id)
+            .bind(principal.user_id)
+            .fetch_optional(&state.pool)
+            .await?)
+        },
+        Option::is_some,
     )
-    .bind(hold_id)
-    .bind(principal.user_id)
-    .fetch_optional(&state.pool)
     .await?
     .ok_or_else(|| ApiError::NotFound("no such hold".into()))?;
     let view = HoldView {
@@ -1766,7 +1783,7 @@ async fn dispute_row(
     after: AfterPosition,
 ) -> ApiResult<sqlx::postgres::PgRow> {
     wait_for(state, MODEL, after).await?;
-    sqlx::query(
+    look_again_when_missing(state, MODEL, || async { Ok(sqlx::query(
         "SELECT d.*, a.currency, a.owner_id AS payee_owner, p.owner_id AS payer_owner FROM proj_wallet_disputes d
          JOIN proj_wallet_accounts a ON a.account_id = d.payee
          JOIN proj_wallet_accounts p ON p.account_id = d.payer
@@ -1774,7 +1791,7 @@ async fn dispute_row(
     )
     .bind(dispute_id)
     .fetch_optional(&state.pool)
-    .await?
+    .await?) }, Option::is_some).await?
     .ok_or_else(dispute_not_found)
 }
 
