@@ -744,11 +744,19 @@ async fn by_link(state: &AppState, token: &str) -> ApiResult<sqlx::postgres::PgR
         .keystore
         .open_invoice_link(token)
         .ok_or_else(invoice_not_found)?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM proj_invoices WHERE invoice_id = $1 AND status <> 'draft'"
-    )))
-    .bind(id)
-    .fetch_optional(&state.pool)
+    look_again_when_missing(
+        state,
+        MODEL,
+        || async {
+            Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM proj_invoices WHERE invoice_id = $1 AND status <> 'draft'"
+            )))
+            .bind(id)
+            .fetch_optional(&state.pool)
+            .await?)
+        },
+        Option::is_some,
+    )
     .await?
     .ok_or_else(invoice_not_found)
 }
@@ -892,13 +900,21 @@ pub async fn get_schedule(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let r = sqlx::query(
+    let r = look_again_when_missing(
+        &state,
+        MODEL,
+        || async {
+            Ok(sqlx::query(
         "SELECT schedule_id, status, every, zone, next_run_at, runs, last_invoice, template, version
          FROM proj_invoice_schedules WHERE schedule_id = $1 AND issuer = $2",
     )
     .bind(id)
     .bind(principal.user_id)
     .fetch_optional(&state.pool)
+    .await?)
+        },
+        Option::is_some,
+    )
     .await?
     .ok_or_else(schedule_not_found)?;
     let v = ScheduleView {
@@ -928,12 +944,20 @@ pub async fn cancel_schedule(
     uri: http::Uri,
     AppPath(schedule_id): AppPath<Uuid>,
 ) -> ApiResult<Response> {
-    let mine: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM proj_invoice_schedules WHERE schedule_id = $1 AND issuer = $2)",
+    let mine: bool = look_again_when_missing(
+        &state,
+        MODEL,
+        || async {
+            Ok(sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM proj_invoice_schedules WHERE schedule_id = $1 AND issuer = $2)",
+            )
+            .bind(schedule_id)
+            .bind(principal.user_id)
+            .fetch_one(&state.pool)
+            .await?)
+        },
+        |mine| *mine,
     )
-    .bind(schedule_id)
-    .bind(principal.user_id)
-    .fetch_one(&state.pool)
     .await?;
     if !mine {
         return Err(schedule_not_found());

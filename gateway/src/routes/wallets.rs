@@ -1567,7 +1567,7 @@ pub async fn refund(
     wait_for(&state, MODEL, after).await?;
     // The credited leg of the original, on one of the caller's wallets: immutable
     // history, so its amount and parties can travel in the command.
-    let row = sqlx::query(
+    let row = look_again_when_missing(&state, MODEL, || async { Ok(sqlx::query(
         "SELECT e.account_id, e.counterparty, e.amount, a.currency FROM proj_wallet_entries e
          JOIN proj_wallet_accounts a USING (account_id)
          WHERE e.transfer_id = $1 AND e.amount > 0 AND e.kind = 'transfer' AND (a.owner_id = $2 OR $3)
@@ -1577,7 +1577,7 @@ pub async fn refund(
     .bind(principal.user_id)
     .bind(principal.admin)
     .fetch_optional(&state.pool)
-    .await?
+    .await?) }, Option::is_some).await?
     .ok_or_else(|| ApiError::coded(http::StatusCode::NOT_FOUND, "transfer_not_found", "no such transfer received"))?;
     let currency = currency("currency", &row.get::<String, _>("currency"))
         .map_err(|e| ApiError::Invalid(vec![e]))?;
@@ -1731,13 +1731,21 @@ pub async fn open_dispute(
         None => None,
     };
     wait_for(&state, MODEL, after).await?;
-    let row = sqlx::query(
+    let row = look_again_when_missing(
+        &state,
+        MODEL,
+        || async {
+            Ok(sqlx::query(
         "SELECT e.account_id, e.counterparty, e.amount, a.currency FROM proj_wallet_entries e
          JOIN proj_wallet_accounts a USING (account_id)
          WHERE e.transfer_id = $1 AND e.amount > 0 AND e.kind = 'transfer' LIMIT 1",
     )
     .bind(req.transfer_id)
     .fetch_optional(&state.pool)
+    .await?)
+        },
+        Option::is_some,
+    )
     .await?
     .ok_or_else(|| {
         ApiError::coded(
