@@ -188,3 +188,19 @@ where
     caught_up(state, model).await;
     look().await
 }
+
+/// [`look_again_when_missing`] for the usual read: at most one row, found when
+/// there is one (`look` is the query, e.g. `|| query.fetch_optional(pool)`).
+pub async fn find<T, F, Fut>(state: &AppState, model: &str, look: F) -> Result<Option<T>, ApiError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, sqlx::Error>>,
+{
+    look_again_when_missing(
+        state,
+        model,
+        || async { Ok(look().await?) },
+        Option::is_some,
+    )
+    .await
+}

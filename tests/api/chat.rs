@@ -538,6 +538,16 @@ async fn what_a_caller_just_wrote_is_found_at_once_without_after_position() {
         .await;
     assert_eq!(reminder.status, 201, "set reminder: {}", reminder.body);
     let reminder = id(&reminder.body["reminder_id"]);
+    let hook = app
+        .post(
+            "/v1/webhooks",
+            Some(&alice),
+            &json!({"url": "http://127.0.0.1:9/hook", "filter": ["reminder.*"]}),
+            &[],
+        )
+        .await;
+    assert_eq!(hook.status, 201, "register webhook: {}", hook.body);
+    let hook = id(&hook.body["webhook_id"]);
 
     // Reads without `after_position`, as a client right after its writes: the
     // room's pages (latest, anchored on a date and on the message just sent),
@@ -571,6 +581,8 @@ async fn what_a_caller_just_wrote_is_found_at_once_without_after_position() {
         ),
         read(&alice, format!("/v1/itineraries/{trip}")),
         read(&alice, format!("/v1/reminders/{reminder}")),
+        read(&alice, format!("/v1/webhooks/{hook}")),
+        read(&alice, format!("/v1/webhooks/{hook}/deliveries")),
     ]);
     let release = async {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -595,6 +607,7 @@ async fn what_a_caller_just_wrote_is_found_at_once_without_after_position() {
         format!("/v1/wallets/{wallet}"),
         format!("/v1/itineraries/{trip}"),
         format!("/v1/reminders/{reminder}"),
+        format!("/v1/webhooks/{hook}"),
     ] {
         let stranger = app.get(&path, Some(&eve)).await;
         assert_eq!(stranger.status, 404, "{path}: {}", stranger.body);

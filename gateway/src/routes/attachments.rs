@@ -46,7 +46,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{AfterPosition, ReadParams, look_again_when_missing, wait_for};
+use crate::consistency::{AfterPosition, ReadParams, find, wait_for};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::extract::AppPath;
 use crate::objects::ObjectReader;
@@ -777,13 +777,15 @@ pub async fn download(
 ) -> ApiResult<Response> {
     wait_for(&state, MODEL, after).await?;
     require_member(&state, room_id, principal.user_id).await?;
-    let attachment: Option<Option<serde_json::Value>> = look_again_when_missing(&state, MODEL, || async { Ok(sqlx::query_scalar(
-        "SELECT attachment FROM proj_chat_messages WHERE message_id = $1 AND room_id = $2 AND redacted_at IS NULL",
-    )
-    .bind(message_id)
-    .bind(room_id)
-    .fetch_optional(&state.pool)
-    .await?) }, Option::is_some).await?;
+    let attachment: Option<Option<serde_json::Value>> = find(&state, MODEL, || {
+        sqlx::query_scalar(
+            "SELECT attachment FROM proj_chat_messages WHERE message_id = $1 AND room_id = $2 AND redacted_at IS NULL",
+        )
+        .bind(message_id)
+        .bind(room_id)
+        .fetch_optional(&state.pool)
+    })
+    .await?;
     let a: Attachment = attachment
         .flatten()
         .and_then(|v| serde_json::from_value(v).ok())

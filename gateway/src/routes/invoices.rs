@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::consistency::{
-    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
+    AfterPosition, ReadParams, find, look_again_when_missing, position_header, wait_for,
 };
 use crate::dispatch::send as command;
 use crate::dispatch::{Route, dispatch};
@@ -473,18 +473,12 @@ async fn visible(state: &AppState, id: Uuid, user: Uuid) -> ApiResult<sqlx::post
          WHERE invoice_id = $1 AND (issuer = $2 OR (client_user = $2 AND status <> 'draft'))"
     );
     let query: std::sync::Arc<str> = query.into();
-    look_again_when_missing(
-        state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(sqlx::AssertSqlSafe(query.clone()))
-                .bind(id)
-                .bind(user)
-                .fetch_optional(&state.pool)
-                .await?)
-        },
-        Option::is_some,
-    )
+    find(state, MODEL, || {
+        sqlx::query(sqlx::AssertSqlSafe(query.clone()))
+            .bind(id)
+            .bind(user)
+            .fetch_optional(&state.pool)
+    })
     .await?
     .ok_or_else(invoice_not_found)
 }
@@ -744,19 +738,13 @@ async fn by_link(state: &AppState, token: &str) -> ApiResult<sqlx::postgres::PgR
         .keystore
         .open_invoice_link(token)
         .ok_or_else(invoice_not_found)?;
-    look_again_when_missing(
-        state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS} FROM proj_invoices WHERE invoice_id = $1 AND status <> 'draft'"
-            )))
-            .bind(id)
-            .fetch_optional(&state.pool)
-            .await?)
-        },
-        Option::is_some,
-    )
+    find(state, MODEL, || {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM proj_invoices WHERE invoice_id = $1 AND status <> 'draft'"
+        )))
+        .bind(id)
+        .fetch_optional(&state.pool)
+    })
     .await?
     .ok_or_else(invoice_not_found)
 }
@@ -900,21 +888,15 @@ pub async fn get_schedule(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let r = look_again_when_missing(
-        &state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(
-        "SELECT schedule_id, status, every, zone, next_run_at, runs, last_invoice, template, version
-         FROM proj_invoice_schedules WHERE schedule_id = $1 AND issuer = $2",
-    )
-    .bind(id)
-    .bind(principal.user_id)
-    .fetch_optional(&state.pool)
-    .await?)
-        },
-        Option::is_some,
-    )
+    let r = find(&state, MODEL, || {
+        sqlx::query(
+            "SELECT schedule_id, status, every, zone, next_run_at, runs, last_invoice, template, version
+             FROM proj_invoice_schedules WHERE schedule_id = $1 AND issuer = $2",
+        )
+        .bind(id)
+        .bind(principal.user_id)
+        .fetch_optional(&state.pool)
+    })
     .await?
     .ok_or_else(schedule_not_found)?;
     let v = ScheduleView {

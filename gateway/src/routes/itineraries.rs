@@ -35,9 +35,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{
-    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
-};
+use crate::consistency::{AfterPosition, ReadParams, find, position_header, wait_for};
 use crate::dispatch::send;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -346,13 +344,15 @@ pub struct FromCatalogRequest {
 
 /// The caller's role on a trip (`owner`, `editor`, `viewer`); 404 unless active.
 async fn role_of(state: &AppState, itinerary: Uuid, user: Uuid) -> ApiResult<String> {
-    look_again_when_missing(state, MODEL, || async { Ok(sqlx::query_scalar(
-        "SELECT role FROM proj_itinerary_members WHERE itinerary_id = $1 AND user_id = $2 AND state = 'active'",
-    )
-    .bind(itinerary)
-    .bind(user)
-    .fetch_optional(&state.pool)
-    .await?) }, Option::is_some).await?
+    find(state, MODEL, || {
+        sqlx::query_scalar(
+            "SELECT role FROM proj_itinerary_members WHERE itinerary_id = $1 AND user_id = $2 AND state = 'active'",
+        )
+        .bind(itinerary)
+        .bind(user)
+        .fetch_optional(&state.pool)
+    })
+    .await?
     .ok_or_else(not_found)
 }
 
@@ -904,26 +904,28 @@ pub async fn get_itinerary(
     // 202612020120). Building the items as jsonb on each read cost 3× as much
     // on 100 items, aggregating their stored texts on each read still ~0.4 ms.
     // A client holding the current version (`If-None-Match`) gets 304 and no body.
-    let row = look_again_when_missing(&state, MODEL, || async { Ok(sqlx::query(
-        "SELECT i.version, CASE WHEN i.version = $3 THEN NULL ELSE left(jsonb_build_object(
-            'itinerary_id', i.itinerary_id, 'owner_id', i.owner_id, 'role', m.role, 'title', i.title,
-            'region', i.region, 'start_date', i.start_date, 'end_date', i.end_date, 'zone', i.zone,
-            'budget', i.budget, 'visibility', i.visibility,
-            'link_token', CASE WHEN m.role = 'owner' THEN i.link_token END,
-            'metadata', i.metadata, 'archived', i.archived, 'room_id', i.room_id, 'version', i.version,
-            'created_at', to_char(i.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-            'updated_at', to_char(i.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
-         )::text, -1) || ', \"items\": [' || i.items_body || ']}' END AS body
-         FROM proj_itineraries i
-         JOIN proj_itinerary_members m
-           ON m.itinerary_id = i.itinerary_id AND m.user_id = $2 AND m.state = 'active'
-         WHERE i.itinerary_id = $1",
-    )
-    .bind(itinerary_id)
-    .bind(principal.user_id)
-    .bind(held)
-    .fetch_optional(&state.pool)
-    .await?) }, Option::is_some).await?
+    let row = find(&state, MODEL, || {
+        sqlx::query(
+            "SELECT i.version, CASE WHEN i.version = $3 THEN NULL ELSE left(jsonb_build_object(
+                'itinerary_id', i.itinerary_id, 'owner_id', i.owner_id, 'role', m.role, 'title', i.title,
+                'region', i.region, 'start_date', i.start_date, 'end_date', i.end_date, 'zone', i.zone,
+                'budget', i.budget, 'visibility', i.visibility,
+                'link_token', CASE WHEN m.role = 'owner' THEN i.link_token END,
+                'metadata', i.metadata, 'archived', i.archived, 'room_id', i.room_id, 'version', i.version,
+                'created_at', to_char(i.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                'updated_at', to_char(i.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+             )::text, -1) || ', \"items\": [' || i.items_body || ']}' END AS body
+             FROM proj_itineraries i
+             JOIN proj_itinerary_members m
+               ON m.itinerary_id = i.itinerary_id AND m.user_id = $2 AND m.state = 'active'
+             WHERE i.itinerary_id = $1",
+        )
+        .bind(itinerary_id)
+        .bind(principal.user_id)
+        .bind(held)
+        .fetch_optional(&state.pool)
+    })
+    .await?
     .ok_or_else(not_found)?;
     let mut headers = with_etag(position, row.get("version"));
     let Some(body) = row.get::<Option<String>, _>("body") else {

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::consistency::{
-    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
+    AfterPosition, ReadParams, find, look_again_when_missing, position_header, wait_for,
 };
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -886,20 +886,14 @@ pub(crate) async fn one(
     room_id: Uuid,
     message_id: Uuid,
 ) -> ApiResult<MessageView> {
-    let row = look_again_when_missing(
-        state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE message_id = $1 AND room_id = $2"
-    )))
-    .bind(message_id)
-    .bind(room_id)
-    .fetch_optional(&state.pool)
-    .await?)
-        },
-        Option::is_some,
-    )
+    let row = find(state, MODEL, || {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM proj_chat_messages WHERE message_id = $1 AND room_id = $2"
+        )))
+        .bind(message_id)
+        .bind(room_id)
+        .fetch_optional(&state.pool)
+    })
     .await?
     .ok_or_else(message_not_found)?;
     Ok(views(state, &[row]).await?.remove(0))

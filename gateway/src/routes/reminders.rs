@@ -14,9 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{
-    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
-};
+use crate::consistency::{AfterPosition, ReadParams, find, position_header, wait_for};
 use crate::dispatch::send as command;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -382,20 +380,14 @@ pub async fn get_reminder(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let row = look_again_when_missing(
-        &state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {COLUMNS} FROM proj_reminders WHERE reminder_id = $1 AND owner = $2"
-            )))
-            .bind(id)
-            .bind(principal.user_id)
-            .fetch_optional(&state.pool)
-            .await?)
-        },
-        Option::is_some,
-    )
+    let row = find(&state, MODEL, || {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM proj_reminders WHERE reminder_id = $1 AND owner = $2"
+        )))
+        .bind(id)
+        .bind(principal.user_id)
+        .fetch_optional(&state.pool)
+    })
     .await?
     .ok_or_else(reminder_not_found)?;
     Ok((position_header(position), Json(view(&row))).into_response())

@@ -25,9 +25,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{
-    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
-};
+use crate::consistency::{AfterPosition, ReadParams, find, position_header, wait_for};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{AppJson, AppPath, RequestId, WriteOptions};
@@ -203,18 +201,12 @@ pub(crate) fn joined_member(user: &str) -> String {
 
 /// The caller's role in `room`, or 404 when not a joined member.
 pub async fn require_member(state: &AppState, room: Uuid, user: Uuid) -> ApiResult<String> {
-    let role: Option<Option<String>> = look_again_when_missing(
-        state,
-        MODEL,
-        || async {
-            Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(joined_member("$2")))
-                .bind(room)
-                .bind(user)
-                .fetch_optional(&state.pool)
-                .await?)
-        },
-        Option::is_some,
-    )
+    let role: Option<Option<String>> = find(state, MODEL, || {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(joined_member("$2")))
+            .bind(room)
+            .bind(user)
+            .fetch_optional(&state.pool)
+    })
     .await?;
     role.map(|r| r.unwrap_or_default())
         .ok_or_else(room_not_found)

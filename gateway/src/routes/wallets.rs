@@ -16,9 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{
-    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
-};
+use crate::consistency::{AfterPosition, ReadParams, find, position_header, wait_for};
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::extract::{AppJson, AppPath, AppQuery, RequestId, WriteOptions};
@@ -359,20 +357,14 @@ pub(crate) async fn owned_currency(
     wallet: Uuid,
     owner: Uuid,
 ) -> ApiResult<Option<String>> {
-    look_again_when_missing(
-        state,
-        MODEL,
-        || async {
-            Ok(sqlx::query_scalar(
-                "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
-            )
-            .bind(wallet)
-            .bind(owner)
-            .fetch_optional(&state.pool)
-            .await?)
-        },
-        Option::is_some,
-    )
+    find(state, MODEL, || {
+        sqlx::query_scalar(
+            "SELECT currency FROM proj_wallet_accounts WHERE account_id = $1 AND owner_id = $2",
+        )
+        .bind(wallet)
+        .bind(owner)
+        .fetch_optional(&state.pool)
+    })
     .await
 }
 
@@ -388,21 +380,15 @@ pub async fn get_wallet(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let row = look_again_when_missing(
-        &state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(
-                "SELECT account_id, owner_id, currency, posted, pending, limits, frozen, version, opened_at FROM proj_wallet_accounts
-                 WHERE account_id = $1 AND owner_id = $2",
-            )
-            .bind(wallet_id)
-            .bind(principal.user_id)
-            .fetch_optional(&state.pool)
-            .await?)
-        },
-        Option::is_some,
-    )
+    let row = find(&state, MODEL, || {
+        sqlx::query(
+            "SELECT account_id, owner_id, currency, posted, pending, limits, frozen, version, opened_at FROM proj_wallet_accounts
+             WHERE account_id = $1 AND owner_id = $2",
+        )
+        .bind(wallet_id)
+        .bind(principal.user_id)
+        .fetch_optional(&state.pool)
+    })
     .await?
     .ok_or_else(|| ApiError::NotFound("no such wallet".into()))?;
     let wallet = wallet_row(&row);
@@ -910,19 +896,11 @@ async fn hold_parties(
     after: AfterPosition,
 ) -> ApiResult<(Uuid, Uuid)> {
     wait_for(state, MODEL, after).await?;
-    let row = look_again_when_missing(
-        state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(
-                "SELECT from_account, to_account FROM proj_wallet_holds WHERE hold_id = $1",
-            )
+    let row = find(state, MODEL, || {
+        sqlx::query("SELECT from_account, to_account FROM proj_wallet_holds WHERE hold_id = $1")
             .bind(hold_id)
             .fetch_optional(&state.pool)
-            .await?)
-        },
-        Option::is_some,
-    )
+    })
     .await?;
     row.map(|r| (r.get("from_account"), r.get("to_account")))
         .ok_or_else(|| {
@@ -1027,23 +1005,17 @@ pub async fn get_hold(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let r = look_again_when_missing(
-        &state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(
-                "SELECT h.* FROM proj_wallet_holds h
-         JOIN proj_wallet_accounts f ON f.account_id = h.from_account
-         JOIN proj_wallet_accounts t ON t.account_id = h.to_account
-         WHERE h.hold_id = $1 AND (f.owner_id = $2 OR t.owner_id = $2)",
-            )
-            .bind(hold_id)
-            .bind(principal.user_id)
-            .fetch_optional(&state.pool)
-            .await?)
-        },
-        Option::is_some,
-    )
+    let r = find(&state, MODEL, || {
+        sqlx::query(
+            "SELECT h.* FROM proj_wallet_holds h
+             JOIN proj_wallet_accounts f ON f.account_id = h.from_account
+             JOIN proj_wallet_accounts t ON t.account_id = h.to_account
+             WHERE h.hold_id = $1 AND (f.owner_id = $2 OR t.owner_id = $2)",
+        )
+        .bind(hold_id)
+        .bind(principal.user_id)
+        .fetch_optional(&state.pool)
+    })
     .await?
     .ok_or_else(|| ApiError::NotFound("no such hold".into()))?;
     let view = HoldView {
@@ -1567,17 +1539,19 @@ pub async fn refund(
     wait_for(&state, MODEL, after).await?;
     // The credited leg of the original, on one of the caller's wallets: immutable
     // history, so its amount and parties can travel in the command.
-    let row = look_again_when_missing(&state, MODEL, || async { Ok(sqlx::query(
-        "SELECT e.account_id, e.counterparty, e.amount, a.currency FROM proj_wallet_entries e
-         JOIN proj_wallet_accounts a USING (account_id)
-         WHERE e.transfer_id = $1 AND e.amount > 0 AND e.kind = 'transfer' AND (a.owner_id = $2 OR $3)
-         LIMIT 1",
-    )
-    .bind(transfer_id)
-    .bind(principal.user_id)
-    .bind(principal.admin)
-    .fetch_optional(&state.pool)
-    .await?) }, Option::is_some).await?
+    let row = find(&state, MODEL, || {
+        sqlx::query(
+            "SELECT e.account_id, e.counterparty, e.amount, a.currency FROM proj_wallet_entries e
+             JOIN proj_wallet_accounts a USING (account_id)
+             WHERE e.transfer_id = $1 AND e.amount > 0 AND e.kind = 'transfer' AND (a.owner_id = $2 OR $3)
+             LIMIT 1",
+        )
+        .bind(transfer_id)
+        .bind(principal.user_id)
+        .bind(principal.admin)
+        .fetch_optional(&state.pool)
+    })
+    .await?
     .ok_or_else(|| ApiError::coded(http::StatusCode::NOT_FOUND, "transfer_not_found", "no such transfer received"))?;
     let currency = currency("currency", &row.get::<String, _>("currency"))
         .map_err(|e| ApiError::Invalid(vec![e]))?;
@@ -1731,21 +1705,15 @@ pub async fn open_dispute(
         None => None,
     };
     wait_for(&state, MODEL, after).await?;
-    let row = look_again_when_missing(
-        &state,
-        MODEL,
-        || async {
-            Ok(sqlx::query(
-        "SELECT e.account_id, e.counterparty, e.amount, a.currency FROM proj_wallet_entries e
-         JOIN proj_wallet_accounts a USING (account_id)
-         WHERE e.transfer_id = $1 AND e.amount > 0 AND e.kind = 'transfer' LIMIT 1",
-    )
-    .bind(req.transfer_id)
-    .fetch_optional(&state.pool)
-    .await?)
-        },
-        Option::is_some,
-    )
+    let row = find(&state, MODEL, || {
+        sqlx::query(
+            "SELECT e.account_id, e.counterparty, e.amount, a.currency FROM proj_wallet_entries e
+             JOIN proj_wallet_accounts a USING (account_id)
+             WHERE e.transfer_id = $1 AND e.amount > 0 AND e.kind = 'transfer' LIMIT 1",
+        )
+        .bind(req.transfer_id)
+        .fetch_optional(&state.pool)
+    })
     .await?
     .ok_or_else(|| {
         ApiError::coded(
@@ -1791,15 +1759,17 @@ async fn dispute_row(
     after: AfterPosition,
 ) -> ApiResult<sqlx::postgres::PgRow> {
     wait_for(state, MODEL, after).await?;
-    look_again_when_missing(state, MODEL, || async { Ok(sqlx::query(
-        "SELECT d.*, a.currency, a.owner_id AS payee_owner, p.owner_id AS payer_owner FROM proj_wallet_disputes d
-         JOIN proj_wallet_accounts a ON a.account_id = d.payee
-         JOIN proj_wallet_accounts p ON p.account_id = d.payer
-         WHERE d.dispute_id = $1",
-    )
-    .bind(dispute_id)
-    .fetch_optional(&state.pool)
-    .await?) }, Option::is_some).await?
+    find(state, MODEL, || {
+        sqlx::query(
+            "SELECT d.*, a.currency, a.owner_id AS payee_owner, p.owner_id AS payer_owner FROM proj_wallet_disputes d
+             JOIN proj_wallet_accounts a ON a.account_id = d.payee
+             JOIN proj_wallet_accounts p ON p.account_id = d.payer
+             WHERE d.dispute_id = $1",
+        )
+        .bind(dispute_id)
+        .fetch_optional(&state.pool)
+    })
+    .await?
     .ok_or_else(dispute_not_found)
 }
 

@@ -21,9 +21,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::consistency::{
-    AfterPosition, ReadParams, look_again_when_missing, position_header, wait_for,
-};
+use crate::consistency::{AfterPosition, ReadParams, find, position_header, wait_for};
 use crate::dispatch::send as command;
 use crate::dispatch::{Route, dispatch};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -185,20 +183,14 @@ fn check(url: Option<&str>, filter: Option<&[String]>, description: Option<&str>
 
 /// Whether `id` is `user`'s live endpoint.
 async fn require_owner(state: &AppState, id: Uuid, user: Uuid) -> ApiResult<()> {
-    let found: Option<i32> = look_again_when_missing(
-        state,
-        MODEL,
-        || async {
-            Ok(sqlx::query_scalar(
-                "SELECT 1 FROM proj_webhooks WHERE webhook_id = $1 AND owner = $2 AND NOT deleted",
-            )
-            .bind(id)
-            .bind(user)
-            .fetch_optional(&state.pool)
-            .await?)
-        },
-        Option::is_some,
-    )
+    let found: Option<i32> = find(state, MODEL, || {
+        sqlx::query_scalar(
+            "SELECT 1 FROM proj_webhooks WHERE webhook_id = $1 AND owner = $2 AND NOT deleted",
+        )
+        .bind(id)
+        .bind(user)
+        .fetch_optional(&state.pool)
+    })
     .await?;
     found.map(|_| ()).ok_or_else(not_found)
 }
@@ -361,14 +353,16 @@ pub async fn get_webhook(
     after: AfterPosition,
 ) -> ApiResult<Response> {
     let position = wait_for(&state, MODEL, after).await?;
-    let row = look_again_when_missing(&state, MODEL, || async { Ok(sqlx::query(
-        "SELECT webhook_id, url, filter, description, enabled, created_at, version FROM proj_webhooks
-         WHERE webhook_id = $1 AND owner = $2 AND NOT deleted",
-    )
-    .bind(id)
-    .bind(principal.user_id)
-    .fetch_optional(&state.pool)
-    .await?) }, Option::is_some).await?
+    let row = find(&state, MODEL, || {
+        sqlx::query(
+            "SELECT webhook_id, url, filter, description, enabled, created_at, version FROM proj_webhooks
+             WHERE webhook_id = $1 AND owner = $2 AND NOT deleted",
+        )
+        .bind(id)
+        .bind(principal.user_id)
+        .fetch_optional(&state.pool)
+    })
+    .await?
     .ok_or_else(not_found)?;
     Ok((position_header(position), Json(view(&row))).into_response())
 }
